@@ -1,0 +1,59 @@
+# Every target depends on what it needs: on a fresh clone `make local` and
+# `make test` each work as the first command.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PY := $(BIN)/python
+# ORT=gpu installs onnxruntime-gpu instead of onnxruntime.
+ORT ?= cpu
+STAMP := $(VENV)/.installed-$(ORT)
+BUILD_INPUTS := pyproject.toml setup.py $(wildcard protos/parm/*/*.proto) \
+	$(wildcard coding_ext/*.pyx coding_ext/*.pxi coding_ext/*.pxd coding_ext/*.h)
+CONFIG ?= configs/local.json
+ARTIFACTS ?= artifacts
+
+.PHONY: build test local serve models bench deploy-aws aws-status aws-results aws-terminate chaos clean
+
+build: $(STAMP)
+
+$(STAMP): $(BUILD_INPUTS)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
+	$(PY) -m pip install --quiet -e '.[$(ORT),train,dev]'
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+test: build
+	$(PY) -m pytest
+
+models: build
+	$(PY) -m models.build --out $(ARTIFACTS)
+
+local: build
+	$(PY) -m deploy.local $(CONFIG)
+
+serve: build
+	$(PY) -m deploy.serve $(CONFIG)
+
+bench: build
+	$(PY) -m coding_ext.bench --json results/bench/coding_ext.json
+
+deploy-aws: build
+	$(PY) -m deploy.aws launch $(CONFIG) $(if $(DRY_RUN),--dry-run,)
+
+aws-status: build
+	$(PY) -m deploy.aws status
+
+aws-results: build
+	$(PY) -m deploy.aws results $(CONFIG)
+
+aws-terminate: build
+	$(PY) -m deploy.aws terminate $(CONFIG)
+
+chaos: build
+	$(PY) -m deploy.chaos
+
+clean:
+	rm -rf build parm *.egg-info .pytest_cache .hypothesis
+	find . -name '__pycache__' -prune -exec rm -rf {} +
+	find coding_ext -name '*.so' -delete
