@@ -7,7 +7,9 @@ ends that run early (an empty ``run_id`` stops every run); the stream still
 ends with the records gathered so far and ``RunDone(stopped=true)``. A client
 that cancels the ``Run`` stream cancels the run. Errors map to status codes
 through the shared interceptor: no frontend -> UNAVAILABLE, no examples or a
-bad spec -> INVALID_ARGUMENT, a run id already running -> INVALID_ARGUMENT.
+bad spec -> INVALID_ARGUMENT, a (run id, client index) already running -> INVALID_ARGUMENT. Runs are
+keyed by (run id, client index), so one generator process can serve
+several clients of one run.
 
 Client side: ``run_remote(addresses, spec)`` splits ``spec`` (aggregate rate
 and counts) over the generators at ``addresses`` (client_index = position),
@@ -79,10 +81,11 @@ class LoadGeneratorServicer(loadgen_pb2_grpc.LoadGeneratorServicer):
             spec = spec_from_proto(request).validate()
         except ValueError as exc:
             raise InvalidInput(f"bad run spec: {exc}") from None
-        if spec.run_id in self._runs:
-            raise InvalidInput(f"run {spec.run_id!r} is already running")
+        key = (spec.run_id, spec.client_index)
+        if key in self._runs:
+            raise InvalidInput(f"run {spec.run_id!r} (client {spec.client_index}) is already running")
         stop = asyncio.Event()
-        self._runs[spec.run_id] = stop
+        self._runs[key] = stop
         queue = asyncio.Queue()
         task = asyncio.create_task(run_async(
             spec, stop=stop, on_progress=lambda c: queue.put_nowait(_progress(c)),
@@ -110,13 +113,11 @@ class LoadGeneratorServicer(loadgen_pb2_grpc.LoadGeneratorServicer):
         finally:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
-            self._runs.pop(spec.run_id, None)
+            self._runs.pop(key, None)
 
     async def Stop(self, request, context):
-        if request.run_id:
-            targets = [self._runs[request.run_id]] if request.run_id in self._runs else []
-        else:
-            targets = list(self._runs.values())
+        targets = [event for (run_id, _), event in self._runs.items()
+                   if not request.run_id or run_id == request.run_id]
         for event in targets:
             event.set()
         return loadgen_pb2.StopResponse(stopped=bool(targets))
