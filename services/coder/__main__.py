@@ -1,0 +1,5 @@
+import sys
+
+from services.coder.app import main
+
+sys.exit(main())

@@ -1,0 +1,97 @@
+"""Run-time control of a model server.
+
+    python -m services.model_server.admin ADDRESS info
+    python -m services.model_server.admin ADDRESS clear
+    python -m services.model_server.admin ADDRESS set [--delay-dist KIND --delay-params K=V,...]
+        [--delay-seed N] [--stall-probability P --stall-ms MS] [--fail-probability P]
+        [--hang] [--stop] [--duration-s S]
+
+Prints the reply as JSON. Mistakes and RPC errors: one line on stderr, exit 1/2.
+"""
+
+import argparse
+import asyncio
+import json
+import sys
+
+import grpc
+from google.protobuf import json_format
+
+from parm.v1 import model_server_pb2 as pb
+from parm.v1 import model_server_pb2_grpc as pb_grpc
+from services.common.server import insecure_channel
+from services.model_server.distributions import PARAMS, parse_params
+
+
+class UsageError(ValueError):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UsageError(message)
+
+
+def parse_args(argv):
+    p = _Parser(prog="python -m services.model_server.admin", description=__doc__.split("\n")[0],
+                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("address", help="host:port of the model server")
+    p.add_argument("--timeout-s", type=float, default=5.0, help="RPC timeout, s")
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="GetInfo")
+    sub.add_parser("clear", help="clear the perturbation")
+    s = sub.add_parser("set", help="set a perturbation (replaces the current one)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    s.add_argument("--delay-dist", choices=sorted(PARAMS), default="none", help="extra delay distribution")
+    s.add_argument("--delay-params", default="", help="NAME=VALUE,... (ms; sigma unitless)")
+    s.add_argument("--delay-seed", type=int, default=0, help="seed (0 = derived from the instance seed)")
+    s.add_argument("--stall-probability", type=float, default=0.0)
+    s.add_argument("--stall-ms", type=float, default=0.0)
+    s.add_argument("--fail-probability", type=float, default=0.0)
+    s.add_argument("--hang", action="store_true", help="accept requests, never answer")
+    s.add_argument("--stop", action="store_true", help="kill the server process at once")
+    s.add_argument("--duration-s", type=float, default=0.0, help="auto-clear after this many s (0 = never)")
+    return p.parse_args(argv)
+
+
+def build_request(args):
+    if args.command == "clear":
+        return pb.SetPerturbationRequest(clear=True)
+    try:
+        params = parse_params(args.delay_params)
+    except ValueError as exc:
+        raise UsageError(f"--delay-params: {exc}") from None
+    return pb.SetPerturbationRequest(perturbation=pb.Perturbation(
+        delay=pb.Distribution(kind=args.delay_dist, params=params, seed=args.delay_seed),
+        stall_probability=args.stall_probability, stall_ms=args.stall_ms,
+        fail_probability=args.fail_probability, hang=args.hang, stop=args.stop,
+        duration_s=args.duration_s,
+    ))
+
+
+async def run(args):
+    async with insecure_channel(args.address) as channel:
+        stub = pb_grpc.ModelServerStub(channel)
+        if args.command == "info":
+            reply = await stub.GetInfo(pb.GetInfoRequest(), timeout=args.timeout_s)
+        else:
+            reply = await stub.SetPerturbation(build_request(args), timeout=args.timeout_s)
+    return json_format.MessageToDict(reply, always_print_fields_with_no_presence=True)
+
+
+def main(argv=None):
+    try:
+        args = parse_args(sys.argv[1:] if argv is None else argv)
+        result = asyncio.run(run(args))
+    except UsageError as exc:
+        print(f"admin: error: {exc}", file=sys.stderr)
+        return 2
+    except grpc.aio.AioRpcError as exc:
+        print(f"admin: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
+    print(json.dumps(result, indent=2, sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

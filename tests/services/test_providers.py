@@ -1,0 +1,41 @@
+"""Provider selection: a pure function over fake provider lists."""
+
+import pytest
+
+from services.model_server.providers import CPU, CUDA, ProviderError, select_providers, short_name
+
+WITH_CUDA = ["TensorrtExecutionProvider", CUDA, CPU]
+CPU_ONLY = ["AzureExecutionProvider", CPU]
+
+
+def test_auto_prefers_cuda_with_cpu_fallback():
+    assert select_providers("auto", WITH_CUDA) == [CUDA, CPU]
+
+
+def test_auto_without_cuda_is_cpu():
+    assert select_providers("auto", CPU_ONLY) == [CPU]
+
+
+@pytest.mark.parametrize("available", [WITH_CUDA, CPU_ONLY])
+def test_cpu_forces_cpu(available):
+    assert select_providers("cpu", available) == [CPU]
+
+
+def test_cuda_when_available():
+    assert select_providers("cuda", WITH_CUDA) == [CUDA, CPU]
+
+
+def test_cuda_without_cuda_is_a_clear_error():
+    with pytest.raises(ProviderError, match=r"--provider cuda: CUDAExecutionProvider is not available "
+                                            r"\(available: AzureExecutionProvider, CPUExecutionProvider\)"):
+        select_providers("cuda", CPU_ONLY)
+
+
+def test_unknown_choice():
+    with pytest.raises(ProviderError, match="'tpu' not in"):
+        select_providers("tpu", WITH_CUDA)
+
+
+def test_short_name():
+    assert short_name(CUDA) == "cuda"
+    assert short_name(CPU) == "cpu"
