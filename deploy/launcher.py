@@ -81,9 +81,9 @@ class LocalLauncher(Launcher):
         self.host_addresses = [bind_host] * max(1, num_hosts)
         self._started = []
 
-    def start(self, module, args, *, name, host=0, log_path=None, env=None, ready_timeout_s=60.0):
+    def start(self, module, args, *, name, host=0, log_path=None, env=None, ready_timeout_s=60.0, port=0):
         proc = ServiceProcess.python_module(
-            module, list(args) + ["--port", "0"], name=name, log_path=log_path, env=env,
+            module, list(args) + ["--port", str(port)], name=name, log_path=log_path, env=env,
             ready_timeout_s=ready_timeout_s,
         )
         started = Started(name, host, f"{self.host_addresses[host]}:{proc.port}", proc.pid, proc, self)

@@ -1,0 +1,229 @@
+"""One deployment for one run: registry, model instances, frontend.
+
+``start_deployment(spec, launcher, placement, artifacts, ...)`` starts, in
+order, the registry (an embedded Redis-compatible server, on the frontend's
+host), the model instances of the run's redundancy mode (DESIGN section 4:
+N data instances plus N/k parity, backup or extra data instances, each its
+own process on its own port, placed round-robin over the worker hosts), and
+the frontend, then waits until the frontend reports every instance healthy.
+
+Ownership: every process is started through the ``Launcher``, which owns it;
+``Deployment.stop()`` stops the frontend first (so it flushes its records),
+then the instances, then the registry. If any start fails, everything
+started so far is stopped before the error propagates, so a failed run
+leaves nothing behind.
+"""
+
+import asyncio
+import json
+import logging
+import pathlib
+import time
+from dataclasses import dataclass, field
+
+from services.common import manifest as manifest_mod
+
+log = logging.getLogger(__name__)
+
+
+class DeploymentError(RuntimeError):
+    """A deployment could not be started (the message says which part)."""
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Which launcher host runs what."""
+
+    frontend: int = 0
+    workers: tuple = (0,)
+    clients: tuple = (0,)
+
+    def worker(self, i):
+        return self.workers[i % len(self.workers)]
+
+    def client(self, i):
+        return self.clients[i % len(self.clients)]
+
+
+@dataclass(frozen=True)
+class Models:
+    """Manifest paths of the models a run needs."""
+
+    base: str
+    parity: str | None = None
+    backup: str | None = None
+
+
+def resolve_models(artifacts, model, mode, k, encoder):
+    """Finds the manifests for a run; ``DeploymentError`` naming what is missing.
+
+    ``model`` is an artifact name (``mnist-lenet5``) or an architecture name
+    (``lenet5``, ``resnet18``) matched against ``*-<arch>.json``.
+    """
+    root = pathlib.Path(artifacts)
+    base = root / f"{model}.json"
+    if not base.exists():
+        matches = sorted(p for p in root.glob(f"*-{model}.json"))
+        if len(matches) != 1:
+            raise DeploymentError(
+                f"no base model {model!r} in {root}/ (looked for {model}.json and *-{model}.json); "
+                "build the default models with `make models`, or train one with `python -m models.train base`"
+            )
+        base = matches[0]
+    name = base.stem
+    parity = backup = None
+    if mode == "coded":
+        parity = root / f"{name}-parity-k{k}-{encoder}.json"
+        if not parity.exists():
+            raise DeploymentError(
+                f"no parity model for k={k}, encoder {encoder} in {root}/ ({parity.name}); train it with "
+                f"`python -m models.train parity --k {k} --encoder {encoder}` or `make models`"
+            )
+    if mode == "cheap":
+        backup = root / f"{name}-backup.json"
+        if not backup.exists():
+            raise DeploymentError(
+                f"no backup model in {root}/ ({backup.name}); train it with `python -m models.train backup` "
+                "or `make models`"
+            )
+    return Models(str(base), parity and str(parity), backup and str(backup))
+
+
+def distribution_args(prefix, dist, seed=None):
+    """``--<prefix>-dist KIND --<prefix>-params a=1,b=2`` for a model server."""
+    params = ",".join(f"{k}={v:g}" for k, v in sorted(dist.get("params", {}).items()))
+    args = [f"--{prefix}-dist", dist["kind"]]
+    if params:
+        args += [f"--{prefix}-params", params]
+    if seed is not None:
+        args += ["--seed", str(seed)]
+    return args
+
+
+@dataclass
+class Deployment:
+    spec: object
+    launcher: object
+    placement: Placement
+    registry: object = None
+    registry_url: str = ""
+    namespace: str = ""
+    instances: list = field(default_factory=list)  # (role, Started)
+    frontend: object = None
+    records_dir: str = ""
+
+    @property
+    def frontend_address(self):
+        return self.frontend.address
+
+    def instance_addresses(self, roles=("data", "parity", "backup")):
+        return [s.address for role, s in self.instances if role in roles]
+
+    def stop(self, grace_s=5.0):
+        """Frontend first (it flushes its records), then instances, then the registry."""
+        for started in [self.frontend] + [s for _, s in reversed(self.instances)] + [self.registry]:
+            if started is not None:
+                try:
+                    started.stop(grace_s)
+                except Exception as exc:  # noqa: BLE001 - keep stopping the rest
+                    log.warning("stopping %s: %s", started.name, exc)
+
+
+def _frontend_args(spec, models, registry_url, namespace, records_dir, metrics_port):
+    args = [
+        "--mode", spec.redundancy_mode,
+        "--queue-mode", spec.queue_mode,
+        "--k", str(spec.k),
+        "--batch-size", str(spec.batch_size),
+        "--batch-timeout-ms", f"{spec.batch_timeout_ms:g}",
+        "--model", models.base,
+        "--registry-url", registry_url,
+        "--deployment", namespace,
+        "--records-dir", str(records_dir),
+        "--metrics-port", str(metrics_port),
+    ]
+    if models.parity:
+        args += ["--parity-model", models.parity]
+    if models.backup:
+        args += ["--backup-model", models.backup]
+    return args
+
+
+def start_deployment(spec, launcher, placement, models, *, namespace, log_dir, records_dir,
+                     seed=0, registry_url=None, ready_timeout_s=90.0, metrics_port=0,
+                     frontend_port=0, frontend_extra_args=(), server_extra_args=()):
+    """Starts registry, instances and frontend for ``spec``; see the module doc."""
+    log_dir = pathlib.Path(log_dir)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    dep = Deployment(spec, launcher, placement, namespace=namespace, records_dir=str(records_dir))
+    try:
+        if registry_url is None:
+            dep.registry = launcher.start(
+                "services.common.registry", ["serve"], name=f"{namespace}-registry",
+                host=placement.frontend, log_path=log_dir / "registry.log",
+            )
+            registry_url = f"redis://{dep.registry.address}/0"
+        dep.registry_url = registry_url
+        data, parity, backup = spec.num_instances
+        roles = [("data", models.base)] * data + [("parity", models.parity)] * parity + \
+                [("backup", models.backup)] * backup
+        for i, (role, manifest) in enumerate(roles):
+            host = placement.worker(i)
+            args = [
+                "--model", manifest, "--role", role,
+                "--host", launcher.bind_address(host) if hasattr(launcher, "bind_address") else "127.0.0.1",
+                "--instance-id", f"{role}-{i}",
+                "--registry-url", registry_url, "--deployment", namespace,
+                *distribution_args("compute", spec.compute, seed=seed * 1000 + i),
+                *server_extra_args,
+            ]
+            started = launcher.start("services.model_server", args, name=f"{namespace}-{role}-{i}",
+                                     host=host, log_path=log_dir / f"{role}-{i}.log")
+            dep.instances.append((role, started))
+        dep.frontend = launcher.start(
+            "services.frontend",
+            _frontend_args(spec, models, registry_url, namespace, records_dir, metrics_port)
+            + list(frontend_extra_args),
+            name=f"{namespace}-frontend", host=placement.frontend, log_path=log_dir / "frontend.log",
+            **({"port": frontend_port} if frontend_port else {}),
+        )
+        asyncio.run(wait_healthy(dep.frontend.address, len(roles), ready_timeout_s))
+    except BaseException:
+        dep.stop(grace_s=2)
+        raise
+    return dep
+
+
+async def wait_healthy(frontend_address, expected, timeout_s):
+    """Polls ``GetStatus`` until ``expected`` instances are healthy."""
+    from parm.v1 import frontend_pb2, frontend_pb2_grpc
+    from services.common.server import insecure_channel
+
+    deadline = time.monotonic() + timeout_s
+    seen = -1
+    async with insecure_channel(frontend_address) as channel:
+        stub = frontend_pb2_grpc.FrontendStub(channel)
+        while time.monotonic() < deadline:
+            try:
+                status = await stub.GetStatus(frontend_pb2.GetStatusRequest(), timeout=2.0)
+                seen = sum(1 for inst in status.instances if inst.healthy)
+                if seen >= expected:
+                    return status
+            except Exception:  # noqa: BLE001 - not up yet
+                pass
+            await asyncio.sleep(0.2)
+    raise DeploymentError(
+        f"frontend {frontend_address} saw {max(seen, 0)} of {expected} instances healthy after {timeout_s:.0f} s"
+    )
+
+
+def load_manifest(path):
+    return manifest_mod.load(path)
+
+
+def describe(dep):
+    return json.dumps({
+        "frontend": dep.frontend.address,
+        "registry": dep.registry_url,
+        "instances": [{"role": r, "address": s.address} for r, s in dep.instances],
+    }, indent=2)

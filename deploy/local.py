@@ -1,0 +1,466 @@
+"""``python -m deploy.local CONFIG``: run an experiment sweep (``make local``).
+
+For every run of the sweep (``deploy.config``), in order:
+
+1. start a deployment (``deploy.deployment``): registry, the instances of
+   the run's redundancy mode, the frontend (which writes its per-query and
+   per-group records into the run's folder);
+2. start the background traffic: emulated (``deploy.background``, through
+   the model servers' perturbation RPC) on one machine, or real shuffles
+   between shuffle agents (``deploy.shuffle``) on the namespace testbed or an
+   AWS fleet; ``"clipper"`` starts a second, independent deployment beside
+   the first, under its own modest load;
+3. run the load: ``num_clients`` load-generator control services
+   (``python -m loadgen serve``), driven together with
+   ``loadgen.control.run_remote`` (the same path an AWS run takes);
+4. stop everything, then print the run's E2E table (and, in coded mode, the
+   encoding and decoding tables) and write ``summary.json`` and the records.
+
+At the end: a comparison across modes, and ``results/<experiment>/report.md``
+with the tables and plots.
+
+Cleanup invariant: every process is started through one ``Launcher`` per
+sweep, whose ``stop_all`` runs in a ``finally`` — after a failed step, on
+Ctrl-C (SIGINT) and on SIGTERM (turned into ``KeyboardInterrupt``) — so
+nothing is left running. Children run in their own process groups, so a
+Ctrl-C reaches only the runner, which then stops them in order.
+"""
+
+import argparse
+import asyncio
+import json
+import logging
+import math
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+from deploy import config as config_mod
+from deploy.deployment import DeploymentError, Placement, resolve_models, start_deployment
+from deploy.launcher import LocalLauncher
+
+log = logging.getLogger("deploy.local")
+
+RUN_OVERHEAD_S = 10.0  # start-up and teardown of one run, for the time estimate
+
+
+@dataclass(frozen=True)
+class RunnerConfig:
+    config: str
+    out_dir: str = "results"
+    artifacts: str = "artifacts"
+    agents: str = ""
+    network: str = ""
+    model: str = ""
+    num_queries: int = 0
+    build_models: bool = True
+    progress: bool = True
+    log_level: str = "WARNING"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def parse_config(argv):
+    p = _Parser(
+        prog="python -m deploy.local",
+        description="Run an experiment sweep (a JSON config) on this machine and report it.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("config", help="sweep config, e.g. configs/local.json")
+    p.add_argument("--out", dest="out_dir", default="results", help="results root (results/<experiment_id>/...)")
+    p.add_argument("--artifacts", default="artifacts", help="directory with the ONNX models and manifests")
+    p.add_argument("--agents", default="", help="JSON file {frontend, workers, clients} of node-agent "
+                                               "addresses: run on those hosts (AWS) instead of this machine")
+    p.add_argument("--network", choices=("", *config_mod.NETWORKS), default="",
+                   help="override the config's network (emulated or netns)")
+    p.add_argument("--model", default="", help="override the config's model (artifact or arch name)")
+    p.add_argument("--num-queries", type=int, default=0, help="override num_queries of every run (0 = config)")
+    p.add_argument("--no-build", dest="build_models", action="store_false",
+                   help="fail instead of training missing default models")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.add_argument("--log-level", default="WARNING")
+    a = p.parse_args(argv)
+    if a.num_queries < 0:
+        p.error("--num-queries must be >= 0")
+    return RunnerConfig(**vars(a))
+
+
+class SweepInterrupted(Exception):
+    pass
+
+
+def _sigterm(signum, frame):
+    raise KeyboardInterrupt
+
+
+def ensure_models(cfg, sweep):
+    """Resolves every run's manifests; trains the default set if missing."""
+    def check():
+        for run in sweep.runs():
+            resolve_models(cfg.artifacts, sweep.model, run.redundancy_mode, run.k, run.encoder)
+    try:
+        check()
+        return
+    except DeploymentError:
+        if not cfg.build_models:
+            raise
+    print(f"building the default models into {cfg.artifacts}/ (python -m models.build) ...", flush=True)
+    rc = subprocess.call([sys.executable, "-m", "models.build", "--out", cfg.artifacts])
+    if rc != 0:
+        raise DeploymentError(f"python -m models.build failed with exit code {rc}")
+    check()
+
+
+class Sweep:
+    """Runs the runs of a sweep with one launcher; see the module docstring."""
+
+    def __init__(self, cfg, sweep, launcher, placement, *, testbed=None):
+        self.cfg = cfg
+        self.sweep = sweep
+        self.launcher = launcher
+        self.placement = placement
+        self.testbed = testbed
+        self.root = pathlib.Path(cfg.out_dir) / sweep.experiment_id
+        self.runs = sweep.runs()
+        self.results = []
+        self._bar = None
+
+    def estimate_s(self, run):
+        return (run.warmup_queries + run.num_queries) / run.send_rate + RUN_OVERHEAD_S
+
+    def run_all(self):
+        from tqdm import tqdm
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        total = sum(r.warmup_queries + r.num_queries for r in self.runs)
+        self._bar = tqdm(total=total, unit="q", disable=not self.cfg.progress, dynamic_ncols=True,
+                         bar_format="{desc} |{bar}| {n_fmt}/{total_fmt} q [{elapsed}<{remaining}]")
+        try:
+            for i, run in enumerate(self.runs):
+                self._bar.set_description(
+                    f"run {i + 1}/{len(self.runs)} {run.redundancy_mode} k={run.k} rate={run.send_rate:g}"
+                )
+                done_before = self._bar.n
+                result = self.run_one(i, run)
+                self._bar.update(done_before + run.warmup_queries + run.num_queries - self._bar.n)
+                self.results.append(result)
+                self._print(self.format_run(result))
+        finally:
+            self._bar.close()
+        return self.results
+
+    def _print(self, text):
+        from tqdm import tqdm
+
+        tqdm.write(text)
+
+    def run_one(self, index, run):
+        from loadgen import stats
+
+        run_dir = self.root / run.name
+        if run_dir.exists():
+            shutil.rmtree(run_dir)
+        (run_dir / "frontend").mkdir(parents=True)
+        models = resolve_models(self.cfg.artifacts, self.sweep.model, run.redundancy_mode, run.k, run.encoder)
+        namespace = f"{run.experiment_id}-{index}"
+        started_at = time.time()
+        dep = start_deployment(
+            run, self.launcher, self.placement, models, namespace=namespace,
+            log_dir=run_dir / "logs", records_dir=run_dir / "frontend", seed=run.seed * 100 + index,
+        )
+        extra = []
+        try:
+            clients = [
+                self.launcher.start("loadgen", ["serve", "--host", self._bind(self.placement.client(c))],
+                                    name=f"{namespace}-loadgen-{c}", host=self.placement.client(c),
+                                    log_path=run_dir / "logs" / f"loadgen-{c}.log")
+                for c in range(run.num_clients)
+            ]
+            extra.extend(clients)
+            outcome = asyncio.run(self._load(run, dep, clients, run_dir, namespace, extra))
+        finally:
+            for started in reversed(extra):
+                started.stop()
+            dep.stop()
+        records = outcome["records"]
+        from loadgen.records import write_csv
+
+        write_csv(records, run_dir / "records.csv")
+        summary = stats.summarize(records, meta={"run": run.to_dict(), "started_at": started_at})
+        queries, groups = stats.load_frontend_records(run_dir / "frontend")
+        summary["frontend"] = _frontend_rows(queries, groups)
+        summary["background"] = outcome["background"]
+        summary["network"] = self.network_description()
+        stats.write_summary(summary, run_dir / "summary.json")
+        return {"run": run, "dir": str(run_dir), "summary": summary,
+                "frontend_text": stats.frontend_tables(queries, groups) if run.redundancy_mode == "coded" else ""}
+
+    def _bind(self, host):
+        bind = getattr(self.launcher, "bind_address", None)
+        return bind(host) if bind else "127.0.0.1"
+
+    async def _load(self, run, dep, clients, run_dir, namespace, extra):
+        from loadgen import Spec
+        from loadgen.control import run_remote_async, stop_remote
+
+        background, describe = await self._start_background(run, dep, run_dir, namespace, extra)
+        spec = Spec(target=dep.frontend_address, rate=run.send_rate, num_queries=run.num_queries,
+                    warmup_queries=run.warmup_queries, seed=run.seed, deadline_s=run.deadline_s,
+                    run_id=namespace)
+        done = {}
+
+        def on_progress(client_index, progress):
+            done[client_index] = progress.completed
+            if self._bar is not None:
+                target = self._bar_base + sum(done.values())
+                if target > self._bar.n:
+                    self._bar.update(target - self._bar.n)
+
+        self._bar_base = self._bar.n if self._bar is not None else 0
+        try:
+            result = await run_remote_async([c.address for c in clients], spec, on_progress=on_progress)
+        finally:
+            bg_info = await background(describe)
+        return {"records": result.records, "background": bg_info}
+
+    async def _start_background(self, run, dep, run_dir, namespace, extra):
+        """Starts the run's background; returns (async stop -> info, description)."""
+        from deploy.background import BackgroundModel, EmulatedBackground
+        from deploy.shuffle import ShuffleCoordinator
+
+        bg = run.background
+        if bg == 0:
+            async def stop(_):
+                return {"kind": "none"}
+            return stop, None
+        if bg == "clipper":
+            return await self._start_clipper(run, dep, run_dir, namespace, extra)
+        if self.testbed is None and not self.cfg.agents:
+            model = BackgroundModel.from_config(run.background_model)
+            emu = EmulatedBackground(dep.instance_addresses(), bg, model, seed=run.seed)
+            emu.start()
+
+            async def stop(_):
+                await emu.stop()
+                return {"kind": "emulated", "shuffles": bg, "transfers": len(emu.timeline),
+                        "busy_fraction": round(emu.busy_fraction(), 4), "errors": emu.errors,
+                        "model": run.background_model}
+            return stop, None
+        # Real shuffles between agents on the worker hosts.
+        hosts = sorted({self.placement.worker(i) for i in range(len(dep.instances))})
+        agents = [self.launcher.start("deploy.shuffle", ["agent", "--host", self._bind(h)],
+                                      name=f"{namespace}-shuffle-{h}", host=h,
+                                      log_path=run_dir / "logs" / f"shuffle-{h}.log") for h in hosts]
+        extra.extend(agents)
+        size = self.testbed.spec.shuffle_bytes if self.testbed is not None else (128 << 20, 256 << 20)
+        coordinator = ShuffleCoordinator([a.address for a in agents], bg, size_bytes=tuple(size), seed=run.seed)
+        coordinator.start()
+
+        async def stop(_):
+            await coordinator.stop()
+            s = coordinator.stats
+            return {"kind": "shuffles", "shuffles": bg, "completed": s.completed, "failed": s.failed,
+                    "bytes_moved": s.bytes_moved, "size_bytes": list(size)}
+        return stop, None
+
+    async def _start_clipper(self, run, dep, run_dir, namespace, extra):
+        """A second deployment (mode none) co-located on the first worker hosts."""
+        from loadgen import Spec
+        from loadgen.control import run_remote_async, stop_remote
+
+        clip = run.clipper
+        n = int(clip.get("num_models", 2))
+        second = config_mod.RunSpec(**{**run.to_dict(), "redundancy_mode": "none", "num_models": n, "k": 1,
+                                       "background": 0})
+        models = resolve_models(self.cfg.artifacts, self.sweep.model, "none", run.k, run.encoder)
+        bg_dep = start_deployment(second, self.launcher, self.placement, models,
+                                  namespace=f"{namespace}-clipper", log_dir=run_dir / "logs" / "clipper",
+                                  records_dir=run_dir / "clipper", seed=run.seed + 7919)
+        client = self.launcher.start("loadgen", ["serve", "--host", self._bind(self.placement.client(0))],
+                                     name=f"{namespace}-clipper-loadgen", host=self.placement.client(0),
+                                     log_path=run_dir / "logs" / "clipper-loadgen.log")
+        extra.append(client)
+        spec = Spec(target=bg_dep.frontend_address, rate=float(clip.get("rate", 20.0)), num_queries=0,
+                    duration_s=24 * 3600.0, seed=run.seed + 1, deadline_s=run.deadline_s,
+                    run_id=f"{namespace}-clipper")
+        task = asyncio.create_task(run_remote_async([client.address], spec))
+
+        async def stop(_):
+            await stop_remote([client.address])
+            try:
+                result = await asyncio.wait_for(task, 30)
+                answered = sum(1 for r in result.records if r.ok)
+            except Exception as exc:  # noqa: BLE001 - the background's own failure is reported, not fatal
+                log.warning("clipper background: %s", exc)
+                answered = None
+            bg_dep.stop()
+            return {"kind": "clipper", "rate": clip.get("rate"), "num_models": n, "answered": answered}
+        return stop, None
+
+    def network_description(self):
+        if self.testbed is not None:
+            return {"kind": "netns", **self.testbed.describe()}
+        if self.cfg.agents:
+            return {"kind": "hosts", "agents": self.cfg.agents}
+        return {"kind": "emulated", "note": "loopback; background load emulated (deploy.background)"}
+
+    def format_run(self, result):
+        from loadgen import stats
+
+        run = result["run"]
+        head = (f"\n== {run.redundancy_mode} | k={run.k} | N={run.num_models} | batch={run.batch_size} | "
+                f"rate={run.send_rate:g}/s | background={run.background} | trial {run.trial}")
+        text = [head, stats.format_report(result["summary"])]
+        if result["frontend_text"]:
+            text.append(result["frontend_text"])
+        return "\n".join(text)
+
+
+def _frontend_rows(queries, groups):
+    from loadgen.stats import latency_row
+
+    enc = [g["encode_us"] for g in groups if g["encode_us"] is not None]
+    dec = [g["decode_us"] for g in groups if g["decode_us"] is not None]
+    return {
+        "queries": len(queries),
+        "groups": len(groups),
+        "encoding_us": latency_row(enc),
+        "decoding_us": latency_row(dec),
+    }
+
+
+def comparison(results):
+    """Rows comparing modes at equal settings: medians, p99.9 and ratios."""
+    keyed = {}
+    for res in results:
+        run = res["run"]
+        key = (run.queue_mode, run.num_models, run.k, run.batch_size, run.send_rate, str(run.background),
+               run.num_clients, run.num_queries)
+        overall = res["summary"]["overall"]
+        keyed.setdefault(key, {}).setdefault(run.redundancy_mode, []).append(overall)
+    rows = []
+    for key, modes in keyed.items():
+        row = {"queue_mode": key[0], "num_models": key[1], "k": key[2], "batch_size": key[3],
+               "rate": key[4], "background": key[5]}
+        for mode, overalls in modes.items():
+            row[f"{mode}_med"] = _mean([o["med"] for o in overalls])
+            row[f"{mode}_p999"] = _mean([o["p999"] for o in overalls])
+        for mode in modes:
+            if mode != "equal" and "equal" in modes:
+                row[f"{mode}_vs_equal_p999"] = _ratio(row[f"{mode}_p999"], row["equal_p999"])
+                row[f"{mode}_vs_equal_med"] = _ratio(row[f"{mode}_med"], row["equal_med"])
+        rows.append(row)
+    return rows
+
+
+def _mean(values):
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def _ratio(a, b):
+    return None if a is None or not b else a / b
+
+
+def format_comparison(rows, modes):
+    cols = ["rate", "k", "batch_size", "background"]
+    header = ["RATE", "K", "BS", "BG"]
+    for m in modes:
+        header += [f"{m.upper()} MED", f"{m.upper()} P99.9"]
+    others = [m for m in modes if m != "equal"]
+    if "equal" in modes:
+        header += [f"{m.upper()}/EQUAL P99.9" for m in others] + [f"{m.upper()}/EQUAL MED" for m in others]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        cells = [f"{row['rate']:g}", str(row["k"]), str(row["batch_size"]), str(row["background"])]
+        for m in modes:
+            cells += [_f(row.get(f"{m}_med")), _f(row.get(f"{m}_p999"))]
+        if "equal" in modes:
+            cells += [_f(row.get(f"{m}_vs_equal_p999"), 2) for m in others]
+            cells += [_f(row.get(f"{m}_vs_equal_med"), 2) for m in others]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _f(value, digits=1):
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.{digits}f}"
+
+
+def build_launcher(cfg, sweep):
+    """(launcher, placement, testbed) for the sweep's network."""
+    network = cfg.network or sweep.network
+    if cfg.agents:
+        from deploy.agent import AgentLauncher
+
+        hosts = json.loads(pathlib.Path(cfg.agents).read_text())
+        agents = [hosts["frontend"], *hosts["workers"], *hosts["clients"]]
+        launcher = AgentLauncher(agents, [a.rpartition(":")[0] for a in agents])
+        w, c = len(hosts["workers"]), len(hosts["clients"])
+        return launcher, Placement(0, tuple(range(1, 1 + w)), tuple(range(1 + w, 1 + w + c))), None
+    if network == "netns":
+        from deploy import netns
+
+        most = max(sum(r.num_instances) for r in sweep.runs())
+        clients = max(sweep.num_clients)
+        testbed = netns.Testbed(netns.TestbedSpec(num_hosts=1 + most + clients))
+        testbed.up()
+        launcher = netns.NetnsLauncher(testbed)
+        return launcher, Placement(0, tuple(range(1, 1 + most)), tuple(range(1 + most, 1 + most + clients))), testbed
+    return LocalLauncher(), Placement(), None
+
+
+def main(argv=None):
+    cfg = parse_config(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=getattr(logging, cfg.log_level.upper(), logging.WARNING),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        sweep = config_mod.load(cfg.config)
+        if cfg.model:
+            sweep = sweep.with_overrides(model=cfg.model)
+        if cfg.num_queries:
+            sweep = sweep.with_overrides(num_queries=(cfg.num_queries,))
+        if cfg.network:
+            sweep = sweep.with_overrides(network=cfg.network)
+        ensure_models(cfg, sweep)
+    except (config_mod.ConfigError, DeploymentError) as exc:
+        print(f"deploy.local: {exc}", file=sys.stderr)
+        return 2
+    previous = signal.signal(signal.SIGTERM, _sigterm)
+    launcher = testbed = None
+    try:
+        launcher, placement, testbed = build_launcher(cfg, sweep)
+        runner = Sweep(cfg, sweep, launcher, placement, testbed=testbed)
+        results = runner.run_all()
+        from deploy.report import write_report
+
+        report = write_report(runner.root, sweep, results, runner.network_description())
+        modes = list(dict.fromkeys(r["run"].redundancy_mode for r in results))
+        print("\nCOMPARISON (latency in ms)\n" + format_comparison(comparison(results), modes))
+        print(f"\nresults: {runner.root}/  report: {report}")
+        return 0
+    except KeyboardInterrupt:
+        print("\ndeploy.local: interrupted; stopped every process", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - one line for the user, details in the log
+        log.debug("sweep failed", exc_info=True)
+        print(f"deploy.local: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if launcher is not None:
+            launcher.stop_all()
+        if testbed is not None:
+            testbed.down()
+        signal.signal(signal.SIGTERM, previous)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
