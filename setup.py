@@ -42,7 +42,9 @@ DEBUG_DIRECTIVES = dict(
 # No -march=native: the C kernels pick the vector width at run time
 # (function multi-versioning, see coding_ext/_simd.h), so a wheel built here
 # runs on any x86-64 and still uses AVX-512 where the CPU has it.
-COMPILE_ARGS = ["-O3", "-fno-math-errno", "-Wno-unused-function"]
+# -ffp-contract=off: no fused multiply-add, so the kernels round exactly like
+# the numpy reference (coding_ext/reference.py) and match it bit for bit.
+COMPILE_ARGS = ["-O3", "-fno-math-errno", "-ffp-contract=off", "-Wno-unused-function"]
 
 
 def generate_protos():
