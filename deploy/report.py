@@ -1,0 +1,87 @@
+"""``results/<experiment>/report.md``: tables and plots of a sweep.
+
+Sections: the setting (config, network and its parameters, background
+model), a comparison across modes at equal settings (medians, p99.9, and the
+ratio of each mode's p99.9 and median to equal resources'), the plots
+(latency CDF per mode at each rate, median and p99.9 against rate, accuracy
+by source), and every run's tables in the original's format.
+"""
+
+import json
+import pathlib
+
+from loadgen import plots, stats
+from loadgen.records import read_csv
+
+
+def write_report(root, sweep, results, network):
+    """Writes ``report.md`` (and PNGs) under ``root``; returns its path."""
+    from deploy.local import comparison, format_comparison
+
+    root = pathlib.Path(root)
+    plot_dir = root / "plots"
+    plot_dir.mkdir(parents=True, exist_ok=True)
+    modes = list(dict.fromkeys(r["run"].redundancy_mode for r in results))
+    rows = comparison(results)
+    lines = [f"# {sweep.experiment_id}", ""]
+    if sweep.description:
+        lines += [sweep.description, ""]
+    lines += [
+        "## Setting", "",
+        f"- config: `{sweep.source_path}`",
+        f"- model: `{sweep.model}`, encoder `{sweep.encoder}`",
+        f"- runs: {len(results)} (modes {', '.join(modes)}; {sweep.num_trials} trial(s) each)",
+        f"- network: `{json.dumps(network, sort_keys=True)}`",
+        f"- emulated compute per batch: `{json.dumps(sweep.compute, sort_keys=True)}`",
+    ]
+    if any(r["run"].background not in (0, "clipper") for r in results) and network.get("kind") == "emulated":
+        lines.append(f"- emulated background model: `{json.dumps(sweep.background_model, sort_keys=True)}`")
+    lines += ["", "## Comparison (latency in ms)", "", format_comparison(rows, modes), ""]
+    lines += _targets(rows, modes)
+    lines += ["## Plots", ""]
+    for rate in sorted({r["run"].send_rate for r in results}):
+        by_mode = {}
+        for res in results:
+            if res["run"].send_rate == rate:
+                recs = read_csv(pathlib.Path(res["dir"]) / "records.csv")
+                label = f"{res['run'].redundancy_mode} k={res['run'].k}" if len(sweep.ec_k_val) > 1 \
+                    else res["run"].redundancy_mode
+                by_mode.setdefault(label, []).extend(r.latency_ms for r in recs if r.ok and not r.warmup)
+        name = f"latency_cdf_rate_{rate:g}.png"
+        plots.plot_latency_cdf(by_mode, plot_dir / name, title=f"End-to-end latency at {rate:g} queries/s")
+        lines.append(f"![latency CDF at {rate:g}/s](plots/{name})")
+    points = [(r["run"].redundancy_mode, r["run"].send_rate, r["summary"]) for r in results]
+    plots.plot_latency_vs_rate(points, plot_dir / "latency_vs_rate.png")
+    lines.append("![median and p99.9 against rate](plots/latency_vs_rate.png)")
+    for mode in modes:
+        pooled = stats.summarize([rec for res in results if res["run"].redundancy_mode == mode
+                                  for rec in read_csv(pathlib.Path(res["dir"]) / "records.csv")])
+        name = f"accuracy_by_source_{mode}.png"
+        plots.plot_accuracy_by_source(pooled, plot_dir / name, title=f"Top-1 accuracy by source ({mode})")
+        lines.append(f"![accuracy by source, {mode}](plots/{name})")
+    lines += ["", "## Runs", ""]
+    for res in results:
+        run = res["run"]
+        lines += [f"### {run.name}", "", "```", stats.format_report(res["summary"])]
+        if res.get("frontend_text"):
+            lines += ["", res["frontend_text"]]
+        lines += ["```", f"background: `{json.dumps(res['summary'].get('background'), sort_keys=True)}`", ""]
+    path = root / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    (root / "comparison.json").write_text(json.dumps(rows, indent=2) + "\n")
+    return path
+
+
+def _targets(rows, modes):
+    """The headline check: coded p99.9 vs equal resources, medians within 15%."""
+    if not {"coded", "equal"} <= set(modes):
+        return []
+    out = ["### Coded vs equal resources", ""]
+    for row in rows:
+        tail, med = row.get("coded_vs_equal_p999"), row.get("coded_vs_equal_med")
+        if tail is None or med is None:
+            continue
+        verdict = "meets" if tail <= 0.6 and abs(med - 1) <= 0.15 else "misses"
+        out.append(f"- rate {row['rate']:g}/s, k={row['k']}: coded p99.9 = {tail:.2f} x equal, "
+                   f"median = {med:.2f} x equal ({verdict} the target: p99.9 <= 0.6 x, medians within 15%)")
+    return out + [""]
