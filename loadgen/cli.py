@@ -161,21 +161,27 @@ def spec_of(cfg):
 
 
 class _Bar:
-    """A tqdm bar over completed queries (aggregated over generators)."""
+    """A tqdm bar over completed queries (aggregated over generators).
+
+    Created at the first progress report, i.e. once the target answered and
+    the inputs loaded, so an early error is not preceded by an empty bar.
+    """
 
     def __init__(self, enabled, total):
+        self._enabled = enabled
+        self._initial_total = total
         self._bar = None
-        if enabled:
-            from tqdm import tqdm
-            self._bar = tqdm(total=total or None, unit="q", desc="queries", file=sys.stderr,
-                             dynamic_ncols=True, mininterval=0.5)
         self._done = {}
         self._err = {}
         self._total = {}
 
     def update(self, client, completed, errors, total):
-        if self._bar is None:
+        if not self._enabled:
             return
+        if self._bar is None:
+            from tqdm import tqdm
+            self._bar = tqdm(total=self._initial_total or None, unit="q", desc="queries",
+                             file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
         self._done[client], self._err[client], self._total[client] = completed, errors, total
         done, tot = sum(self._done.values()), sum(self._total.values())
         if tot and self._bar.total != tot:

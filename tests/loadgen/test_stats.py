@@ -1,0 +1,98 @@
+import json
+
+import numpy as np
+import pytest
+
+from loadgen.records import SOURCE_NAMES, Record, read_csv, write_csv
+from loadgen.stats import format_table, latency_row, load_frontend_records, percentile, summarize
+from parm.v1 import frontend_pb2
+
+
+def type7(values, q):
+    """Hyndman-Fan type 7, written out (independent of numpy.percentile)."""
+    v = sorted(values)
+    h = (len(v) - 1) * q / 100
+    lo = int(h // 1)
+    hi = min(lo + 1, len(v) - 1)
+    return v[lo] + (h - lo) * (v[hi] - v[lo])
+
+
+def test_percentiles_of_1_to_100():
+    values = list(range(1, 101))
+    row = latency_row(values)
+    assert row == {"num": 100, "med": 50.5, "mean": 50.5, "p99": pytest.approx(99.01),
+                   "p995": pytest.approx(99.505), "p999": pytest.approx(99.901)}
+    assert percentile([], 50) is None
+    assert latency_row([])["mean"] is None
+
+
+def test_percentiles_match_written_out_definition():
+    rng = np.random.default_rng(0)
+    values = rng.lognormal(3, 1, 997)
+    for q in (50, 99, 99.5, 99.9):
+        assert percentile(values, q) == pytest.approx(type7(values, q), rel=1e-12)
+
+
+def test_table_is_in_the_original_format():
+    text = format_table("E2E_LATENCY (ms)", {"num": 100, "med": 80.16, "mean": 85.92, "p99": 250.56,
+                                             "p995": 258.91, "p999": 265.59})
+    assert text == ("E2E_LATENCY (ms)\n"
+                    "NUM   MED   MEAN  P99     P99.5   P99.9\n"
+                    "100   80.16 85.92 250.56  258.91  265.59")
+    wide = format_table("T", latency_row([123456.0, 123457.0]))
+    assert wide.splitlines()[2].split() == ["2", "123456.50", "123456.50", "123456.99", "123456.99",
+                                           "123457.00"]
+
+
+def _rec(i, latency, status="OK", source="original", predicted=1, label=1, warmup=False):
+    return Record(f"r-0-{i}", 0, i * 0.01, 0.5, latency, status, source if status == "OK" else "",
+                  predicted if status == "OK" else -1, label, warmup)
+
+
+def test_summary_counts_sources_accuracy_errors_and_excludes_warmup():
+    records = [_rec(0, 1000.0, warmup=True), _rec(1, 999.0, status="OK", warmup=True)]
+    records += [_rec(10 + i, 10.0 + i) for i in range(6)]
+    records += [_rec(20, 50.0, source="reconstructed"), _rec(21, 60.0, source="reconstructed", predicted=3)]
+    records += [_rec(30, 5.0, source="backup")]
+    records += [_rec(40, 3.0, status="DEADLINE_EXCEEDED"), _rec(41, 3.0, status="UNAVAILABLE"),
+                _rec(42, 3.0, status="UNAVAILABLE")]
+    s = summarize(records, {"mode": "coded"})
+    assert s["num_warmup"] == 2 and s["num_sent"] == 12 and s["num_ok"] == 9
+    assert s["overall"]["num"] == 9
+    assert s["overall"]["med"] == 13.0  # 5 10 11 12 [13] 14 15 50 60
+    assert s["overall"]["accuracy"] == pytest.approx(8 / 9)
+    assert s["by_source"]["original"]["num"] == 6
+    assert s["by_source"]["original"]["med"] == 12.5
+    assert s["by_source"]["reconstructed"] == {**latency_row([50.0, 60.0]), "accuracy": 0.5}
+    assert s["by_source"]["backup"]["accuracy"] == 1.0
+    assert s["by_source"]["default"]["num"] == 0 and s["by_source"]["default"]["accuracy"] is None
+    assert s["errors"] == {"DEADLINE_EXCEEDED": 1, "UNAVAILABLE": 2}
+    assert s["meta"] == {"mode": "coded"}
+    json.dumps(s)  # serialisable
+
+
+def test_csv_round_trip(tmp_path):
+    records = [_rec(1, 1.25), _rec(2, 2.5, status="CANCELLED", warmup=True)]
+    records[0].batch_id, records[0].group_id, records[0].frontend_latency_ms = 4, 2, 0.75
+    path = write_csv(records, tmp_path / "records.csv")
+    assert read_csv(path) == records
+
+
+def test_source_names_match_the_proto_enum():
+    for value, name in SOURCE_NAMES.items():
+        expected = "unspecified" if value == 0 else frontend_pb2.Source.Name(value).lower()
+        assert name == expected
+    assert set(frontend_pb2.Source.values()) == set(SOURCE_NAMES)
+
+
+def test_frontend_record_adapter_reads_jsonl_and_csv_with_units(tmp_path):
+    (tmp_path / "queries.jsonl").write_text(
+        json.dumps({"request_id": "a", "latency_ms": 2.5, "source": "ORIGINAL", "group_id": 1}) + "\n"
+        + json.dumps({"request_id": "b", "latency_s": 0.004, "source": "reconstructed"}) + "\n")
+    (tmp_path / "groups.csv").write_text(
+        "group_id,encode_latency_us,decode_latency_ms,missing\n1,12.5,,\n2,7.5,0.02,1\n")
+    queries, groups = load_frontend_records(tmp_path)
+    assert [q["latency_us"] for q in queries] == [2500.0, 4000.0]
+    assert [q["source"] for q in queries] == ["original", "reconstructed"]
+    assert [g["encode_us"] for g in groups] == [12.5, 7.5]
+    assert groups[0]["decode_us"] is None and groups[1]["decode_us"] == pytest.approx(20.0)
