@@ -80,6 +80,7 @@ class ModelServerApp:
     async def start(self):
         """Starts serving RPCs (health NOT_SERVING; Infer answers UNAVAILABLE until loaded)."""
         await self.server.start()
+        await self.built.set_serving(False)
         if not self.cfg.perturbation.is_clear:
             self.instance.perturbations.set(self.cfg.perturbation)
 
