@@ -1,0 +1,782 @@
+"""The frontend's core: admission, batching, dispatch, recovery. No grpc here.
+
+Concurrency model and invariants
+--------------------------------
+* One thread. Every method of ``Engine`` runs on the event loop thread
+  (servicers call ``submit``; timers fire through the injected ``Clock``; call
+  completions run in the tasks the engine spawned). Nothing is shared with
+  another thread except the arrays handed to the coder executor, which are
+  read-only for as long as the executor holds them. So there are no locks, and
+  every state change below is atomic with respect to every other.
+* Ownership of a query: from ``submit`` until it is *done* (answered, failed,
+  or abandoned by its client) the query is counted in ``in_system``; exactly
+  one of ``_answer`` / ``_fail`` / ``abandon`` marks it done (they check
+  ``query.done`` first), decrements ``in_system`` and cancels its deadline
+  timer. The first answer wins; later ones are only recorded.
+* Ownership of a batch: a batch is forming (in the ``Batcher``), queued (in
+  exactly one queue, ``batch.queue``), and/or in flight (``batch.calls`` live
+  ``Call`` objects, each owning one slot of one instance). A batch may be both
+  queued and in flight (a hedged copy, a re-dispatch after a timeout). A
+  batch leaves a queue by being taken by an instance or by ``remove`` of
+  exactly that batch; never by range.
+* A call ends exactly once (``Call.finished``): by its reply, its error, its
+  timeout timer, or its instance leaving. The end releases the instance slot
+  and pumps the instance's queue. Every call has a timeout (the instance
+  timeout, capped by the latest client deadline among its queries).
+* Coding groups (coded mode): group g holds data batch ids g(k+1)..g(k+1)+k-1
+  and parity id g(k+1)+k. A group is *sealed* when it has k data batches (then
+  its parity batch is encoded and queued) or when its formation timer fires
+  (a *partial* group: no parity; its batches are served as in ``none`` mode
+  and erasures are re-dispatched). When k of the k+1 batches have an original
+  output and the missing one is data, the missing one is decoded at once and
+  removed from its queue if still queued (only it). When all k data outputs are
+  in, a still-queued parity batch is removed. A group is *finished* when it is
+  sealed, every member and the parity are neither queued nor in flight, and
+  every query is done; then its record is written and it is dropped. A sweep
+  every ``gc_interval_s`` drops groups older than ``gc_horizon_s`` as
+  abandoned, so no group outlives its timeouts.
+* Nothing waits forever: a forming batch is flushed after ``batch_timeout_s``;
+  a forming group is sealed after ``group_timeout_s``; a query without a
+  client deadline gets ``query_timeout_s``; a failed call is retried at most
+  ``max_attempts`` times per batch, on another instance where one exists.
+"""
+
+import asyncio
+import collections
+import itertools
+import logging
+import math
+import time
+
+import numpy as np
+
+from parm.v1 import tensor_pb2
+from services.common import tensors
+from services.common.errors import DeadlineExceeded, InstanceFailed, InvalidInput, NoInstance, Overloaded
+from services.frontend.instances import Instance, check_rows
+from services.frontend.redundancy import make_redundancy_policy
+
+log = logging.getLogger(__name__)
+
+ORIGINAL, RECONSTRUCTED, BACKUP, DEFAULT = 1, 2, 3, 4
+SOURCE_NAMES = {ORIGINAL: "ORIGINAL", RECONSTRUCTED: "RECONSTRUCTED", BACKUP: "BACKUP", DEFAULT: "DEFAULT"}
+MODES = ("none", "equal", "coded", "cheap", "hedged")
+
+COUNTERS = (
+    "admitted", "answered", "answered_original", "answered_reconstructed", "answered_backup",
+    "failed", "deadline_exceeded", "abandoned", "rejected_invalid", "rejected_overloaded",
+    "rejected_unavailable", "batches", "partial_batches", "groups", "partial_groups",
+    "groups_finished", "groups_abandoned", "encodes", "encode_errors", "decodes", "decode_errors",
+    "reconstructions", "redispatches", "hedges", "removed_from_queue", "calls", "call_errors",
+    "call_timeouts", "late_originals", "instances_joined", "instances_left",
+)
+
+
+class Query:
+    """One client query (one example)."""
+
+    __slots__ = ("qid", "request_id", "input", "received_s", "received_wall_s", "deadline_s",
+                 "future", "done", "batch", "row", "source", "answered_s", "deadline_handle",
+                 "instance_id", "status")
+
+    def __init__(self, qid, request_id, array, received_s, deadline_s, future):
+        self.qid = qid
+        self.request_id = request_id
+        self.input = array
+        self.received_s = received_s
+        self.received_wall_s = time.time()
+        self.deadline_s = deadline_s
+        self.future = future
+        self.done = False
+        self.batch = None
+        self.row = 0
+        self.source = 0
+        self.answered_s = None
+        self.deadline_handle = None
+        self.instance_id = ""
+        self.status = ""
+
+
+class Answer:
+    """What a query's future resolves to."""
+
+    __slots__ = ("output", "source", "batch_id", "group_id", "latency_ms")
+
+    def __init__(self, output, source, batch_id, group_id, latency_ms):
+        self.output = output
+        self.source = source
+        self.batch_id = batch_id
+        self.group_id = group_id
+        self.latency_ms = latency_ms
+
+
+class Batch:
+    """A unit of dispatch: data, parity or backup rows for one instance call."""
+
+    __slots__ = ("batch_id", "group_id", "role", "queries", "inputs", "rows", "group", "index",
+                 "queue", "calls", "exclude", "attempts", "output", "created_s", "dispatched_s",
+                 "answered_s", "reconstruction", "reconstructed_s", "twin", "hedge_handle",
+                 "_payload", "closed", "encode_us")
+
+    def __init__(self, batch_id, role, queries, inputs, created_s):
+        self.batch_id = batch_id
+        self.group_id = batch_id
+        self.role = role
+        self.queries = queries
+        self.inputs = inputs
+        self.rows = len(queries)
+        self.group = None
+        self.index = 0
+        self.queue = None
+        self.calls = 0
+        self.exclude = set()
+        self.attempts = 0
+        self.output = None
+        self.created_s = created_s
+        self.dispatched_s = None
+        self.answered_s = None
+        self.reconstruction = None
+        self.reconstructed_s = None
+        self.twin = None
+        self.hedge_handle = None
+        self._payload = None
+        self.closed = False
+        self.encode_us = None
+
+    def payload(self):
+        """The ``Tensor`` proto of ``inputs``, serialised once (reused by retries)."""
+        p = self._payload
+        if p is None:
+            x = self.inputs
+            p = self._payload = tensor_pb2.Tensor(
+                dtype=tensors.dtype_code(x.dtype), shape=x.shape, data=x.tobytes())
+        return p
+
+    def needed(self):
+        """True while some query of the batch still waits for an answer."""
+        for q in self.queries:
+            if not q.done:
+                return True
+        return False
+
+
+class Call:
+    """One outstanding instance call; ends exactly once."""
+
+    __slots__ = ("batch", "instance", "started_s", "timer", "task", "finished")
+
+    def __init__(self, batch, instance, started_s):
+        self.batch = batch
+        self.instance = instance
+        self.started_s = started_s
+        self.timer = None
+        self.task = None
+        self.finished = False
+
+
+class Group:
+    """A coding group: k data batches + one parity batch."""
+
+    __slots__ = ("group_id", "k", "members", "outputs", "n_outputs", "parity", "parity_output",
+                 "sealed", "coded", "formed_s", "timer", "missing", "encode_us", "decode_us",
+                 "late", "finished", "encoding", "decoding")
+
+    def __init__(self, group_id, k, formed_s):
+        self.group_id = group_id
+        self.k = k
+        self.members = []
+        self.outputs = [None] * k
+        self.n_outputs = 0
+        self.parity = None
+        self.parity_output = None
+        self.sealed = False
+        self.coded = False
+        self.formed_s = formed_s
+        self.timer = None
+        self.missing = None
+        self.encode_us = None
+        self.decode_us = None
+        self.late = None
+        self.finished = False
+        self.encoding = False
+        self.decoding = False
+
+
+class LatencyWindow:
+    """Recent call latencies; ``p95()`` recomputed every ``every`` samples."""
+
+    def __init__(self, size=1000, every=50, min_samples=20):
+        self._values = collections.deque(maxlen=size)
+        self._every = every
+        self._min = min_samples
+        self._count = 0
+        self._p95 = None
+
+    def add(self, value_s):
+        self._values.append(value_s)
+        self._count += 1
+        if self._count % self._every == 0 or (self._p95 is None and len(self._values) >= self._min):
+            self._p95 = float(np.percentile(np.fromiter(self._values, float), 95))
+
+    def p95(self):
+        return self._p95
+
+
+class NullObserver:
+    """Receives every record and metric event; the default does nothing."""
+
+    def query_done(self, query, batch, group_id): ...
+    def group_done(self, group, reason): ...
+    def late_original(self, batch, delay_ms, max_abs_error, agree): ...
+    def encoded(self, seconds): ...
+    def decoded(self, seconds): ...
+    def dispatched(self, batch, queue_s): ...
+
+
+class Batcher:
+    """Forms batches of ``batch_size`` queries, flushed after ``timeout_s``.
+
+    Algorithm: queries are appended to the forming list; the first one starts
+    a timer; the list is flushed (``on_batch(queries)``) when it is full or
+    the timer fires, whichever is first. ``batch_size == 1`` flushes at once
+    with no timer.
+    """
+
+    def __init__(self, batch_size, timeout_s, clock, on_batch):
+        self.batch_size = batch_size
+        self.timeout_s = timeout_s
+        self.clock = clock
+        self.on_batch = on_batch
+        self._forming = []
+        self._timer = None
+
+    def add(self, query):
+        if self.batch_size == 1:
+            self.on_batch([query])
+            return
+        forming = self._forming
+        forming.append(query)
+        if len(forming) == 1:
+            self._timer = self.clock.call_later(self.timeout_s, self._expire)
+        if len(forming) >= self.batch_size:
+            self.flush()
+
+    def _expire(self):
+        self._timer = None
+        self.flush()
+
+    def flush(self):
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._forming:
+            queries, self._forming = self._forming, []
+            self.on_batch(queries)
+
+    def forming(self):
+        return len(self._forming)
+
+
+class Engine:
+    """Admission, batching, dispatch and recovery for one deployment.
+
+    Args:
+        base: ``Manifest`` of the deployed model (validation, output shape).
+        mode: redundancy mode, one of ``MODES``.
+        queue: a queue policy (``queues.SingleQueue`` / ``RoundRobinQueues``).
+        clock: ``Clock``.
+        client_factory: ``address -> InstanceClient``.
+        coder: ``LocalCoder``/``RemoteCoder`` (coded mode).
+        k, batch_size: coding group size and batch size.
+        *_s: timeouts in seconds (see the module docstring).
+        max_in_system: admission bound (queries admitted and not yet done).
+        max_in_flight: concurrent calls per instance.
+        max_attempts: calls per batch before its queries fail.
+        hedge_delay_s: fixed hedge delay, or None for the recent p95.
+        observer: receives records and metric events.
+    """
+
+    def __init__(self, *, base, mode="none", queue, clock, client_factory, coder=None,
+                 k=2, batch_size=1, batch_timeout_s=0.005, group_timeout_s=1.0,
+                 instance_timeout_s=2.0, query_timeout_s=30.0, max_in_system=10000,
+                 max_in_flight=1, max_attempts=3, hedge_delay_s=None, hedge_initial_delay_s=0.05,
+                 parity_output_shape=None, backup_output_shape=None, observer=None,
+                 gc_interval_s=1.0):
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r} ({'|'.join(MODES)})")
+        if mode == "coded" and coder is None:
+            raise ValueError("coded mode needs a coder")
+        self.base = base
+        self.mode = mode
+        self.k = int(k)
+        self.batch_size = int(batch_size)
+        self.queue = queue
+        self.clock = clock
+        self.client_factory = client_factory
+        self.coder = coder
+        self.batch_timeout_s = batch_timeout_s
+        self.group_timeout_s = group_timeout_s
+        self.instance_timeout_s = instance_timeout_s
+        self.query_timeout_s = query_timeout_s
+        self.max_in_system = max_in_system
+        self.max_in_flight = max_in_flight
+        self.max_attempts = max_attempts
+        self.hedge_delay_s = hedge_delay_s
+        self.hedge_initial_delay_s = hedge_initial_delay_s
+        self.obs = observer or NullObserver()
+        self.input_shape = tuple(base.input_shape)
+        self.input_dtype = np.dtype(base.input_dtype)
+        self.output_shapes = {
+            "data": tuple(base.output_shape),
+            "parity": tuple(parity_output_shape or base.output_shape),
+            "backup": tuple(backup_output_shape or base.output_shape),
+        }
+        self.counters = dict.fromkeys(COUNTERS, 0)
+        self.in_system = 0
+        self.instances = {}                         # instance_id -> Instance
+        self.by_role = {"data": [], "parity": [], "backup": []}
+        self._rotation = {"data": 0, "parity": 0, "backup": 0}
+        self.groups = {}                            # group_id -> Group (unfinished)
+        self.latencies = LatencyWindow()
+        self._qids = itertools.count()
+        self._batch_ids = itertools.count()
+        self._tasks = set()
+        self._gc_interval_s = gc_interval_s
+        self.gc_horizon_s = (group_timeout_s + query_timeout_s
+                             + instance_timeout_s * (max_attempts + 1) + 1.0)
+        self._gc_handle = None
+        self._closed = False
+        self.batcher = Batcher(self.batch_size, batch_timeout_s, clock, self._on_batch_formed)
+        self.policy = make_redundancy_policy(mode, self)
+
+    # ------------------------------------------------------------ lifecycle
+    def start(self):
+        """Starts the group garbage-collection sweep (needs the loop)."""
+        if self._gc_handle is None and self._gc_interval_s:
+            self._gc_handle = self.clock.call_later(self._gc_interval_s, self._gc)
+
+    async def close(self):
+        """Fails every pending query, cancels calls, closes instance clients."""
+        self._closed = True
+        if self._gc_handle is not None:
+            self._gc_handle.cancel()
+        self.batcher.flush()
+        for inst in list(self.instances.values()):
+            await self.remove_instance(inst.instance_id, reason="shutdown")
+        tasks = list(self._tasks)
+        for t in tasks:
+            t.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        for g in list(self.groups.values()):
+            self._finish_group(g, "abandoned")
+
+    # ------------------------------------------------------------ instances
+    def add_instance(self, instance_id, address, role, model=""):
+        """Adds (or, on a changed address/role, replaces) an instance."""
+        old = self.instances.get(instance_id)
+        if old is not None:
+            if old.address == address and old.role == role:
+                return old
+            self._spawn(self.remove_instance(instance_id, reason="changed"))
+        inst = Instance(instance_id, address, role, self.client_factory(address), self.clock, model)
+        self.instances[instance_id] = inst
+        self.by_role[role].append(inst)
+        self.counters["instances_joined"] += 1
+        log.info("instance joined: %s %s %s", role, instance_id, address)
+        self._pump(role)
+        return inst
+
+    async def remove_instance(self, instance_id, reason="left"):
+        """Removes an instance: its calls become erasures, its rr queue is re-pushed."""
+        inst = self.instances.pop(instance_id, None)
+        if inst is None:
+            return
+        inst.removed = True
+        self.by_role[inst.role].remove(inst)
+        self.counters["instances_left"] += 1
+        log.info("instance left (%s): %s %s", reason, inst.role, instance_id)
+        for call in list(inst.calls):
+            if call.task is not None:
+                call.task.cancel()
+            self._end_call_failed(call, InstanceFailed(f"instance {instance_id} {reason}"), timeout=False)
+        for batch in self.queue.drain_instance(inst):
+            self._enqueue(batch, front=True)
+        if not self.by_role[inst.role]:
+            self._role_gone(inst.role)
+        try:
+            await inst.client.close()
+        except Exception:  # noqa: BLE001 - closing a dead channel must not stop removal
+            log.debug("closing client of %s", instance_id, exc_info=True)
+
+    def _role_gone(self, role):
+        """No instance of ``role`` is left: fail (data) or drop (others) its queued batches."""
+        for batch in self.queue.drain_role(role):
+            if role == "data":
+                self._fail_batch(batch, NoInstance("no data instance is available"))
+            else:
+                self._after_batch_event(batch)
+
+    def has_role(self, role):
+        return bool(self.by_role[role])
+
+    # ------------------------------------------------------------ admission
+    def validate(self, array):
+        """Checks one example against the manifest; raises InvalidInput naming the problem."""
+        if array.dtype != self.input_dtype:
+            raise InvalidInput(
+                f"input dtype is {array.dtype.name}, but model {self.base.name!r} expects "
+                f"{self.input_dtype.name}")
+        if array.shape != self.input_shape:
+            raise InvalidInput(
+                f"input shape is {list(array.shape)}, but model {self.base.name!r} expects "
+                f"{list(self.input_shape)} (one example, no batch dimension)")
+
+    def submit(self, array, request_id="", timeout_s=None):
+        """Admits one example; returns the ``Query`` whose future gets an ``Answer``.
+
+        Raises:
+            InvalidInput, Overloaded, NoInstance: at once, nothing admitted.
+        """
+        try:
+            self.validate(array)
+        except InvalidInput:
+            self.counters["rejected_invalid"] += 1
+            raise
+        if self.in_system >= self.max_in_system:
+            self.counters["rejected_overloaded"] += 1
+            raise Overloaded(f"frontend has {self.in_system} queries in the system "
+                             f"(limit {self.max_in_system})")
+        if not self.by_role["data"] or self._closed:
+            self.counters["rejected_unavailable"] += 1
+            raise NoInstance("no data instance is available")
+        now = self.clock.now()
+        limit = self.query_timeout_s if timeout_s is None else min(timeout_s, self.query_timeout_s)
+        fut = asyncio.get_running_loop().create_future()
+        q = Query(next(self._qids), request_id, array, now, now + limit, fut)
+        q.deadline_handle = self.clock.call_later(limit, self._deadline, q)
+        self.in_system += 1
+        self.counters["admitted"] += 1
+        self.batcher.add(q)
+        return q
+
+    def abandon(self, query):
+        """The client went away (cancelled): the query is done without an answer."""
+        if self._finish_query(query, "CANCELLED"):
+            self.counters["abandoned"] += 1
+            self.obs.query_done(query, query.batch, query.batch.group_id if query.batch else 0)
+            if query.batch is not None:
+                self._release_if_unneeded(query.batch)
+
+    def _deadline(self, query):
+        query.deadline_handle = None
+        if query.done:
+            return
+        self.counters["deadline_exceeded"] += 1
+        self._fail_query(query, DeadlineExceeded("deadline exceeded before an answer arrived"),
+                         "DEADLINE_EXCEEDED")
+        if query.batch is not None:
+            self._release_if_unneeded(query.batch)
+
+    # ------------------------------------------------------------ queries
+    def _finish_query(self, q, status):
+        if q.done:
+            return False
+        q.done = True
+        q.status = status
+        q.answered_s = self.clock.now()
+        self.in_system -= 1
+        h = q.deadline_handle
+        if h is not None:
+            h.cancel()
+            q.deadline_handle = None
+        return True
+
+    def _answer(self, q, output, source, batch, instance_id=""):
+        if not self._finish_query(q, "OK"):
+            return False
+        q.source = source
+        q.instance_id = instance_id
+        c = self.counters
+        c["answered"] += 1
+        if source == ORIGINAL:
+            c["answered_original"] += 1
+        elif source == RECONSTRUCTED:
+            c["answered_reconstructed"] += 1
+        elif source == BACKUP:
+            c["answered_backup"] += 1
+        if not q.future.done():
+            q.future.set_result(Answer(output, source, batch.batch_id, batch.group_id,
+                                       (q.answered_s - q.received_s) * 1e3))
+        self.obs.query_done(q, batch, batch.group_id)
+        return True
+
+    def _fail_query(self, q, exc, status):
+        if not self._finish_query(q, status):
+            return False
+        if status != "DEADLINE_EXCEEDED":
+            self.counters["failed"] += 1
+        if not q.future.done():
+            q.future.set_exception(exc)
+        self.obs.query_done(q, q.batch, q.batch.group_id if q.batch else 0)
+        return True
+
+    def answer_batch(self, batch, output, source, instance_id=""):
+        """Answers every not-yet-done query of ``batch`` from ``output`` rows."""
+        n = 0
+        for q in batch.queries:
+            if not q.done:
+                self._answer(q, output[q.row], source, batch, instance_id)
+                n += 1
+        return n
+
+    def _fail_batch(self, batch, exc):
+        status = "UNAVAILABLE"
+        for q in batch.queries:
+            self._fail_query(q, exc, status)
+        self._after_batch_event(batch)
+
+    # ------------------------------------------------------------ batching
+    def _on_batch_formed(self, queries):
+        n = len(queries)
+        rows = self.batch_size if self.mode == "coded" else n
+        if n == 1 and rows == 1:
+            inputs = queries[0].input.reshape((1,) + self.input_shape)
+        else:
+            inputs = np.zeros((rows,) + self.input_shape, dtype=self.input_dtype)
+            for i, q in enumerate(queries):
+                inputs[i] = q.input
+        for i, q in enumerate(queries):
+            q.row = i
+        batch = Batch(0, "data", queries, inputs, self.clock.now())
+        for q in queries:
+            q.batch = batch
+        self.counters["batches"] += 1
+        if n < self.batch_size:
+            self.counters["partial_batches"] += 1
+        self.policy.on_batch(batch)
+
+    def new_batch_id(self):
+        return next(self._batch_ids)
+
+    # ------------------------------------------------------------ dispatch
+    def _enqueue(self, batch, front=False):
+        """Queues ``batch`` for its role and starts calls on free instances."""
+        if batch.queue is not None or self._closed:
+            return
+        role = batch.role
+        if not self.by_role[role]:
+            if role == "data":
+                self._fail_batch(batch, NoInstance("no data instance is available"))
+            return
+        if self.queue.push(batch, front, self.by_role[role]):
+            self._pump(role)
+
+    def remove_from_queue(self, batch):
+        """Removes exactly ``batch`` from its queue (if queued)."""
+        if self.queue.remove(batch):
+            self.counters["removed_from_queue"] += 1
+            return True
+        return False
+
+    def _pump(self, role):
+        insts = self.by_role[role]
+        n = len(insts)
+        if not n:
+            return
+        start = self._rotation[role] % n
+        now = self.clock.now()
+        for j in range(n):
+            inst = insts[(start + j) % n]
+            while inst.in_flight < self.max_in_flight and now >= inst.down_until_s:
+                batch = self.queue.take(inst)
+                if batch is None:
+                    break
+                self._rotation[role] = (start + j + 1) % n
+                self._start_call(inst, batch)
+
+    def _start_call(self, inst, batch):
+        now = self.clock.now()
+        timeout = self.instance_timeout_s
+        if batch.queries:
+            latest = max(q.deadline_s for q in batch.queries)
+            timeout = max(0.001, min(timeout, latest - now))
+        call = Call(batch, inst, now)
+        inst.in_flight += 1
+        inst.calls.add(call)
+        batch.calls += 1
+        batch.attempts += 1
+        batch.exclude.add(inst.instance_id)
+        self.counters["calls"] += 1
+        if batch.dispatched_s is None:
+            batch.dispatched_s = now
+            self.obs.dispatched(batch, now - batch.created_s)
+        call.timer = self.clock.call_later(timeout, self._call_timed_out, call)
+        call.task = self._spawn(self._run_call(call, timeout))
+        self.policy.on_dispatched(batch, inst)
+
+    def _spawn(self, coro):
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _run_call(self, call, timeout_s):
+        inst = call.instance
+        try:
+            output = await inst.client.infer(call.batch, timeout_s + 0.5)
+            check_rows(output, call.batch.inputs.shape[0], self.output_shapes[call.batch.role],
+                       f"instance {inst.instance_id}")
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any failure of a call is an erasure
+            self._end_call_failed(call, exc, timeout=False)
+            return
+        self._end_call_ok(call, output)
+
+    def _release_call(self, call):
+        call.finished = True
+        if call.timer is not None:
+            call.timer.cancel()
+        inst = call.instance
+        inst.in_flight -= 1
+        inst.calls.discard(call)
+        call.batch.calls -= 1
+
+    def _call_timed_out(self, call):
+        call.timer = None
+        if call.finished:
+            return
+        if call.task is not None:
+            call.task.cancel()
+        self._end_call_failed(call, DeadlineExceeded("instance call timed out"), timeout=True)
+
+    def _end_call_ok(self, call, output):
+        if call.finished:
+            return
+        self._release_call(call)
+        inst = call.instance
+        inst.completed += 1
+        inst.mark_ok()
+        now = self.clock.now()
+        if call.batch.role == "data":
+            self.latencies.add(now - call.started_s)
+        self.policy.on_result(call.batch, output, inst)
+        self._after_batch_event(call.batch)
+        if not inst.removed:
+            self._pump(inst.role)
+
+    def _end_call_failed(self, call, exc, *, timeout):
+        if call.finished:
+            return
+        self._release_call(call)
+        inst = call.instance
+        inst.errors += 1
+        self.counters["call_errors"] += 1
+        if timeout:
+            inst.timeouts += 1
+            self.counters["call_timeouts"] += 1
+        log.debug("call of batch %d on %s failed: %r", call.batch.batch_id, inst.instance_id, exc)
+        if not inst.removed:
+            backoff = inst.mark_failed()
+            self.clock.call_later(backoff, self._pump, inst.role)
+        self.policy.on_failure(call.batch, inst, exc)
+        self._after_batch_event(call.batch)
+        if not inst.removed:
+            self._pump(inst.role)
+
+    def retry(self, batch, exc):
+        """Re-dispatches ``batch`` (front of queue) if attempts remain, else fails it.
+
+        Caller guarantees the batch is still needed and neither queued nor in flight.
+        """
+        if batch.attempts >= self.max_attempts:
+            if batch.role == "data" or batch.role == "backup":
+                if batch.twin is not None and (batch.twin.calls or batch.twin.queue is not None):
+                    return  # the twin may still answer
+                self._fail_batch(batch, InstanceFailed(
+                    f"batch {batch.batch_id} failed on {batch.attempts} instance calls: {exc}"))
+            return
+        others = [i for i in self.by_role[batch.role] if i.instance_id not in batch.exclude]
+        if not others:
+            batch.exclude.clear()       # every instance tried: allow them again
+        self.counters["redispatches"] += 1
+        self._enqueue(batch, front=True)
+
+    def _release_if_unneeded(self, batch):
+        """A queued batch whose queries are all done is removed (it cannot help)."""
+        if batch.queue is not None and not self.policy.needed(batch):
+            self.remove_from_queue(batch)
+        self._after_batch_event(batch)
+
+    def _after_batch_event(self, batch):
+        g = batch.group
+        if g is not None and not g.finished:
+            self.maybe_finish_group(g)
+
+    def late_original(self, batch, substitute, substituted_s):
+        """Records an original that arrived after its queries were answered otherwise."""
+        self.counters["late_originals"] += 1
+        rows = len(batch.queries)
+        out = np.asarray(batch.output[:rows], dtype=np.float64).reshape(rows, -1)
+        sub = np.asarray(substitute[:rows], dtype=np.float64).reshape(rows, -1)
+        max_abs_error = float(np.max(np.abs(out - sub))) if out.size else 0.0
+        agree = float(np.mean(out.argmax(axis=1) == sub.argmax(axis=1))) if out.size else 1.0
+        delay_ms = (self.clock.now() - (substituted_s or self.clock.now())) * 1e3
+        if batch.group is not None:
+            batch.group.late = {"batch_id": batch.batch_id, "delay_ms": delay_ms,
+                                "max_abs_error": max_abs_error, "argmax_agreement": agree}
+        self.obs.late_original(batch, delay_ms, max_abs_error, agree)
+
+    # ------------------------------------------------------------ groups
+    def maybe_finish_group(self, g):
+        if not g.sealed or g.encoding or g.decoding:
+            return
+        batches = list(g.members)
+        if g.parity is not None:
+            batches.append(g.parity)
+        for b in batches:
+            if b.calls or b.queue is not None:
+                return
+            for q in b.queries:
+                if not q.done:
+                    return
+        self._finish_group(g, "complete")
+
+    def _finish_group(self, g, reason):
+        if g.finished:
+            return
+        g.finished = True
+        if g.timer is not None:
+            g.timer.cancel()
+        self.groups.pop(g.group_id, None)
+        if reason == "complete":
+            self.counters["groups_finished"] += 1
+        else:
+            self.counters["groups_abandoned"] += 1
+            for b in g.members + ([g.parity] if g.parity is not None else []):
+                self.remove_from_queue(b)
+        self.obs.group_done(g, reason)
+
+    def _gc(self):
+        self._gc_handle = None
+        if self._closed:
+            return
+        now = self.clock.now()
+        for g in list(self.groups.values()):
+            if now - g.formed_s > self.gc_horizon_s:
+                self._finish_group(g, "abandoned")
+        self._gc_handle = self.clock.call_later(self._gc_interval_s, self._gc)
+
+    # ------------------------------------------------------------ status
+    def hedge_delay(self):
+        if self.hedge_delay_s is not None:
+            return self.hedge_delay_s
+        p95 = self.latencies.p95()
+        return self.hedge_initial_delay_s if p95 is None else p95
+
+    def queue_depths(self):
+        return self.queue.depths()
+
+    def in_flight(self):
+        return sum(i.in_flight for i in self.instances.values())

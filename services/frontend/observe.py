@@ -1,0 +1,216 @@
+"""Observability: Prometheus metrics and the per-query / per-group records.
+
+``Metrics`` owns a private ``CollectorRegistry`` (no module globals). Latency
+histograms are observed on the hot path; gauges and counters are read from
+the engine at scrape time by a custom collector, so they cost nothing per
+query. ``Records`` appends JSON lines to ``queries.jsonl`` and
+``groups.jsonl`` in the records directory (format in docs/frontend.md);
+lines are buffered and flushed every ``flush_s`` and at close.
+
+Names keep the original's where they fit: ``E2E_LATENCY`` ->
+``parm_frontend_e2e_latency_seconds``, ``QUEUE_LATENCY`` ->
+``parm_frontend_queue_latency_seconds``, ``ENCODING_LATENCY`` /
+``DECODING_LATENCY`` -> ``parm_frontend_encoding_latency_seconds`` /
+``parm_frontend_decoding_latency_seconds``; in the records the same names
+appear as ``e2e_latency_ms``, ``queue_latency_ms``, ``encoding_latency_us``
+and ``decoding_latency_us``.
+"""
+
+import json
+import logging
+import os
+import pathlib
+import time
+
+from prometheus_client import CollectorRegistry, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from services.frontend.engine import SOURCE_NAMES, NullObserver
+
+log = logging.getLogger(__name__)
+
+_LAT_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
+_CODE_BUCKETS = (1e-6, 5e-6, 1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 5e-3, 1e-2, 0.1)
+
+
+class _EngineCollector:
+    def __init__(self, engine):
+        self.engine = engine
+
+    def collect(self):
+        e = self.engine
+        depth = GaugeMetricFamily("parm_frontend_queue_depth", "batches queued, by role", labels=["role"])
+        depths = e.queue_depths()
+        for role in ("data", "parity", "backup"):
+            depth.add_metric([role], depths.get(role, 0))
+        yield depth
+        flight = GaugeMetricFamily("parm_frontend_batches_in_flight", "instance calls in flight, by role",
+                                   labels=["role"])
+        for role, insts in e.by_role.items():
+            flight.add_metric([role], sum(i.in_flight for i in insts))
+        yield flight
+        yield GaugeMetricFamily("parm_frontend_queries_in_system", "admitted, not yet done", value=e.in_system)
+        inst = GaugeMetricFamily("parm_frontend_instances", "known instances, by role", labels=["role"])
+        for role, insts in e.by_role.items():
+            inst.add_metric([role], len(insts))
+        yield inst
+        c = CounterMetricFamily("parm_frontend_events", "engine event counters", labels=["event"])
+        for name, value in e.counters.items():
+            c.add_metric([name], value)
+        yield c
+        for name, metric in (("encodes", "encodes"), ("decodes", "decodes"),
+                             ("reconstructions", "reconstructions"), ("redispatches", "redispatches"),
+                             ("rejections", None)):
+            value = (e.counters["rejected_invalid"] + e.counters["rejected_overloaded"]
+                     + e.counters["rejected_unavailable"]) if metric is None else e.counters[metric]
+            yield CounterMetricFamily(f"parm_frontend_{name}", f"{name} so far", value=value)
+
+
+class Metrics(NullObserver):
+    """Prometheus metrics of one frontend."""
+
+    def __init__(self, engine=None):
+        self.registry = CollectorRegistry()
+        self.e2e = Histogram("parm_frontend_e2e_latency_seconds", "E2E_LATENCY: admission to answer",
+                             ["source"], buckets=_LAT_BUCKETS, registry=self.registry)
+        self._e2e_by_source = {code: self.e2e.labels(name) for code, name in SOURCE_NAMES.items()}
+        self.queue = Histogram("parm_frontend_queue_latency_seconds",
+                               "QUEUE_LATENCY: batch formed to first dispatch", ["role"],
+                               buckets=_LAT_BUCKETS, registry=self.registry)
+        self._queue_by_role = {r: self.queue.labels(r) for r in ("data", "parity", "backup")}
+        self.encoding = Histogram("parm_frontend_encoding_latency_seconds",
+                                  "ENCODING_LATENCY: gather + kernel + serialisation",
+                                  buckets=_CODE_BUCKETS, registry=self.registry)
+        self.decoding = Histogram("parm_frontend_decoding_latency_seconds",
+                                  "DECODING_LATENCY: gather + kernel", buckets=_CODE_BUCKETS,
+                                  registry=self.registry)
+        self._server = None
+        if engine is not None:
+            self.attach(engine)
+
+    def attach(self, engine):
+        self.registry.register(_EngineCollector(engine))
+
+    def serve(self, port, host="0.0.0.0"):
+        """Starts the HTTP endpoint; returns the bound port."""
+        self._server, self._thread = start_http_server(port, addr=host, registry=self.registry)
+        return self._server.server_port
+
+    def close(self):
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+    def query_done(self, q, batch, group_id):
+        if q.source:
+            self._e2e_by_source[q.source].observe(q.answered_s - q.received_s)
+
+    def dispatched(self, batch, queue_s):
+        self._queue_by_role[batch.role].observe(queue_s)
+
+    def encoded(self, seconds):
+        self.encoding.observe(seconds)
+
+    def decoded(self, seconds):
+        self.decoding.observe(seconds)
+
+
+class Records(NullObserver):
+    """JSON-lines records: one line per query, per group, per late original."""
+
+    def __init__(self, directory, clock, flush_s=1.0):
+        self.dir = pathlib.Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.clock = clock
+        self._queries = open(self.dir / "queries.jsonl", "a", buffering=1 << 16)
+        self._groups = open(self.dir / "groups.jsonl", "a", buffering=1 << 16)
+        # wall = mono + offset: records carry Unix times so they line up with the load generator's.
+        self._offset = time.time() - clock.now()
+        self._dumps = json.JSONEncoder(separators=(",", ":")).encode
+
+    def query_done(self, q, batch, group_id):
+        off = self._offset
+        b = batch
+        rec = {
+            "type": "query", "request_id": q.request_id, "query_id": q.qid,
+            "batch_id": b.batch_id if b is not None else None,
+            "group_id": group_id if b is not None else None,
+            "row": q.row, "status": q.status,
+            "source": SOURCE_NAMES.get(q.source, "NONE"),
+            "received_s": q.received_s + off, "answered_s": q.answered_s + off,
+            "e2e_latency_ms": (q.answered_s - q.received_s) * 1e3,
+            "queue_latency_ms": ((b.dispatched_s - b.created_s) * 1e3
+                                 if b is not None and b.dispatched_s is not None else None),
+            "batch_wait_ms": (b.created_s - q.received_s) * 1e3 if b is not None else None,
+            "instance_id": q.instance_id, "attempts": b.attempts if b is not None else 0,
+        }
+        self._queries.write(self._dumps(rec) + "\n")
+
+    def group_done(self, g, reason):
+        off = self._offset
+        rec = {
+            "type": "group", "group_id": g.group_id, "k": g.k, "reason": reason,
+            "formed_s": g.formed_s + off, "full": len(g.members) == g.k, "coded": g.coded,
+            "data_batch_ids": [m.batch_id for m in g.members],
+            "parity_batch_id": g.parity.batch_id if g.parity is not None else None,
+            "encoding_latency_us": g.encode_us, "decoding_latency_us": g.decode_us,
+            "missing_index": g.missing,
+            "missing_batch_id": g.members[g.missing].batch_id if g.missing is not None else None,
+            "parity_answered": g.parity_output is not None,
+            "originals_answered": g.n_outputs,
+            "late_original": g.late,
+        }
+        self._groups.write(self._dumps(rec) + "\n")
+
+    def late_original(self, batch, delay_ms, max_abs_error, agree):
+        rec = {
+            "type": "late_original", "batch_id": batch.batch_id, "group_id": batch.group_id,
+            "role_answered": "RECONSTRUCTED" if batch.group is not None else "BACKUP",
+            "request_ids": [q.request_id for q in batch.queries],
+            "delay_ms": delay_ms, "max_abs_error": max_abs_error, "argmax_agreement": agree,
+        }
+        self._queries.write(self._dumps(rec) + "\n")
+
+    def flush(self):
+        for f in (self._queries, self._groups):
+            if not f.closed:
+                f.flush()
+
+    def close(self):
+        self.flush()
+        for f in (self._queries, self._groups):
+            if not f.closed:
+                os.fsync(f.fileno())
+                f.close()
+
+
+class Fanout(NullObserver):
+    """Sends every event to several observers."""
+
+    def __init__(self, *observers):
+        self.observers = [o for o in observers if o is not None]
+
+    def query_done(self, q, batch, group_id):
+        for o in self.observers:
+            o.query_done(q, batch, group_id)
+
+    def group_done(self, g, reason):
+        for o in self.observers:
+            o.group_done(g, reason)
+
+    def late_original(self, batch, delay_ms, max_abs_error, agree):
+        for o in self.observers:
+            o.late_original(batch, delay_ms, max_abs_error, agree)
+
+    def encoded(self, seconds):
+        for o in self.observers:
+            o.encoded(seconds)
+
+    def decoded(self, seconds):
+        for o in self.observers:
+            o.decoded(seconds)
+
+    def dispatched(self, batch, queue_s):
+        for o in self.observers:
+            o.dispatched(batch, queue_s)
