@@ -70,7 +70,7 @@ class _Servicer(frontend_pb2_grpc.FrontendServicer):
 
     async def Predict(self, request, context):
         x = from_proto(request.input)
-        label = int(round(float(x[0]) * 10))
+        label = int(round(float(x.flat[0]) * 10))
         behaviour = self._fake.behaviour[label]
         self._fake.seen[request.request_id] = label
         self._fake.in_flight += 1
