@@ -163,3 +163,33 @@ def test_clients_split_the_rate_and_merge_records(fake_frontend, inputs_npz, tmp
     assert all(r["request_id"].startswith(f"multi-{r['client_index']}-") for r in rows)
     assert summary["meta"]["clients"] == 2 and len(summary["meta"]["generators"]) == 2
     assert summary["num_sent"] == 101
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_interrupt_stops_every_generator_process(fake_frontend, inputs_npz, sig):
+    import signal
+    import time
+
+    import psutil
+
+    proc = subprocess.Popen([sys.executable, "-m", "loadgen", "--target", fake_frontend.address,
+                             "--rate", "50", "--duration-s", "600", "--clients", "2", "--inputs",
+                             str(inputs_npz), "--no-progress"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while len(fake_frontend.seen) < 10 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert len(fake_frontend.seen) >= 10
+        children = psutil.Process(proc.pid).children(recursive=True)
+        assert len(children) == 2
+        proc.send_signal(getattr(signal, sig))
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    _, alive = psutil.wait_procs(children, timeout=10)
+    assert alive == []
