@@ -192,10 +192,11 @@ class RedisRegistry(Registry):
     async def deregister(self, instance_id):
         await self._call(self._redis.delete(self._key(instance_id)))
 
+    async def _scan(self):
+        return [key async for key in self._redis.scan_iter(match=self._key("*"), count=500)]
+
     async def list(self, role=None):
-        keys = []
-        async for key in self._redis.scan_iter(match=self._key("*"), count=500):
-            keys.append(key)
+        keys = await self._call(self._scan())
         if not keys:
             return []
         values = await self._call(self._redis.mget(keys))

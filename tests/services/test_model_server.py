@@ -215,10 +215,10 @@ def test_hang_accepts_and_never_answers_until_cleared(clean_perturbation):
 
 def test_duration_auto_clears(clean_perturbation):
     address = clean_perturbation.address
-    set_perturbation(address, fail_probability=1.0, duration_s=0.5)
+    set_perturbation(address, fail_probability=1.0, duration_s=1.5)
     request = pb.InferRequest(input=tensors.to_proto(batch_of(1)))
     assert infer_error(address, request)[0] == grpc.StatusCode.UNAVAILABLE
-    time.sleep(0.7)
+    time.sleep(1.8)
     assert infer_error(address, request) is None
     assert get_info(address).perturbation.fail_probability == 0
 
