@@ -460,6 +460,15 @@ class Engine:
         self.batcher.add(q)
         return q
 
+    def submit_tensor(self, tensor, request_id="", timeout_s=None):
+        """``submit`` for a ``parm.v1.Tensor`` (parsed here, counted when invalid)."""
+        try:
+            array = tensors.from_proto(tensor, "input")
+        except InvalidInput:
+            self.counters["rejected_invalid"] += 1
+            raise
+        return self.submit(array, request_id, timeout_s)
+
     def abandon(self, query):
         """The client went away (cancelled): the query is done without an answer."""
         if self._finish_query(query, "CANCELLED"):

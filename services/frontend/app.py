@@ -1,0 +1,176 @@
+"""Composition root: ``build_server(cfg)`` wires the engine, servicers, sources,
+coder, metrics and records; ``serve(cfg)`` runs it until SIGTERM.
+
+Build vs run: ``build_server`` binds the port (port 0 picks one; ``app.port``
+is the real one) but starts nothing; ``await app.start()`` connects the
+instance source, starts the server and marks health SERVING; ``await
+app.stop()`` marks NOT_SERVING, stops the server with a grace period, then
+closes the engine (pending queries fail), the source, the coder, the
+records and the metrics endpoint, in that order.
+"""
+
+import asyncio
+import concurrent.futures
+import logging
+import pathlib
+import sys
+
+from parm.inference import grpc_service_pb2, grpc_service_pb2_grpc
+from parm.v1 import frontend_pb2, frontend_pb2_grpc
+from services.common import manifest as manifest_mod
+from services.common import tensors
+from services.common.procs import write_ready_file
+from services.common.server import create_server, run_until_signal, setup_logging
+from services.frontend import config as config_mod
+from services.frontend.clock import LoopClock
+from services.frontend.coding import LocalCoder, RemoteCoder
+from services.frontend.engine import Engine
+from services.frontend.instances import GrpcInstanceClient
+from services.frontend.kserve import InferenceServicer
+from services.frontend.observe import Fanout, Metrics, Records
+from services.frontend.queues import make_queue_policy
+from services.frontend.redundancy import make_redundancy_policy
+from services.frontend.servicer import FrontendServicer
+from services.frontend.sources import RegistrySource, StaticSource
+
+log = logging.getLogger(__name__)
+
+FRONTEND_SERVICE = frontend_pb2.DESCRIPTOR.services_by_name["Frontend"].full_name
+INFERENCE_SERVICE = grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+
+
+class FrontendApp:
+    """A built frontend: ``server``, ``port``, ``engine``; ``start``/``stop``."""
+
+    def __init__(self, cfg, *, clock=None, client_factory=None, source=None):
+        self.cfg = cfg
+        self.base = manifest_mod.load(cfg.model)
+        self.parity = manifest_mod.load(cfg.parity_model) if cfg.parity_model else None
+        self.backup = manifest_mod.load(cfg.backup_model) if cfg.backup_model else None
+        self.clock = clock or LoopClock()
+        self.executor = concurrent.futures.ThreadPoolExecutor(cfg.coding_threads, thread_name_prefix="coding")
+        self.coder = None
+        if cfg.mode == "coded":
+            self.coder = (RemoteCoder(cfg.coder, cfg.encoder, timeout_s=cfg.coder_timeout_ms / 1e3) if cfg.coder
+                          else LocalCoder(cfg.encoder, executor=self.executor,
+                                          inline_max_bytes=cfg.inline_coding_max_bytes))
+        self.metrics = Metrics()
+        self.records = Records(cfg.records_dir, self.clock) if cfg.records_dir else None
+        self.engine = Engine(
+            base=self.base, mode=cfg.mode, queue=make_queue_policy(cfg.queue_mode), clock=self.clock,
+            client_factory=client_factory or GrpcInstanceClient, coder=self.coder, k=cfg.k,
+            batch_size=cfg.batch_size, batch_timeout_s=cfg.batch_timeout_ms / 1e3,
+            group_timeout_s=cfg.group_timeout_ms / 1e3, instance_timeout_s=cfg.instance_timeout_ms / 1e3,
+            query_timeout_s=cfg.query_timeout_ms / 1e3, max_in_system=cfg.max_in_system,
+            max_in_flight=cfg.max_in_flight, max_attempts=cfg.max_attempts,
+            hedge_delay_s=None if cfg.hedge_delay_ms is None else cfg.hedge_delay_ms / 1e3,
+            hedge_initial_delay_s=cfg.hedge_initial_delay_ms / 1e3,
+            parity_output_shape=self.parity.output_shape if self.parity else None,
+            backup_output_shape=self.backup.output_shape if self.backup else None,
+            observer=Fanout(self.metrics, self.records))
+        self.metrics.attach(self.engine)
+        roles = make_redundancy_policy(cfg.mode, self.engine).roles
+        if source is not None:
+            self.source = source
+        elif cfg.registry_url:
+            from services.common.registry import RedisRegistry
+
+            self.source = RegistrySource(RedisRegistry(cfg.registry_url, cfg.deployment), roles,
+                                         poll_s=cfg.registry_poll_ms / 1e3)
+        else:
+            self.source = StaticSource(cfg.instances, roles)
+        self.built = create_server(f"{cfg.host}:{cfg.port}", [
+            (frontend_pb2_grpc.add_FrontendServicer_to_server,
+             FrontendServicer(self.engine, self.status), FRONTEND_SERVICE),
+            (grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server,
+             InferenceServicer(self.engine, self.base), INFERENCE_SERVICE),
+        ])
+        self.server = self.built.server
+        self.port = self.built.port
+        self.metrics_port = None
+        self._flush_handle = None
+        self._stopped = False
+
+    def status(self):
+        """The ``GetStatusResponse`` (deployment, instances, counters)."""
+        e = self.engine
+        cfg = self.cfg
+        reply = frontend_pb2.GetStatusResponse(
+            redundancy_mode=cfg.mode, queue_mode=cfg.queue_mode, k=cfg.k, batch_size=cfg.batch_size,
+            model=self.base.name, manifest_path=str(self._manifest_path()),
+            encoder=cfg.encoder if cfg.mode == "coded" else "", input_shape=list(self.base.input_shape),
+            input_dtype=tensors.dtype_code(self.base.input_dtype), dataset=self.base.dataset,
+            manifest_json=self.base.to_json())
+        for inst in e.instances.values():
+            reply.instances.add(instance_id=inst.instance_id, address=inst.address, role=inst.role,
+                                healthy=inst.usable, in_flight=inst.in_flight, completed=inst.completed,
+                                errors=inst.errors, model=inst.model)
+        for name, value in e.counters.items():
+            reply.counters[name] = value
+        reply.counters["in_system"] = e.in_system
+        for role, depth in e.queue_depths().items():
+            reply.counters[f"queue_depth_{role}"] = depth
+        return reply
+
+    def _manifest_path(self):
+        path = pathlib.Path(self.cfg.model)
+        return (path.with_suffix(".json") if path.suffix == ".onnx" else path).resolve()
+
+    async def start(self):
+        self.engine.start()
+        await self.source.start(self.engine)
+        await self.server.start()
+        if self.cfg.metrics_port is not None:
+            self.metrics_port = self.metrics.serve(self.cfg.metrics_port)
+        if self.records is not None:
+            self._schedule_flush()
+        await self.built.set_serving(True)
+        write_ready_file(self.cfg.ready_file, self.port, metrics_port=self.metrics_port)
+        log.info("frontend serving on port %d (mode %s, queue %s, k %d, batch %d)", self.port,
+                 self.cfg.mode, self.cfg.queue_mode, self.cfg.k, self.cfg.batch_size)
+
+    def _schedule_flush(self):
+        self.records.flush()
+        self._flush_handle = asyncio.get_running_loop().call_later(1.0, self._schedule_flush)
+
+    async def stop(self, grace_s=None):
+        if not self._stopped:
+            await self.built.set_serving(False)
+            await self.server.stop(self.cfg.grace_s if grace_s is None else grace_s)
+        await self.close()
+
+    async def close(self):
+        if self._stopped:
+            return
+        self._stopped = True
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+        await self.engine.close()
+        await self.source.close()
+        if self.coder is not None:
+            await self.coder.close()
+        self.executor.shutdown(wait=False)
+        if self.records is not None:
+            self.records.close()
+        self.metrics.close()
+
+
+def build_server(cfg, **kwargs):
+    """Builds (does not start) a frontend; returns ``FrontendApp`` (``.server``, ``.port``)."""
+    return FrontendApp(cfg, **kwargs)
+
+
+async def serve(cfg):
+    app = build_server(cfg)
+    await app.start()
+    await run_until_signal(app.built, grace_s=cfg.grace_s, on_shutdown=app.close)
+
+
+def main(argv=None):
+    cfg = config_mod.parse_or_exit(argv)
+    setup_logging(cfg.log_level)
+    try:
+        asyncio.run(serve(cfg))
+    except (OSError, manifest_mod.ManifestError) as exc:
+        print(f"services.frontend: error: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None

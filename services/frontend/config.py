@@ -1,0 +1,154 @@
+"""Configuration of ``python -m services.frontend``: flags -> frozen ``Config``."""
+
+import argparse
+import sys
+from dataclasses import dataclass
+
+from services.common import manifest as manifest_mod
+from services.frontend.engine import MODES
+from services.frontend.instances import parse_static_instances
+
+
+class ConfigError(ValueError):
+    """A bad command line (reported as one line on stderr, exit 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise ConfigError(message)
+
+
+@dataclass(frozen=True)
+class Config:
+    mode: str
+    queue_mode: str
+    k: int
+    batch_size: int
+    batch_timeout_ms: float
+    group_timeout_ms: float
+    instance_timeout_ms: float
+    query_timeout_ms: float
+    model: str
+    parity_model: str | None
+    backup_model: str | None
+    encoder: str
+    instances: tuple
+    registry_url: str | None
+    deployment: str
+    registry_poll_ms: float
+    coder: str | None
+    coder_timeout_ms: float
+    inline_coding_max_bytes: int
+    coding_threads: int
+    max_in_system: int
+    max_in_flight: int
+    max_attempts: int
+    hedge_delay_ms: float | None
+    hedge_initial_delay_ms: float
+    host: str
+    port: int
+    ready_file: str | None
+    metrics_port: int | None
+    records_dir: str | None
+    grace_s: float
+    log_level: str
+
+
+def build_parser():
+    p = _Parser(prog="python -m services.frontend",
+                description="ParM frontend: parm.v1.Frontend and inference.GRPCInferenceService.",
+                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--mode", choices=MODES, default="none", help="redundancy mode")
+    p.add_argument("--queue-mode", choices=("single_queue", "rr"), default="single_queue",
+                   help="shared queues pulled by idle instances, or one queue per instance (round robin)")
+    p.add_argument("--k", type=int, default=None, help="coding group size (default: the parity manifest's k, else 2)")
+    p.add_argument("--batch-size", type=int, default=1, help="queries per batch")
+    p.add_argument("--batch-timeout-ms", type=float, default=5.0, help="max wait to fill a batch, ms")
+    p.add_argument("--group-timeout-ms", type=float, default=1000.0,
+                   help="max wait to fill a coding group; a partial group gets no parity, ms")
+    p.add_argument("--instance-timeout-ms", type=float, default=2000.0, help="timeout of every instance call, ms")
+    p.add_argument("--query-timeout-ms", type=float, default=30000.0,
+                   help="deadline of a query whose client sent none, ms")
+    p.add_argument("--model", required=True, help="base model manifest (.json, or the .onnx beside it)")
+    p.add_argument("--parity-model", default=None, help="parity model manifest (coded mode)")
+    p.add_argument("--backup-model", default=None, help="backup model manifest (cheap mode)")
+    p.add_argument("--encoder", choices=("sum", "concat"), default=None,
+                   help="encoder (default: the parity manifest's, else sum)")
+    p.add_argument("--instances", default="", help="static instances: role=host:port,... (role data|parity|backup)")
+    p.add_argument("--registry-url", default=None, help="redis:// URL of the instance registry")
+    p.add_argument("--deployment", default="default", help="registry namespace")
+    p.add_argument("--registry-poll-ms", type=float, default=500.0, help="registry watch period, ms")
+    p.add_argument("--coder", default=None, help="host:port of a parm.v1.Coder service (default: in-process coding_ext)")
+    p.add_argument("--coder-timeout-ms", type=float, default=1000.0, help="timeout of coder service calls, ms")
+    p.add_argument("--inline-coding-max-bytes", type=int, default=1 << 20,
+                   help="encode/decode on the event loop up to this many bytes, else in the executor")
+    p.add_argument("--coding-threads", type=int, default=1, help="executor threads for large encodes/decodes")
+    p.add_argument("--max-in-system", type=int, default=10000,
+                   help="admitted, unanswered queries beyond which Predict answers RESOURCE_EXHAUSTED")
+    p.add_argument("--max-in-flight", type=int, default=1, help="concurrent calls per instance")
+    p.add_argument("--max-attempts", type=int, default=3, help="instance calls per batch before its queries fail")
+    p.add_argument("--hedge-delay-ms", type=float, default=None,
+                   help="hedged mode: delay before the second copy (default: recent p95 of instance latency)")
+    p.add_argument("--hedge-initial-delay-ms", type=float, default=50.0,
+                   help="hedged mode: delay used until enough latencies are known, ms")
+    p.add_argument("--host", default="0.0.0.0", help="address to bind")
+    p.add_argument("--port", type=int, default=0, help="gRPC port (0 = a free port)")
+    p.add_argument("--ready-file", default=None, help="write {port, pid, metrics_port} JSON here once serving")
+    p.add_argument("--metrics-port", type=int, default=None, help="Prometheus HTTP port (0 = a free port; default: off)")
+    p.add_argument("--records-dir", default=None, help="write queries.jsonl and groups.jsonl here")
+    p.add_argument("--grace-s", type=float, default=2.0, help="graceful shutdown period, s")
+    p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ...")
+    return p
+
+
+def parse_config(argv):
+    """Parses and checks flags; raises ConfigError with a one-line message."""
+    a = build_parser().parse_args(argv)
+    try:
+        base = manifest_mod.load(a.model)
+        parity = manifest_mod.load(a.parity_model) if a.parity_model else None
+        backup = manifest_mod.load(a.backup_model) if a.backup_model else None
+    except manifest_mod.ManifestError as exc:
+        raise ConfigError(str(exc)) from None
+    k = a.k if a.k is not None else (parity.k if parity else 2)
+    if k < 2:
+        raise ConfigError(f"--k must be >= 2, got {k}")
+    if parity is not None and parity.k != k:
+        raise ConfigError(f"--k {k} differs from the parity model's k {parity.k}")
+    encoder = a.encoder or (parity.encoder if parity else "sum")
+    if encoder == "concat" and k not in (2, 4):
+        raise ConfigError(f"the concat encoder needs k in (2, 4), got {k}")
+    for name in ("batch_size", "max_in_system", "max_in_flight", "max_attempts", "coding_threads"):
+        if getattr(a, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
+    for name in ("batch_timeout_ms", "group_timeout_ms", "instance_timeout_ms", "query_timeout_ms"):
+        if getattr(a, name) <= 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be > 0")
+    try:
+        instances = tuple(parse_static_instances(a.instances))
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if not instances and not a.registry_url:
+        raise ConfigError("give --instances role=host:port,... or --registry-url")
+    if instances and a.registry_url:
+        raise ConfigError("give either --instances or --registry-url, not both")
+    return Config(
+        mode=a.mode, queue_mode=a.queue_mode, k=k, batch_size=a.batch_size,
+        batch_timeout_ms=a.batch_timeout_ms, group_timeout_ms=a.group_timeout_ms,
+        instance_timeout_ms=a.instance_timeout_ms, query_timeout_ms=a.query_timeout_ms,
+        model=a.model, parity_model=a.parity_model, backup_model=a.backup_model, encoder=encoder,
+        instances=instances, registry_url=a.registry_url, deployment=a.deployment,
+        registry_poll_ms=a.registry_poll_ms, coder=a.coder, coder_timeout_ms=a.coder_timeout_ms,
+        inline_coding_max_bytes=a.inline_coding_max_bytes, coding_threads=a.coding_threads,
+        max_in_system=a.max_in_system, max_in_flight=a.max_in_flight, max_attempts=a.max_attempts,
+        hedge_delay_ms=a.hedge_delay_ms, hedge_initial_delay_ms=a.hedge_initial_delay_ms,
+        host=a.host, port=a.port, ready_file=a.ready_file, metrics_port=a.metrics_port,
+        records_dir=a.records_dir, grace_s=a.grace_s, log_level=a.log_level)
+
+
+def parse_or_exit(argv):
+    try:
+        return parse_config(argv)
+    except ConfigError as exc:
+        print(f"services.frontend: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
