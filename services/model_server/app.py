@@ -90,6 +90,8 @@ class ModelServerApp:
             await asyncio.sleep(self.cfg.startup_delay_s)
         runner = await self.instance.load(self._make_runner)
         self.info["provider"] = runner.provider
+        log.info("session loaded: %s with providers %s (in use: %s)", self.manifest.onnx_path,
+                 runner.providers, runner.provider)
         await self.built.set_serving(True)
         return runner
 

@@ -1,7 +1,6 @@
 """The model server as a real process: inference, validation, health, registry, perturbations."""
 
 import asyncio
-import os
 import signal
 import subprocess
 import sys
@@ -390,7 +389,7 @@ def test_cli_cuda_without_cuda_is_one_line(tiny_model):
         out.stderr.strip()] and "--provider cuda: CUDAExecutionProvider is not available" in out.stderr
 
 
-def test_onnx_path_is_accepted(tiny_model, tmp_path):
+def test_onnx_path_is_accepted(tiny_model):
     onnx_path = str(tiny_model).replace(".json", ".onnx")
     with start_server(onnx_path, "--role", "parity", "--k", "3") as proc:
         info = get_info(proc.address)
