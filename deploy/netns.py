@@ -370,16 +370,19 @@ class Testbed:
                 return QdiscStats(q["bytes"], q["packets"], q["drops"], q["overlimits"], q["backlog"])
         raise TestbedError(f"no tbf qdisc on {dev} in {ns}")
 
-    def describe(self):
-        """The network's parameters, for run reports (JSON-serializable)."""
+    def describe(self, stats=False):
+        """The network's parameters (and with ``stats`` each link's counters), JSON-serializable."""
         s = self.spec
-        return {
+        out = {
             "network": "netns", "hosts": s.num_hosts, "subnet": str(self.subnet),
             "rate_mbit": s.rate_mbit, "queue_ms": s.queue_ms, "queue_limit_bytes": s.limit_bytes,
             "burst_bytes": s.burst_bytes, "shaped": "both directions" if s.shape_ingress else "egress only",
             "qdisc": "tbf", "prefix": self.prefix,
             "addresses": [self.host_address(i) for i in range(s.num_hosts)] if self.subnet else [],
         }
+        if stats:
+            out["links"] = [asdict(link) for link in self.link_stats()]
+        return out
 
 
 def _kill_namespace_processes(namespaces, run, grace_s):

@@ -1,5 +1,6 @@
 """The testbed's topology, addressing, shaping and teardown (real namespaces)."""
 
+import errno
 import ipaddress
 import json
 import os
@@ -83,7 +84,11 @@ def test_up_builds_the_topology_and_down_removes_it(netns):
                 assert q["options"]["rate"] == 50 * 1_000_000 // 8  # bytes/s
         ctl = json.loads(sh("ip", "-4", "-j", "addr", "show", "dev", tb.control_link))
         assert ctl[0]["addr_info"][0]["local"] == tb.control_address == str(tb.subnet.network_address + 254)
-        assert tb.describe()["rate_mbit"] == 50 and tb.describe()["queue_limit_bytes"] == 50_000
+        described = tb.describe(stats=True)
+        assert (described["network"], described["rate_mbit"], described["queue_limit_bytes"]) == ("netns", 50, 50_000)
+        assert described["subnet"] == str(tb.subnet) and len(described["links"]) == 3
+        assert set(described["links"][0]["up"]) == {"bytes", "packets", "drops", "overlimits", "backlog_bytes"}
+        json.dumps(described)
         stats = tb.link_stats()
         assert [s.host for s in stats] == [0, 1, 2] and all(s.down is not None for s in stats)
     assert not (set(tb.namespaces) | {tb.bridge_namespace}) & namespaces()
@@ -138,8 +143,6 @@ def test_hosts_reach_each_other_and_the_root_but_nothing_else(netns):
     with Testbed(TestbedSpec(2)) as tb:
         def connect(host, addr):
             return sh(*tb.exec_argv(host, [sys.executable, "-c", code, addr])).strip()
-
-        import errno
 
         # Outside the subnet: no route at all (the root's own addresses included).
         assert connect(0, "198.51.100.7") == str(errno.ENETUNREACH)
