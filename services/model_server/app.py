@@ -75,7 +75,7 @@ class ModelServerApp:
 
     def _make_runner(self):
         return OnnxRunner(self.manifest, self.providers, intra_op_threads=self.cfg.intra_op_threads,
-                          max_batch=self.cfg.max_batch)
+                          max_batch=self.cfg.max_batch, strict=self.cfg.provider == "cuda")
 
     async def start(self):
         """Starts serving RPCs (health NOT_SERVING; Infer answers UNAVAILABLE until loaded)."""

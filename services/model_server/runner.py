@@ -10,6 +10,7 @@ import logging
 import numpy as np
 
 from services.common.errors import InvalidInput
+from services.model_server.providers import ProviderError
 
 log = logging.getLogger(__name__)
 
@@ -22,9 +23,12 @@ class OnnxRunner:
         providers: provider list (``providers.select_providers``).
         intra_op_threads: ONNX Runtime intra-op threads.
         max_batch: largest accepted batch (0 = no limit).
+        strict: raise ``ProviderError`` if the session does not use
+            ``providers[0]`` (ONNX Runtime silently falls back to CPU when,
+            e.g., the CUDA libraries cannot be loaded).
     """
 
-    def __init__(self, manifest, providers, *, intra_op_threads=1, max_batch=0):
+    def __init__(self, manifest, providers, *, intra_op_threads=1, max_batch=0, strict=False):
         import onnxruntime as ort
 
         self.manifest = manifest
@@ -38,6 +42,9 @@ class OnnxRunner:
         self.providers = self.session.get_providers()
         self.provider = self.providers[0]
         if providers and self.provider != providers[0]:
+            if strict:
+                raise ProviderError(f"requested {providers[0]}, but ONNX Runtime created the session "
+                                    f"with {self.provider} (are the CUDA libraries installed?)")
             log.warning("requested %s but the session uses %s", providers[0], self.provider)
         inputs = self.session.get_inputs()
         if len(inputs) != 1:

@@ -39,3 +39,18 @@ def test_unknown_choice():
 def test_short_name():
     assert short_name(CUDA) == "cuda"
     assert short_name(CPU) == "cpu"
+
+
+@pytest.mark.filterwarnings("ignore:Specified provider")
+@pytest.mark.skipif(CUDA in __import__("onnxruntime").get_available_providers(), reason="CUDA is available")
+def test_strict_runner_refuses_a_silent_fallback(tiny_model):
+    """ONNX Runtime falls back to CPU when CUDA cannot be used; --provider cuda must not."""
+    from services.common.manifest import load
+    from services.model_server.runner import OnnxRunner
+
+    manifest = load(tiny_model)
+    loose = OnnxRunner(manifest, [CUDA, CPU])
+    assert loose.provider == CPU  # this machine has no usable CUDA
+    with pytest.raises(ProviderError, match="requested CUDAExecutionProvider, but ONNX Runtime created"):
+        OnnxRunner(manifest, [CUDA, CPU], strict=True)
+    assert OnnxRunner(manifest, [CPU], strict=True).provider == CPU
