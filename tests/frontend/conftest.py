@@ -9,6 +9,14 @@ import inspect
 
 import pytest
 
+from tests.frontend.models import write_deployment
+
+
+@pytest.fixture
+def models(tmp_path):
+    """Manifest paths of the linear base, parity (k=2, sum) and backup models."""
+    return write_deployment(tmp_path)
+
 
 async def _run_checked(fn, kwargs):
     await fn(**kwargs)

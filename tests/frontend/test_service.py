@@ -21,14 +21,9 @@ from services.frontend.app import build_server
 from services.frontend.config import parse_config
 from services.frontend.sources import StaticSource
 from tests.frontend.fake_model_server import start_fake
-from tests.frontend.models import W, write_deployment
+from tests.frontend.models import W
 
 pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture
-def models(tmp_path):
-    return write_deployment(tmp_path)
 
 
 def lin(x):
