@@ -9,12 +9,21 @@ docs/coding_ext.md.
 """
 
 from coding_ext import reference
-from coding_ext._kernels import BUILD, concat_encode, subtract_decode, sum_encode
+from coding_ext._kernels import (
+    BUILD,
+    MAX_K,
+    NOGIL_MIN_BYTES,
+    concat_encode,
+    subtract_decode,
+    sum_encode,
+)
 from coding_ext.pool import BufferPool, PoolExhausted
 
 __all__ = [
     "BUILD",
     "BufferPool",
+    "MAX_K",
+    "NOGIL_MIN_BYTES",
     "PoolExhausted",
     "concat_encode",
     "reference",

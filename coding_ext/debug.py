@@ -6,12 +6,21 @@ both builds.
 """
 
 from coding_ext import reference
-from coding_ext._kernels_debug import BUILD, concat_encode, subtract_decode, sum_encode
+from coding_ext._kernels_debug import (
+    BUILD,
+    MAX_K,
+    NOGIL_MIN_BYTES,
+    concat_encode,
+    subtract_decode,
+    sum_encode,
+)
 from coding_ext.pool import BufferPool, PoolExhausted
 
 __all__ = [
     "BUILD",
     "BufferPool",
+    "MAX_K",
+    "NOGIL_MIN_BYTES",
     "PoolExhausted",
     "concat_encode",
     "reference",

@@ -401,3 +401,56 @@ def test_decode_out_in_place_and_aliasing_parity(ce):
 def test_decode_rejects_bad_input(ce, parity, available, out, match):
     with pytest.raises(ValueError, match=match):
         ce.subtract_decode(parity(), available(), out)
+
+
+# ------------------------------------------------------------------------- GIL
+
+
+def _main_thread_ran_during(fn, calls=400):
+    """True if the main thread ran while a worker made `calls` calls of fn.
+
+    With a 10 s switch interval the worker keeps the GIL until it blocks or
+    exits, unless the kernel gives it away: so the main thread sees the
+    worker unfinished exactly when the kernel released the GIL.
+    """
+    import sys
+
+    state = {"done": False}
+
+    def worker():
+        for _ in range(calls):
+            fn()
+        state["done"] = True
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(10.0)
+    try:
+        t = threading.Thread(target=worker)
+        t.start()
+        ran = not state["done"]
+        t.join()
+    finally:
+        sys.setswitchinterval(old)
+    return ran
+
+
+@pytest.mark.parametrize("op", ["sum", "decode", "concat"])
+def test_large_calls_release_the_gil(ce, op):
+    rng = np.random.default_rng(10)
+    xs = _batch(rng, 2, (4, 3, 128, 128), np.float32)
+    out = np.empty_like(xs[0])
+    call = {
+        "sum": lambda: ce.sum_encode(xs, out),
+        "decode": lambda: ce.subtract_decode(xs[0], xs[1:], out),
+        "concat": lambda: ce.concat_encode(xs, out),
+    }[op]
+    assert _main_thread_ran_during(call)
+
+
+def test_small_calls_keep_the_gil(ce):
+    """Below NOGIL_MIN_BYTES the kernel does not hand the GIL away."""
+    rng = np.random.default_rng(11)
+    xs = _batch(rng, 2, (1, 784), np.float32)
+    out = np.empty_like(xs[0])
+    assert (2 + 1) * xs[0].nbytes < ce.NOGIL_MIN_BYTES
+    assert not _main_thread_ran_during(lambda: ce.sum_encode(xs, out))
