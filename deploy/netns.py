@@ -63,11 +63,20 @@ from deploy.launcher import Launcher, Started
 from services.common.procs import ServiceProcess
 
 #: Defaults scaled from the paper's cluster (docs/netns.md has the numbers).
-DEFAULT_RATE_MBIT = 100.0
+DEFAULT_RATE_MBIT = 50.0
 DEFAULT_QUEUE_MS = 10.0
 DEFAULT_BURST_BYTES = 16 * 1024
-#: Background shuffle size range for this rate: 0.5-1 s per direction.
-DEFAULT_SHUFFLE_BYTES = (6_000_000, 12_000_000)
+#: How long one direction of a background shuffle lasts on an idle link.
+SHUFFLE_SECONDS = (0.5, 1.0)
+
+
+def shuffle_bytes_for(rate_mbit, seconds=SHUFFLE_SECONDS):
+    """The shuffle size range (bytes) that takes ``seconds`` per direction at ``rate_mbit``."""
+    return tuple(int(rate_mbit * 1e6 / 8 * s) for s in seconds)
+
+
+#: Background shuffle sizes at the default rate: 3.125-6.25 MB.
+DEFAULT_SHUFFLE_BYTES = shuffle_bytes_for(DEFAULT_RATE_MBIT)
 
 UNAVAILABLE_MESSAGE = (
     "the netns testbed needs root or CAP_NET_ADMIN and iproute2 (ip, tc){why}; "

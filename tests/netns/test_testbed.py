@@ -10,12 +10,14 @@ import sys
 import pytest
 
 from deploy.netns import (
+    DEFAULT_SHUFFLE_BYTES,
     Testbed,
     TestbedError,
     TestbedSpec,
     _run,
     _used_networks,
     pick_subnet,
+    shuffle_bytes_for,
 )
 
 
@@ -29,8 +31,11 @@ def namespaces():
 
 def test_spec_defaults_and_queue_limit():
     spec = TestbedSpec(4)
-    assert (spec.rate_mbit, spec.queue_ms, spec.burst_bytes) == (100.0, 10.0, 16384)
-    assert spec.limit_bytes == 125_000  # 10 ms at 100 Mbit/s
+    assert (spec.rate_mbit, spec.queue_ms, spec.burst_bytes) == (50.0, 10.0, 16384)
+    assert spec.limit_bytes == 62_500  # 10 ms at 50 Mbit/s
+    assert TestbedSpec(2, rate_mbit=100).limit_bytes == 125_000
+    assert DEFAULT_SHUFFLE_BYTES == (3_125_000, 6_250_000)  # 0.5-1 s per direction at 50 Mbit/s
+    assert shuffle_bytes_for(200, seconds=(1, 2)) == (25_000_000, 50_000_000)
     assert TestbedSpec(2, rate_mbit=1000, queue_ms=2).limit_bytes == 250_000
     # Never less than two bursts, or tbf could not hold a burst.
     assert TestbedSpec(2, rate_mbit=1, queue_ms=1).limit_bytes == 2 * 16384
