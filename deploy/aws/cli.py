@@ -96,7 +96,7 @@ def _bucket(clients):
 
 # -- launch ------------------------------------------------------------------------------------
 
-def dry_run(sweep, settings, clients, out=sys.stdout):
+def dry_run(sweep, settings, clients, out):
     """Prints the plan using read-only calls only (none without credentials)."""
     fleet_plan = plan_mod.plan_fleet(sweep, settings)
     notes = _type_notes(fleet_plan, settings)
@@ -158,7 +158,7 @@ def source_archive(out_dir):
     return path, note
 
 
-def launch(sweep, config_path, args, settings, clients, out=sys.stdout, confirm=None):
+def launch(sweep, config_path, args, settings, clients, out, confirm=None):
     """The real launch (see the module doc) -> exit code."""
     fleet_plan = plan_mod.plan_fleet(sweep, settings)
     exp = sweep.experiment_id
@@ -229,13 +229,13 @@ def launch(sweep, config_path, args, settings, clients, out=sys.stdout, confirm=
             "command": settings.runner_command,
         })
         step(f"requested sweep {request_id}; the frontend node runs it once its fleet is up")
-    step(f"next: `make aws-status`, `make aws-results CONFIG={config_path}`, `make aws-terminate CONFIG={config_path}`")
+    step(f"next: `make aws-status`, `make aws-results CONFIG={args.config}`, `make aws-terminate CONFIG={args.config}`")
     return 0
 
 
 # -- status / results / terminate ----------------------------------------------------------------
 
-def status(clients, experiment_id=None, out=sys.stdout):
+def status(clients, experiment_id, out):
     found = instances.list_instances(clients, experiment_id)
     if not found:
         print("no instances" + (f" of experiment {experiment_id}" if experiment_id else ""), file=out)
@@ -263,7 +263,7 @@ def status(clients, experiment_id=None, out=sys.stdout):
     return 0
 
 
-def results(clients, experiment_id, out_root, out=sys.stdout):
+def results(clients, experiment_id, out_root, out):
     bucket = _bucket(clients)
     request = storage.get_json(clients, bucket, storage.key(experiment_id, "control", "request.json"))
     if request is None:
@@ -286,7 +286,7 @@ def results(clients, experiment_id, out_root, out=sys.stdout):
     return 0
 
 
-def terminate(clients, experiment_id, stop, out=sys.stdout):
+def terminate(clients, experiment_id, stop, out):
     changed = instances.terminate(clients, experiment_id, stop=stop)
     if not changed:
         print(f"no instances of experiment {experiment_id} to {'stop' if stop else 'terminate'}", file=out)
@@ -297,7 +297,10 @@ def terminate(clients, experiment_id, stop, out=sys.stdout):
 
 # -- entry point ---------------------------------------------------------------------------------
 
-def main(argv=None, *, out=sys.stdout, err=sys.stderr):
+def main(argv=None, *, out=None, err=None, session=None):
+    """Entry point; ``session`` (a boto3 Session) lets tests observe or fail calls."""
+    out = out or sys.stdout
+    err = err or sys.stderr
     try:
         args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
         settings = settings_mod.from_args(args)
@@ -310,7 +313,7 @@ def main(argv=None, *, out=sys.stdout, err=sys.stderr):
         print(f"deploy.aws: {exc}", file=err)
         return 2
     try:
-        clients = Clients(settings)
+        clients = Clients(settings, session)
         if args.command == "launch":
             if args.dry_run:
                 return dry_run(sweep, settings, clients, out)
