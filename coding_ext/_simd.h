@@ -30,7 +30,8 @@
 #include <stdint.h>
 #include <string.h>
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__ELF__)
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__ELF__) \
+    && !defined(PARM_NO_DISPATCH)
 #define PARM_X86_DISPATCH 1
 #define PARM_MV __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #include <immintrin.h>
