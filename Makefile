@@ -39,16 +39,16 @@ bench: build
 	$(PY) -m coding_ext.bench --json results/bench/coding_ext.json
 
 deploy-aws: build
-	$(PY) -m deploy.aws launch $(CONFIG) $(if $(DRY_RUN),--dry-run,)
+	$(PY) -m deploy.aws launch $(CONFIG) $(if $(DRY_RUN),--dry-run,) $(AWS_ARGS)
 
 aws-status: build
-	$(PY) -m deploy.aws status
+	$(PY) -m deploy.aws status $(AWS_ARGS)
 
 aws-results: build
-	$(PY) -m deploy.aws results $(CONFIG)
+	$(PY) -m deploy.aws results $(CONFIG) $(AWS_ARGS)
 
 aws-terminate: build
-	$(PY) -m deploy.aws terminate $(CONFIG)
+	$(PY) -m deploy.aws terminate $(CONFIG) $(if $(STOP),--stop,) $(AWS_ARGS)
 
 chaos: build
 	$(PY) -m deploy.chaos
