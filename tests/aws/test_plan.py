@@ -93,3 +93,44 @@ def test_settings_flags_env_and_defaults():
         settings_from(["--ssh-cidr", "my-laptop"])
     with pytest.raises(settings_mod.SettingsError, match="spot-discount"):
         settings_from(["--spot-discount", "1.5"])
+
+
+def test_ssh_cidr_detection_and_modes():
+    from deploy.aws import network
+    from deploy.aws.session import AwsError
+
+    assert network.detect_ssh_cidr(lambda: "198.51.100.4\n") == "198.51.100.4/32"
+    with pytest.raises(AwsError, match="could not find your public address.*--ssh-cidr"):
+        network.detect_ssh_cidr(lambda: "<html>proxy error</html>")
+
+    def offline():
+        raise OSError("network unreachable")
+
+    with pytest.raises(AwsError, match="network unreachable"):
+        network.detect_ssh_cidr(offline)
+    assert network.resolve_ssh_cidr(AwsSettings(ssh_cidr="none")) is None
+    assert network.resolve_ssh_cidr(AwsSettings(ssh_cidr="192.0.2.0/24")) == "192.0.2.0/24"
+    assert network.resolve_ssh_cidr(AwsSettings(ssh_cidr="auto"), fetch=lambda: "192.0.2.9") == "192.0.2.9/32"
+
+
+def test_source_archive_is_the_committed_tree(tmp_path):
+    import tarfile
+
+    from deploy.aws.cli import source_archive
+
+    path, _ = source_archive(tmp_path)
+    with tarfile.open(path) as tar:
+        names = set(tar.getnames())
+    assert {"parm-src/pyproject.toml", "parm-src/setup.py", "parm-src/deploy/aws/cli.py"} <= names
+    assert not any("/.venv/" in n or n.endswith(".so") for n in names)
+
+
+def test_node_policy_is_limited_to_the_prefix():
+    from deploy.aws.iam import node_policy
+
+    policy = node_policy("bkt", "fig9a")
+    actions = sorted(a for s in policy["Statement"] for a in s["Action"])
+    assert actions == ["s3:GetObject", "s3:ListBucket", "s3:PutObject"]
+    put = next(s for s in policy["Statement"] if s["Action"] == ["s3:PutObject"])
+    assert put["Resource"] == ["arn:aws:s3:::bkt/fig9a/ready/*", "arn:aws:s3:::bkt/fig9a/results/*",
+                               "arn:aws:s3:::bkt/fig9a/control/status.json"]
