@@ -175,9 +175,10 @@ cdef cnp.ndarray _output(object out, int ndim, cnp.npy_intp *dims, str what):
 
 cdef int _check_overlap(const char *o, Py_ssize_t o_bytes, const char *x,
                         Py_ssize_t x_bytes, str name) except -1:
-    # `out` may be exactly an input (same start; all shapes are equal) but not
-    # overlap one partially: a shifted alias would read already-written values.
-    if o != x and o < x + x_bytes and x < o + o_bytes:
+    # `out` may be exactly a float32 input (same start and size; the shapes
+    # are equal) but not overlap one otherwise: a shifted alias, or a narrower
+    # dtype under a float32 out, would read values already overwritten.
+    if (o != x or o_bytes != x_bytes) and o < x + x_bytes and x < o + o_bytes:
         raise ValueError(f"out partially overlaps {name}; pass a separate array "
                          "or exactly the same one")
     return 0

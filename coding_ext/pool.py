@@ -92,8 +92,9 @@ class BufferPool:
             raise ValueError(f"shape must be a sequence of ints, got {shape!r}") from None
         if any(d < 0 for d in self.shape):
             raise ValueError(f"shape must have no negative dimension, got {self.shape}")
-        if not isinstance(count, int) or count < 1:
+        if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 1:
             raise ValueError(f"count must be an int >= 1, got {count!r}")
+        count = int(count)
         self.dtype = np.dtype(dtype)
         page = mmap.PAGESIZE
         alignment = page if alignment is None else alignment

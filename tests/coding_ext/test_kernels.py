@@ -233,6 +233,15 @@ def test_sum_rejects_partial_overlap(ce):
     assert not buf.any()
 
 
+@pytest.mark.parametrize("dtype", [np.float16, np.uint8])
+def test_sum_rejects_out_over_narrower_input(ce, dtype):
+    """A float32 out starting where a float16/uint8 input starts is not "the same array"."""
+    buf = np.zeros(8192, np.float32)
+    x0 = buf.view(dtype)[:8192].reshape(1, 8192)
+    with pytest.raises(ValueError, match="overlap"):
+        ce.sum_encode([x0, np.ones((1, 8192), dtype)], out=buf.reshape(1, 8192))
+
+
 # --------------------------------------------------------------- concat_encode
 
 
