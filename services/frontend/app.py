@@ -11,6 +11,7 @@ records and the metrics endpoint, in that order.
 
 import asyncio
 import concurrent.futures
+import gc
 import logging
 import pathlib
 import sys
@@ -124,6 +125,10 @@ class FrontendApp:
             self.metrics_port = self.metrics.serve(self.cfg.metrics_port)
         if self.records is not None:
             self._schedule_flush()
+        # Everything built so far lives as long as the process: move it out of the
+        # collector's sight, so that full collections scan only per-query objects.
+        gc.collect()
+        gc.freeze()
         await self.built.set_serving(True)
         write_ready_file(self.cfg.ready_file, self.port, metrics_port=self.metrics_port)
         log.info("frontend serving on port %d (mode %s, queue %s, k %d, batch %d)", self.port,

@@ -378,10 +378,12 @@ class Engine:
         if old is not None:
             if old.address == address and old.role == role:
                 return old
-            self._spawn(self.remove_instance(instance_id, reason="changed"))
         inst = Instance(instance_id, address, role, self.client_factory(address), self.clock, model)
         self.instances[instance_id] = inst
         self.by_role[role].append(inst)
+        if old is not None:     # after the new one is in, so the old one's erasures can go to it
+            self._detach(old, "changed")
+            self._spawn(self._close_client(old))
         self.counters["instances_joined"] += 1
         log.info("instance joined: %s %s %s", role, instance_id, address)
         self._pump(role)
@@ -392,6 +394,12 @@ class Engine:
         inst = self.instances.pop(instance_id, None)
         if inst is None:
             return
+        self._detach(inst, reason)
+        await self._close_client(inst)
+
+    def _detach(self, inst, reason):
+        """Synchronous part of a removal: calls become erasures, queues move."""
+        instance_id = inst.instance_id
         inst.removed = True
         self.by_role[inst.role].remove(inst)
         self.counters["instances_left"] += 1
@@ -404,10 +412,12 @@ class Engine:
             self._enqueue(batch, front=True)
         if not self.by_role[inst.role]:
             self._role_gone(inst.role)
+
+    async def _close_client(self, inst):
         try:
             await inst.client.close()
         except Exception:  # noqa: BLE001 - closing a dead channel must not stop removal
-            log.debug("closing client of %s", instance_id, exc_info=True)
+            log.debug("closing client of %s", inst.instance_id, exc_info=True)
 
     def _role_gone(self, role):
         """No instance of ``role`` is left: fail (data) or drop (others) its queued batches."""
@@ -571,7 +581,11 @@ class Engine:
     # ------------------------------------------------------------ dispatch
     def _enqueue(self, batch, front=False):
         """Queues ``batch`` for its role and starts calls on free instances."""
-        if batch.queue is not None or self._closed:
+        if batch.queue is not None:
+            return
+        if self._closed:
+            if batch.role != "parity":
+                self._fail_batch(batch, NoInstance("the frontend is shutting down"))
             return
         role = batch.role
         if not self.by_role[role]:

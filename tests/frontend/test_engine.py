@@ -402,3 +402,27 @@ async def test_hedge_delay_defaults_to_recent_p95():
         e.latencies.add(0.001 * (i + 1))
     assert e.hedge_delay() == pytest.approx(0.09505, rel=1e-3)
 
+
+
+async def test_close_fails_pending_queries_promptly():
+    e, clock, fleet = make_engine("none", "rr", data=2, batch_size=2, batch_timeout_s=1.0)
+    qs = [e.submit(x(i)) for i in range(5)]    # two batches in flight or queued, one forming
+    await settle()
+    await e.close()
+    for q in qs:
+        with pytest.raises(NoInstance, match="shutting down|no data instance"):
+            q.future.result()
+    assert e.in_system == 0
+
+
+async def test_changed_address_replaces_instance():
+    e, clock, fleet = make_engine("none", data=1)
+    q = e.submit(x(0))
+    await settle()
+    e.add_instance("d0", "d0-new:1", "data")
+    await settle()
+    assert e.instances["d0"].address == "d0-new:1" and fleet["d0:1"].closed
+    assert fleet["d0-new:1"].pending_ids() == [0]      # the erasure went to the new address
+    fleet["d0-new:1"].release()
+    await settle()
+    assert q.future.result().source == ORIGINAL
