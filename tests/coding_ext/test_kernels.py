@@ -415,7 +415,7 @@ def test_decode_rejects_bad_input(ce, parity, available, out, match):
 # ------------------------------------------------------------------------- GIL
 
 
-def _main_thread_ran_during(fn, calls=400):
+def _main_thread_ran_during(fn, calls):
     """True if the main thread ran while a worker made `calls` calls of fn.
 
     With a 10 s switch interval the worker keeps the GIL until it blocks or
@@ -424,10 +424,12 @@ def _main_thread_ran_during(fn, calls=400):
     """
     import sys
 
-    state = {"done": False}
+    state = {"done": False, "stop": False}
 
     def worker():
         for _ in range(calls):
+            if state["stop"]:
+                break
             fn()
         state["done"] = True
 
@@ -437,6 +439,7 @@ def _main_thread_ran_during(fn, calls=400):
         t = threading.Thread(target=worker)
         t.start()
         ran = not state["done"]
+        state["stop"] = True
         t.join()
     finally:
         sys.setswitchinterval(old)
@@ -453,7 +456,7 @@ def test_large_calls_release_the_gil(ce, op):
         "decode": lambda: ce.subtract_decode(xs[0], xs[1:], out),
         "concat": lambda: ce.concat_encode(xs, out),
     }[op]
-    assert _main_thread_ran_during(call)
+    assert _main_thread_ran_during(call, calls=5000)
 
 
 def test_small_calls_keep_the_gil(ce):
@@ -462,4 +465,4 @@ def test_small_calls_keep_the_gil(ce):
     xs = _batch(rng, 2, (1, 784), np.float32)
     out = np.empty_like(xs[0])
     assert (2 + 1) * xs[0].nbytes < ce.NOGIL_MIN_BYTES
-    assert not _main_thread_ran_during(lambda: ce.sum_encode(xs, out))
+    assert not _main_thread_ran_during(lambda: ce.sum_encode(xs, out), calls=400)
