@@ -1,7 +1,6 @@
 """The node agent and AgentLauncher, with real agent processes on loopback."""
 
 import os
-import signal
 import subprocess
 import sys
 
