@@ -107,9 +107,15 @@ def _run(argv, check=True):
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=30)
     except FileNotFoundError as exc:
         raise TestbedUnavailable(UNAVAILABLE_MESSAGE.format(why=f" ({argv[0]} not found)")) from exc
+    except subprocess.TimeoutExpired as exc:
+        raise TestbedError(f"`{' '.join(argv)}` did not finish in 30 s") from exc
     if check and proc.returncode != 0:
-        raise TestbedError(f"`{' '.join(argv)}` failed: {proc.stderr.strip() or proc.returncode}")
+        raise TestbedError(f"`{' '.join(argv)}` failed: {_one_line(proc.stderr) or proc.returncode}")
     return proc
+
+
+def _one_line(text):
+    return " ".join(text.split())
 
 
 def _has_net_admin():
@@ -125,24 +131,27 @@ def _has_net_admin():
     return False
 
 
-def require_netns(path=None, has_net_admin=None):
+def require_netns(path=None, has_net_admin=None, probe=True):
     """Checks that the testbed can run here; ``TestbedUnavailable`` says why not.
 
     Args:
         path: the search path for ``ip`` and ``tc`` (default: ``$PATH``).
         has_net_admin: overrides the privilege check (tests).
+        probe: also create and delete a namespace (the conclusive check).
     """
     missing = [tool for tool in ("ip", "tc") if shutil.which(tool, path=path) is None]
     if missing:
         raise TestbedUnavailable(UNAVAILABLE_MESSAGE.format(why=f" ({', '.join(missing)} not found)"))
     if not (_has_net_admin() if has_net_admin is None else has_net_admin):
         raise TestbedUnavailable(UNAVAILABLE_MESSAGE.format(why=" (this process has neither)"))
-    probe = f"parm-probe-{os.getpid()}"
+    if not probe:
+        return
+    name = f"parm-probe-{os.getpid()}"
     ip = shutil.which("ip", path=path)
-    made = subprocess.run([ip, "netns", "add", probe], capture_output=True, text=True)
+    made = subprocess.run([ip, "netns", "add", name], capture_output=True, text=True)
     if made.returncode != 0:
-        raise TestbedUnavailable(UNAVAILABLE_MESSAGE.format(why=f" (`ip netns add` failed: {made.stderr.strip()})"))
-    subprocess.run([ip, "netns", "del", probe], capture_output=True)
+        raise TestbedUnavailable(UNAVAILABLE_MESSAGE.format(why=f" (`ip netns add` failed: {_one_line(made.stderr)})"))
+    subprocess.run([ip, "netns", "del", name], capture_output=True)
 
 
 @dataclass(frozen=True)
@@ -280,6 +289,7 @@ class Testbed:
         """Creates everything; on any failure removes what it made and raises."""
         if self._is_up:
             return self
+        require_netns(probe=False)
         _LIVE.add(self)
         try:
             os.makedirs(os.path.dirname(_LOCK_PATH), exist_ok=True)
@@ -287,8 +297,11 @@ class Testbed:
                 # Picking a subnet and claiming it (the control address) is one
                 # step for concurrent runs on this machine.
                 fcntl.flock(lock, fcntl.LOCK_EX)
+                used = _used_networks(self._run)
                 if self.subnet is None:
-                    self.subnet = pick_subnet(_used_networks(self._run))
+                    self.subnet = pick_subnet(used)
+                elif self.spec.control and any(self.subnet.overlaps(n) for n in used):
+                    raise TestbedError(f"subnet {self.subnet} is in use on this machine; leave it unset to pick a free one")
                 self._add_namespace(self.bridge_namespace)
                 self._ip(self.bridge_namespace, "link", "add", "br0", "type", "bridge")
                 self._ip(self.bridge_namespace, "link", "set", "br0", "up")

@@ -163,6 +163,13 @@ def test_two_testbeds_at_once_get_distinct_names_and_subnets(netns):
         assert not a.subnet.overlaps(b.subnet)
 
 
+def test_a_subnet_in_use_is_refused(netns):
+    root_net = _used_networks(_run)[0]  # e.g. 127.0.0.0/8
+    busy = ipaddress.ip_network(f"{root_net.network_address}/24", strict=False)
+    with pytest.raises(TestbedError, match=f"subnet {busy} is in use"):
+        Testbed(TestbedSpec(1, subnet=str(busy))).up()
+
+
 def test_host_index_is_checked():
     tb = Testbed(TestbedSpec(2, subnet="10.200.1.0/24"))
     assert tb.exec_argv(1, ["true"]) == ["ip", "netns", "exec", tb.namespaces[1], "true"]
