@@ -164,6 +164,7 @@ def launch(sweep, config_path, args, settings, clients, out, confirm=None):
     exp = sweep.experiment_id
     bucket = _bucket(clients)
     info = network.instance_type_info(clients, fleet_plan.instance_types)
+    network.check_key_pair(clients)
     zones = network.candidate_zones(clients, fleet_plan.instance_types)
     place = network.placement(clients, zones)
     gpu = {g.role: info[g.instance_type]["gpus"] > 0 for g in fleet_plan.groups}

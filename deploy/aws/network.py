@@ -204,6 +204,23 @@ def _has_rule(group, perm):
     return False
 
 
+def check_key_pair(clients):
+    """``AwsError`` if ``settings.key_name`` is given but not in the region."""
+    from botocore.exceptions import ClientError
+
+    name = clients.settings.key_name
+    if not name:
+        return
+    try:
+        clients.ec2.describe_key_pairs(KeyNames=[name])
+    except ClientError as exc:
+        if exc.response["Error"]["Code"] == "InvalidKeyPair.NotFound":
+            raise AwsError(f"key pair {name!r} is not in region {clients.settings.region}; "
+                           "create or import it, or leave out --key-name") from None
+        with aws_errors("checking the key pair: "):
+            raise
+
+
 def resolve_ami(clients, gpu):
     """The image id for a role: ``settings.ami`` or the SSM parameter's current value."""
     settings = clients.settings

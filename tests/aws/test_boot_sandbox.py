@@ -101,6 +101,7 @@ def _stop_pids(pids_file):
             os.kill(pid, signal.SIGKILL)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("role,gpu", [("worker", True), ("frontend", False)])
 def test_user_data_boots_the_node(role, gpu, aws, tmp_path):
     clients = Clients(AwsSettings(region=REGION, endpoint_url=aws["url"]))

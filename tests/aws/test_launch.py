@@ -192,6 +192,18 @@ def test_unknown_instance_type_is_refused_before_anything_is_created(aws):
     assert fleet(aws, "fig9a") == []
 
 
+def test_missing_key_pair_is_refused_before_anything_is_created(aws, release):
+    rc, out, err = run(LAUNCH + release + ["--key-name", "nobody"])
+    assert rc == 1
+    assert err == ("deploy.aws: key pair 'nobody' is not in region us-east-1; create or import it, "
+                   "or leave out --key-name\n")
+    assert fleet(aws) == []
+    aws["client"]("ec2").create_key_pair(KeyName="me")
+    rc, out, err = run(LAUNCH + release + ["--key-name", "me"])
+    assert rc == 0, err
+    assert {i["KeyName"] for i in fleet(aws)} == {"me"}
+
+
 def _fail_run_instances(session, code, on_calls):
     count = {"n": 0}
 
