@@ -192,6 +192,11 @@ class TestbedSpec:
         """The tbf queue limit: ``queue_ms`` worth of bytes at ``rate_mbit``."""
         return max(int(self.rate_mbit * 1e6 / 8 * self.queue_ms / 1e3), 2 * self.burst_bytes)
 
+    @property
+    def shuffle_bytes(self):
+        """Background shuffle sizes (low, high) for this rate: ``shuffle_bytes_for(rate_mbit)``."""
+        return shuffle_bytes_for(self.rate_mbit)
+
 
 @dataclass(frozen=True)
 class QdiscStats:
@@ -399,7 +404,7 @@ class Testbed:
             "network": "netns", "hosts": s.num_hosts, "subnet": str(self.subnet),
             "rate_mbit": s.rate_mbit, "queue_ms": s.queue_ms, "queue_limit_bytes": s.limit_bytes,
             "burst_bytes": s.burst_bytes, "shaped": "both directions" if s.shape_ingress else "egress only",
-            "qdisc": "tbf", "prefix": self.prefix,
+            "qdisc": "tbf", "shuffle_bytes": list(s.shuffle_bytes), "prefix": self.prefix,
             "addresses": [self.host_address(i) for i in range(s.num_hosts)] if self.subnet else [],
         }
         if stats:

@@ -36,6 +36,8 @@ def test_spec_defaults_and_queue_limit():
     assert TestbedSpec(2, rate_mbit=100).limit_bytes == 125_000
     assert DEFAULT_SHUFFLE_BYTES == (3_125_000, 6_250_000)  # 0.5-1 s per direction at 50 Mbit/s
     assert shuffle_bytes_for(200, seconds=(1, 2)) == (25_000_000, 50_000_000)
+    assert spec.shuffle_bytes == DEFAULT_SHUFFLE_BYTES
+    assert TestbedSpec(2, rate_mbit=100).shuffle_bytes == (6_250_000, 12_500_000)
     assert TestbedSpec(2, rate_mbit=1000, queue_ms=2).limit_bytes == 250_000
     # Never less than two bursts, or tbf could not hold a burst.
     assert TestbedSpec(2, rate_mbit=1, queue_ms=1).limit_bytes == 2 * 16384
