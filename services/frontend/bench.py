@@ -196,13 +196,37 @@ def _frontend_argv(model, instances, extra=()):
             "--log-level", "WARNING", *extra]
 
 
+def _category(filename, name):
+    if "services/frontend" in filename:
+        return "frontend (engine, servicers)"
+    if "services/common" in filename:
+        return "services.common (tensors, errors)"
+    if "grpc" in filename or "_contextvars.Context" in name:
+        # grpc.aio's Cython glue and C core run inside loop callbacks (Context.run)
+        return "grpc (aio glue + C core, in loop callbacks)"
+    if "epoll" in name or "selectors" in filename:
+        return "waiting in epoll (idle)"
+    if "asyncio" in filename:
+        return "asyncio event loop"
+    if "prometheus" in filename:
+        return "prometheus"
+    if "google/protobuf" in filename or "numpy" in filename:
+        return "protobuf/numpy"
+    return "other (imports, startup, ...)"
+
+
 def _profile_top(path, n=18):
+    """The ``n`` functions with most own time, and own time summed by category."""
     s = io.StringIO()
     stats = pstats.Stats(str(path), stream=s)
     stats.sort_stats("tottime").print_stats(n)
     lines = [ln for ln in s.getvalue().splitlines() if ln.strip()]
     start = next(i for i, ln in enumerate(lines) if ln.lstrip().startswith("ncalls"))
-    return lines[start:start + n + 1], stats.total_tt
+    by_cat = {}
+    for (filename, _, name), (_, _, tottime, _, _) in stats.stats.items():
+        cat = _category(filename, name)
+        by_cat[cat] = by_cat.get(cat, 0.0) + tottime
+    return lines[start:start + n + 1], stats.total_tt, dict(sorted(by_cat.items(), key=lambda kv: -kv[1]))
 
 
 def bench(args):
@@ -257,8 +281,13 @@ def bench(args):
             procs.append(profiled)
             run = _run_load(profiled.address, args.profile_rate, args.duration_s)
             profiled.stop(grace_s=20)
-            top, total = _profile_top(prof)
-            out["profile"] = {"load": run, "total_s": total, "top_tottime": top}
+            top, total, by_cat = _profile_top(prof)
+            out["profile"] = {"load": run, "total_s": total, "own_time_by_category_s": by_cat,
+                              "top_tottime": top}
+            busy = total - by_cat.get("waiting in epoll (idle)", 0.0)
+            for cat, t in by_cat.items():
+                log(f"  {cat:<45} {t:7.3f} s" + (f"  ({100 * t / busy:.0f}% of busy time)"
+                                                  if "epoll" not in cat else ""))
             for ln in top:
                 log("  " + ln)
     finally:
@@ -280,7 +309,7 @@ def main(argv=None):
     for q in (p, b):
         q.add_argument("--json", default=None, help="write results here")
         q.add_argument("--instances", type=int, default=2, help="model servers")
-        q.add_argument("--max-in-flight", type=int, default=1, help="frontend --max-in-flight")
+        q.add_argument("--max-in-flight", type=int, default=4, help="frontend --max-in-flight")
         q.add_argument("--latency-queries", type=int, default=2000, help="closed-loop requests per target")
         q.add_argument("--rates", default="250,500,750,1000,1250,1500,1750,2000", help="offered rates, q/s")
         q.add_argument("--duration-s", type=float, default=5.0, help="seconds per rate")

@@ -257,3 +257,49 @@ def test_cli_mistakes_are_one_line_and_nonzero(models, argv, message):
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], proc.stderr
+
+
+async def test_coded_through_the_coder_service(models):
+    from services.common.procs import ServiceProcess
+
+    coder = await asyncio.to_thread(ServiceProcess.python_module, "services.coder", ["--port", "0"], name="coder")
+    d = None
+    try:
+        d = await Deployment().start(
+            models, {"d0": ("data", {"delay_s": 2.0}), "d1": ("data", {}), "p0": ("parity", {})},
+            "--mode", "coded", "--parity-model", models["parity"], "--coder", coder.address,
+            "--queue-mode", "rr")
+        first = asyncio.ensure_future(d.predict(x(3), "a"))
+        await asyncio.sleep(0.1)
+        other = await d.predict(x(4), "b")
+        slow = await first
+        assert slow.source == frontend_pb2.RECONSTRUCTED and other.source == frontend_pb2.ORIGINAL
+        np.testing.assert_allclose(tensors.from_proto(slow.output), lin(x(3) + x(4))[0] - lin(x(4))[0],
+                                   rtol=1e-5, atol=1e-5)
+        assert d.app.engine.counters["encodes"] == 1 and d.app.engine.counters["decodes"] == 1
+    finally:
+        if d is not None:
+            await d.close()
+        await asyncio.to_thread(coder.stop)
+
+
+@pytest.mark.parametrize("mode, spec, flags, source", [
+    ("cheap", {"d0": ("data", {"delay_s": 1.0}), "b0": ("backup", {"scale": 0.5})},
+     ("--backup-model",), frontend_pb2.BACKUP),
+    ("hedged", {"d0": ("data", {"delay_s": 1.0}), "d1": ("data", {})}, ("--hedge-delay-ms", "50"),
+     frontend_pb2.ORIGINAL),
+])
+async def test_cheap_and_hedged_answer_around_a_slow_instance(models, mode, spec, flags, source):
+    extra = [flags[0], models["backup"]] if mode == "cheap" else list(flags)
+    d = await Deployment().start(models, spec, "--mode", mode, *extra)
+    try:
+        t0 = asyncio.get_running_loop().time()
+        r = await d.predict(x(5), timeout=5)
+        assert asyncio.get_running_loop().time() - t0 < 0.8      # did not wait for the slow instance
+        assert r.source == source
+        scale = 0.5 if mode == "cheap" else 1.0
+        np.testing.assert_allclose(tensors.from_proto(r.output), lin(x(5))[0] * scale, rtol=1e-6)
+        if mode == "hedged":
+            assert d.app.engine.counters["hedges"] == 1
+    finally:
+        await d.close()
