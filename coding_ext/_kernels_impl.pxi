@@ -23,6 +23,8 @@ cdef extern from "_simd.h" nogil:
     int PARM_F32, PARM_F16, PARM_U8
     void parm_simd_init()
     const char *parm_simd_f16_name()
+    const char *parm_simd_nt_name()
+    Py_ssize_t PARM_NT_MIN_BYTES
     void parm_sum_encode(int dtype, const void *const *xs, int k, float *out,
                          parm_idx nblocks, parm_idx inner, parm_idx channels,
                          const float *scale, const float *shift)
@@ -43,7 +45,11 @@ MAX_K = _MAX_K
 cdef enum:
     _NOGIL_MIN_BYTES = 1 << 16
 NOGIL_MIN_BYTES = _NOGIL_MIN_BYTES
+# Which float16 loader and which streaming-store loop this CPU got.
 SIMD_F16 = parm_simd_f16_name().decode()
+SIMD_NT = parm_simd_nt_name().decode()
+# float32 sums/decodes whose output is at least this large use streaming stores.
+NT_MIN_BYTES = PARM_NT_MIN_BYTES
 
 cdef struct Group:
     int k

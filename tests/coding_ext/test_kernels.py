@@ -108,6 +108,33 @@ def test_sum_sizes_and_k(ce, k, n, dtype):
     )
 
 
+@pytest.mark.parametrize("k", [2, 3, 5])
+@pytest.mark.parametrize("offset", [0, 1, 5])
+def test_sum_streaming_store_path(ce, k, offset):
+    """Outputs >= NT_MIN_BYTES take the streaming-store loop: misaligned starts, tails."""
+    n = (coding_ext._kernels.NT_MIN_BYTES // 4) + 37
+    rng = np.random.default_rng(k * 10 + offset)
+    xs = [rng.standard_normal(n + offset).astype(np.float32)[offset:].reshape(1, n)
+          for _ in range(k)]
+    out = np.empty(n + offset, np.float32)[offset:].reshape(1, n)
+    expected = reference.sum_encode(xs)
+    assert ce.sum_encode(xs, out) is out
+    np.testing.assert_array_equal(out, expected)
+    assert ce.sum_encode(xs, xs[1]) is xs[1]  # exact alias on this path too
+    np.testing.assert_array_equal(xs[1], expected)
+
+
+@pytest.mark.parametrize("m", [1, 2, 4])
+def test_decode_streaming_store_path(ce, m):
+    n = (coding_ext._kernels.NT_MIN_BYTES // 4) + 5
+    rng = np.random.default_rng(m)
+    p = rng.standard_normal((1, n)).astype(np.float32)
+    avail = [rng.standard_normal((1, n)).astype(np.float32) for _ in range(m)]
+    np.testing.assert_array_equal(
+        ce.subtract_decode(p, avail), reference.subtract_decode(p, avail)
+    )
+
+
 def test_sum_affine_equals_normalise_then_sum(ce):
     rng = np.random.default_rng(1)
     xs = _batch(rng, 3, (4, 3, 8, 8), np.uint8)
