@@ -15,6 +15,7 @@ or any other error stops the launch with ``LaunchFailed``, which lists
 what was launched before it, so nothing is left running unknowingly.
 """
 
+import time
 from dataclasses import dataclass
 
 from deploy.aws.session import CAPACITY_CODES, QUOTA_CODES, AwsError, aws_errors, describe, error_code
@@ -24,6 +25,8 @@ TAG_ROLE = "parm:role"
 TAG_MANAGED = "parm:managed-by"
 LIVE_STATES = ("pending", "running", "stopping", "stopped")
 LAUNCH_ORDER = ("worker", "client", "frontend")  # largest first: a quota failure costs least
+PROFILE_RETRIES = 6
+PROFILE_RETRY_S = 5.0
 
 
 class LaunchFailed(AwsError):
@@ -115,13 +118,19 @@ def launch_group(clients, *, experiment_id, role, instance_type, count, ami, use
             "SpotInstanceType": "one-time", "InstanceInterruptionBehavior": "terminate"}}
     capacity = []
     for subnet_id, zone in ordered:
-        try:
-            return clients.ec2.run_instances(SubnetId=subnet_id, **params)["Instances"]
-        except ClientError as exc:
-            if error_code(exc) in CAPACITY_CODES:
-                capacity.append(f"{zone}: {describe(exc)}")
-                continue
-            raise
+        for attempt in range(PROFILE_RETRIES + 1):
+            try:
+                return clients.ec2.run_instances(SubnetId=subnet_id, **params)["Instances"]
+            except ClientError as exc:
+                if error_code(exc) in CAPACITY_CODES:
+                    capacity.append(f"{zone}: {describe(exc)}")
+                    break
+                # A just-created instance profile takes a few seconds to be usable.
+                if (error_code(exc) == "InvalidParameterValue" and "profile" in describe(exc).lower()
+                        and attempt < PROFILE_RETRIES):
+                    time.sleep(PROFILE_RETRY_S)
+                    continue
+                raise
     raise AwsError(f"no capacity for {count} x {instance_type} ({settings.market}) in any zone: "
                    + "; ".join(capacity))
 

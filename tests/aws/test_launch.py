@@ -204,13 +204,14 @@ def test_missing_key_pair_is_refused_before_anything_is_created(aws, release):
     assert {i["KeyName"] for i in fleet(aws)} == {"me"}
 
 
-def _fail_run_instances(session, code, on_calls):
+def _fail_run_instances(session, code, on_calls, message=None):
     count = {"n": 0}
 
     def handler(**_):
         count["n"] += 1
         if count["n"] in on_calls:
-            raise ClientError({"Error": {"Code": code, "Message": f"injected {code}"}}, "RunInstances")
+            raise ClientError({"Error": {"Code": code, "Message": message or f"injected {code}"}},
+                              "RunInstances")
 
     session.events.register("before-call.ec2.RunInstances", handler)
     return count
@@ -301,3 +302,17 @@ def test_usage_errors_are_one_line():
         assert proc.returncode == 2, (argv, proc.stderr)
         assert len(proc.stderr.strip().splitlines()) == 1 and needle in proc.stderr, proc.stderr
         assert "Traceback" not in proc.stderr
+
+
+def test_new_instance_profile_not_yet_usable_is_retried(aws, release, monkeypatch):
+    from deploy.aws import instances as instances_mod
+
+    monkeypatch.setattr(instances_mod, "PROFILE_RETRY_S", 0.01)
+    session = aws["session"]
+    count = _fail_run_instances(session, "InvalidParameterValue", on_calls={1, 2},
+                                message="Value (parm-simple-node) for parameter iamInstanceProfile.name is invalid. "
+                                        "Invalid IAM Instance Profile name")
+    rc, out, err = run(LAUNCH + release, session=session)
+    assert rc == 0, err
+    assert count["n"] == 2 + 3  # two refusals, then workers, clients, frontend
+    assert len(fleet(aws)) == 5
