@@ -289,8 +289,31 @@ async def _serve(cfg):
     await run_until_signal(built, grace_s=2.0)
 
 
+def _port_taken(host, port):
+    """Whether ``host:port`` cannot be bound (checked before gRPC tries, so
+    the error is one line of ours rather than gRPC's log)."""
+    import socket
+    if port == 0:
+        return None
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        return str(exc)
+    family, kind, proto, _, addr = infos[0]
+    with socket.socket(family, kind, proto) as sock:
+        try:
+            sock.bind(addr)
+        except OSError as exc:
+            return exc.strerror or str(exc)
+    return None
+
+
 def main_serve(cfg):
     from services.common.server import setup_logging
+    problem = _port_taken(cfg.host, cfg.port)
+    if problem:
+        print(f"loadgen serve: error: cannot serve on {cfg.host}:{cfg.port}: {problem}", file=sys.stderr)
+        return 1
     setup_logging(cfg.log_level)
     try:
         asyncio.run(_serve(cfg))

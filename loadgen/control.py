@@ -126,8 +126,11 @@ class LoadGeneratorServicer(loadgen_pb2_grpc.LoadGeneratorServicer):
 def build_server(address="127.0.0.1:0", **servicer_kwargs):
     """Builds (does not start) the control server. Returns ``BuiltServer``."""
     servicer = LoadGeneratorServicer(**servicer_kwargs)
+    # No SO_REUSEPORT: a second generator on a taken port must fail, not
+    # share the port and split the runner's calls between processes.
     return create_server(address, [(loadgen_pb2_grpc.add_LoadGeneratorServicer_to_server,
-                                    servicer, SERVICE_NAME)])
+                                    servicer, SERVICE_NAME)],
+                         extra_options=[("grpc.so_reuseport", 0)])
 
 
 # ---------------------------------------------------------------------------

@@ -118,3 +118,13 @@ def test_inputs_from_the_frontend_manifest(tmp_path):
     assert [r.label for r in result.records] == [int(y[i]) for i in schedule.examples]
     assert all(r.predicted == 0 for r in result.records)
     assert float(np.abs(x[:, 0, 0, 0]).max()) == 0.0
+
+
+def test_serve_on_a_taken_port_is_one_line(generators):
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, "-m", "loadgen", "serve", "--port", str(generators[0].port)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        f"loadgen serve: error: cannot serve on 127.0.0.1:{generators[0].port}: Address already in use"]
