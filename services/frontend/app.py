@@ -176,6 +176,7 @@ def main(argv=None):
     setup_logging(cfg.log_level)
     try:
         asyncio.run(serve(cfg))
-    except (OSError, manifest_mod.ManifestError) as exc:
+    except (OSError, RuntimeError, ValueError) as exc:
+        # startup failures (port in use, registry unreachable, bad manifest): one line, exit 1
         print(f"services.frontend: error: {exc}", file=sys.stderr)
         raise SystemExit(1) from None

@@ -68,6 +68,7 @@ def test_coded_survives_slow_then_killed_data_instance(tmp_path):
             procs.append(frontend)
             replies, inputs, status = asyncio.run(_drive(frontend.address, data))
             assert frontend.alive()
+            assert frontend.stop() == 0      # SIGTERM: graceful, records flushed
         finally:
             for p in reversed(procs):
                 p.stop()

@@ -426,3 +426,38 @@ async def test_changed_address_replaces_instance():
     fleet["d0-new:1"].release()
     await settle()
     assert q.future.result().source == ORIGINAL
+
+
+@pytest.mark.parametrize("queue_mode", ["single_queue", "rr"])
+@pytest.mark.parametrize("k", [2, 3])
+async def test_coded_every_member_can_be_reconstructed(queue_mode, k):
+    for missing in range(k):
+        e, clock, fleet = make_engine("coded", queue_mode, data=k, parity=1, k=k)
+        qs = [e.submit(x(i)) for i in range(k)]
+        await settle()
+        assert e.groups[0].parity.batch_id == k
+        fleet["p0:1"].release(k)
+        for i in range(k):
+            if i != missing:
+                client = next(c for c in fleet.clients.values() if i in c.pending_ids())
+                client.release(i)
+        await settle()
+        a = qs[missing].future.result()
+        assert a.source == RECONSTRUCTED and a.batch_id == missing
+        np.testing.assert_allclose(a.output, linear(x(missing)[None])[0], rtol=1e-5, atol=1e-4)
+        assert all(qs[i].future.result().source == ORIGINAL for i in range(k) if i != missing)
+        await e.close()
+
+
+async def test_hedged_in_rr_goes_to_another_instances_queue():
+    e, clock, fleet = make_engine("hedged", "rr", data=2, hedge_delay_s=0.01)
+    q = e.submit(x(0))
+    await settle()
+    assert fleet["d0:1"].pending_ids() == [0]
+    clock.advance(0.02)
+    await settle()
+    assert fleet["d1:1"].pending_ids() == [0]
+    fleet["d1:1"].release()
+    await settle()
+    assert q.future.result().source == ORIGINAL
+    await e.close()
