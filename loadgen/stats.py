@@ -201,18 +201,22 @@ def load_frontend_records(path):
     """Reads the frontend's per-query and per-group records, tolerantly.
 
     ``path`` is the frontend's ``--records-dir`` (every ``*.jsonl``,
-    ``*.json`` and ``*.csv`` in it) or one such file. A row with an encode or
-    decode duration is a group record; a row with a latency is a query
-    record. Durations are found by name, ``<stem>[_latency|_time]<unit>``
-    with unit ``_us``, ``_ns``, ``_ms`` or ``_s`` (stems ``encode``/``encoding``,
-    ``decode``/``decoding``, ``latency``/``frontend_latency``/``e2e``) and
-    converted; nothing else is required.
+    ``*.json`` and ``*.csv`` in it: ``queries.jsonl`` and ``groups.jsonl``,
+    see docs/frontend.md) or one such file. A row's kind is its ``type``
+    field when it has one (``query``, ``group``; ``late_original`` and other
+    kinds are skipped); otherwise a row with an encode or decode duration is
+    a group record and a row with a latency a query record. Durations are
+    found by name, ``<stem>[_latency|_time]<unit>`` with unit ``_us``,
+    ``_ns``, ``_ms`` or ``_s`` (stems ``encode``/``encoding``,
+    ``decode``/``decoding``, ``e2e``/``latency``/``frontend_latency``), and
+    converted to microseconds.
 
     Returns:
-        (queries, groups): lists of dicts. Query: ``latency_us``,
-        ``source``, ``batch_id``, ``group_id``, ``request_id`` (when present).
-        Group: ``group_id``, ``encode_us``, ``decode_us`` (None when the group
-        was not decoded), ``missing`` (the missing member, when present).
+        (queries, groups): lists of dicts. Query: ``request_id``,
+        ``latency_us``, ``status`` ("OK" when absent), ``source`` (lower
+        case), ``batch_id``, ``group_id``. Group: ``group_id``,
+        ``encode_us`` and ``decode_us`` (None when absent, e.g. a group that
+        needed no decoding), ``missing`` (the reconstructed member or None).
     """
     path = pathlib.Path(path)
     files = sorted(p for p in path.iterdir() if p.suffix in (".jsonl", ".json", ".csv")) \
@@ -222,21 +226,26 @@ def load_frontend_records(path):
         for row in _iter_rows(file):
             if not isinstance(row, dict):
                 continue
+            kind = row.get("type") or row.get("kind")
             enc = _duration_us(row, ("encode", "encoding"))
             dec = _duration_us(row, ("decode", "decoding"))
-            if enc is not None or dec is not None or row.get("kind") == "group":
+            if kind == "group" or (kind is None and (enc is not None or dec is not None)):
+                missing = row.get("missing_index", row.get("missing", row.get("missing_member")))
                 groups.append({
                     "group_id": row.get("group_id"),
                     "encode_us": enc,
                     "decode_us": dec,
-                    "missing": row.get("missing", row.get("missing_member")),
+                    "missing": None if missing in ("", None) else missing,
                 })
                 continue
-            lat = _duration_us(row, ("latency", "frontend_latency", "e2e"))
+            if kind not in (None, "query"):
+                continue
+            lat = _duration_us(row, ("e2e", "latency", "frontend_latency"))
             if lat is not None:
                 queries.append({
                     "request_id": row.get("request_id"),
                     "latency_us": lat,
+                    "status": str(row.get("status") or "OK"),
                     "source": str(row.get("source", "")).lower(),
                     "batch_id": row.get("batch_id"),
                     "group_id": row.get("group_id"),
@@ -245,11 +254,12 @@ def load_frontend_records(path):
 
 
 def frontend_tables(queries, groups):
-    """Text of the frontend's latency (ms) and coding (us) tables."""
+    """Text of the frontend's latency (ms, answered queries) and coding (us,
+    every group with the duration) tables; empty tables are left out."""
     out = []
-    if queries:
-        out.append(format_table("FRONTEND_LATENCY (ms)",
-                                latency_row([q["latency_us"] / 1e3 for q in queries])))
+    answered = [q["latency_us"] / 1e3 for q in queries if q["status"] == "OK"]
+    if answered:
+        out.append(format_table("FRONTEND_LATENCY (ms)", latency_row(answered)))
     enc = [g["encode_us"] for g in groups if g["encode_us"] is not None]
     dec = [g["decode_us"] for g in groups if g["decode_us"] is not None]
     if enc:

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from loadgen.records import SOURCE_NAMES, Record, read_csv, write_csv
-from loadgen.stats import format_table, latency_row, load_frontend_records, percentile, summarize
+from loadgen.stats import (format_table, frontend_tables, latency_row, load_frontend_records,
+                           percentile, summarize)
 from parm.v1 import frontend_pb2
 
 
@@ -96,3 +97,33 @@ def test_frontend_record_adapter_reads_jsonl_and_csv_with_units(tmp_path):
     assert [q["source"] for q in queries] == ["original", "reconstructed"]
     assert [g["encode_us"] for g in groups] == [12.5, 7.5]
     assert groups[0]["decode_us"] is None and groups[1]["decode_us"] == pytest.approx(20.0)
+
+
+def test_frontend_record_adapter_reads_the_frontends_records_dir(tmp_path):
+    """The lines of docs/frontend.md's records section."""
+    query = {"type": "query", "request_id": "q17", "query_id": 17, "batch_id": 12, "group_id": 4,
+             "row": 0, "status": "OK", "source": "RECONSTRUCTED", "received_s": 1764412345.1234,
+             "answered_s": 1764412345.1301, "e2e_latency_ms": 6.7, "queue_latency_ms": 0.05,
+             "batch_wait_ms": 0.0, "instance_id": "", "attempts": 1}
+    failed = {**query, "request_id": "q18", "status": "DEADLINE_EXCEEDED", "source": "NONE",
+              "e2e_latency_ms": 1000.0}
+    late = {"type": "late_original", "batch_id": 12, "group_id": 4, "role_answered": "RECONSTRUCTED",
+            "request_ids": ["q17"], "delay_ms": 812.0, "max_abs_error": 1.2e-06, "argmax_agreement": 1.0}
+    group = {"type": "group", "group_id": 4, "k": 2, "reason": "complete", "formed_s": 1764412345.12,
+             "full": True, "coded": True, "data_batch_ids": [12, 13], "parity_batch_id": 14,
+             "encoding_latency_us": 18.2, "decoding_latency_us": 9.1, "missing_index": 0,
+             "missing_batch_id": 12, "parity_answered": True, "originals_answered": 2}
+    plain = {**group, "group_id": 5, "encoding_latency_us": 20.2, "decoding_latency_us": None,
+             "missing_index": None}
+    (tmp_path / "queries.jsonl").write_text("\n".join(json.dumps(r) for r in (query, failed, late)) + "\n")
+    (tmp_path / "groups.jsonl").write_text("\n".join(json.dumps(r) for r in (group, plain)) + "\n")
+    queries, groups = load_frontend_records(tmp_path)
+    assert [(q["request_id"], q["status"], q["source"]) for q in queries] == [
+        ("q17", "OK", "reconstructed"), ("q18", "DEADLINE_EXCEEDED", "none")]
+    assert queries[0]["latency_us"] == pytest.approx(6700.0)
+    assert [(g["group_id"], g["encode_us"], g["decode_us"], g["missing"]) for g in groups] == [
+        (4, 18.2, 9.1, 0), (5, 20.2, None, None)]
+    text = frontend_tables(queries, groups)
+    assert "FRONTEND_LATENCY (ms)\nNUM   MED   MEAN  P99     P99.5   P99.9\n1     6.70" in text
+    assert "ENCODING_LATENCY (us)\nNUM   MED   MEAN  P99     P99.5   P99.9\n2     19.20" in text
+    assert "DECODING_LATENCY (us)\nNUM   MED   MEAN  P99     P99.5   P99.9\n1     9.10" in text
