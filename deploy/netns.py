@@ -56,7 +56,6 @@ import signal
 import subprocess
 import sys
 import time
-import weakref
 from dataclasses import asdict, dataclass
 
 from deploy.launcher import Launcher, Started
@@ -86,7 +85,7 @@ UNAVAILABLE_MESSAGE = (
 _CAP_NET_ADMIN = 12
 _LOCK_PATH = "/run/lock/parm-netns.lock"
 _COUNTER = itertools.count()
-_LIVE = weakref.WeakSet()
+_LIVE = set()  # testbeds up, strongly held so that exit still finds them
 
 
 class TestbedUnavailable(RuntimeError):
