@@ -67,3 +67,16 @@ def test_cleanup_after_kill_9_removes_namespaces_and_processes(netns):
     while leftovers(prefix, control_link) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert leftovers(prefix, control_link) == []
+
+
+def test_a_testbed_left_up_is_removed_at_interpreter_exit(netns):
+    script = (
+        "from deploy.netns import Testbed, TestbedSpec\n"
+        "tb = Testbed(TestbedSpec(2)).up()\n"
+        "print(tb.prefix, tb.control_link, flush=True)\n"
+        "raise SystemExit(3)  # no down(), no context manager\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 3, proc.stderr
+    prefix, control_link = proc.stdout.split()
+    assert prefix.startswith("parm-") and leftovers(prefix, control_link) == []
