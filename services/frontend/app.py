@@ -63,7 +63,7 @@ class FrontendApp:
             batch_size=cfg.batch_size, batch_timeout_s=cfg.batch_timeout_ms / 1e3,
             group_timeout_s=cfg.group_timeout_ms / 1e3, instance_timeout_s=cfg.instance_timeout_ms / 1e3,
             query_timeout_s=cfg.query_timeout_ms / 1e3, max_in_system=cfg.max_in_system,
-            max_in_flight=cfg.max_in_flight, max_attempts=cfg.max_attempts,
+            max_in_flight=cfg.max_in_flight, max_coalesce=cfg.max_coalesce, max_attempts=cfg.max_attempts,
             hedge_delay_s=None if cfg.hedge_delay_ms is None else cfg.hedge_delay_ms / 1e3,
             hedge_initial_delay_s=cfg.hedge_initial_delay_ms / 1e3,
             parity_output_shape=self.parity.output_shape if self.parity else None,

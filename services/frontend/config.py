@@ -42,6 +42,7 @@ class Config:
     coding_threads: int
     max_in_system: int
     max_in_flight: int
+    max_coalesce: int
     max_attempts: int
     hedge_delay_ms: float | None
     hedge_initial_delay_ms: float
@@ -86,6 +87,9 @@ def build_parser():
     p.add_argument("--max-in-system", type=int, default=10000,
                    help="admitted, unanswered queries beyond which Predict answers RESOURCE_EXHAUSTED")
     p.add_argument("--max-in-flight", type=int, default=1, help="concurrent calls per instance")
+    p.add_argument("--max-coalesce", type=int, default=1,
+                   help="an instance with a free slot takes up to this many queued batches in one call "
+                        "(dynamic batching under load; 1 = off; not in coded mode)")
     p.add_argument("--max-attempts", type=int, default=3, help="instance calls per batch before its queries fail")
     p.add_argument("--hedge-delay-ms", type=float, default=None,
                    help="hedged mode: delay before the second copy (default: recent p95 of instance latency)")
@@ -118,7 +122,10 @@ def parse_config(argv):
     encoder = a.encoder or (parity.encoder if parity else "sum")
     if encoder == "concat" and k not in (2, 4):
         raise ConfigError(f"the concat encoder needs k in (2, 4), got {k}")
-    for name in ("batch_size", "max_in_system", "max_in_flight", "max_attempts", "coding_threads"):
+    if a.max_coalesce > 1 and a.mode == "coded":
+        raise ConfigError("--max-coalesce > 1 is not available in coded mode")
+    for name in ("batch_size", "max_in_system", "max_in_flight", "max_coalesce", "max_attempts",
+                 "coding_threads"):
         if getattr(a, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
     for name in ("batch_timeout_ms", "group_timeout_ms", "instance_timeout_ms", "query_timeout_ms"):
@@ -140,7 +147,8 @@ def parse_config(argv):
         instances=instances, registry_url=a.registry_url, deployment=a.deployment,
         registry_poll_ms=a.registry_poll_ms, coder=a.coder, coder_timeout_ms=a.coder_timeout_ms,
         inline_coding_max_bytes=a.inline_coding_max_bytes, coding_threads=a.coding_threads,
-        max_in_system=a.max_in_system, max_in_flight=a.max_in_flight, max_attempts=a.max_attempts,
+        max_in_system=a.max_in_system, max_in_flight=a.max_in_flight, max_coalesce=a.max_coalesce,
+        max_attempts=a.max_attempts,
         hedge_delay_ms=a.hedge_delay_ms, hedge_initial_delay_ms=a.hedge_initial_delay_ms,
         host=a.host, port=a.port, ready_file=a.ready_file, metrics_port=a.metrics_port,
         records_dir=a.records_dir, grace_s=a.grace_s, log_level=a.log_level)

@@ -19,6 +19,10 @@ Concurrency model and invariants
   queued and in flight (a hedged copy, a re-dispatch after a timeout). A
   batch leaves a queue by being taken by an instance or by ``remove`` of
   exactly that batch; never by range.
+* A call carries one batch, or with ``max_coalesce`` > 1 (not in coded mode)
+  several batches of one role taken from the queue together by one free
+  instance (dynamic batching under load); its reply is split back by rows in
+  the order taken, and an error or timeout is an erasure of every batch in it.
 * A call ends exactly once (``Call.finished``): by its reply, its error, its
   timeout timer, or its instance leaving. The end releases the instance slot
   and pumps the instance's queue. Every call has a timeout (the instance
@@ -160,13 +164,29 @@ class Batch:
         return False
 
 
+class Coalesced:
+    """Several queued batches of one role sent as one instance call (rows concatenated)."""
+
+    __slots__ = ("batches", "inputs", "batch_id", "role", "_payload")
+
+    def __init__(self, batches):
+        self.batches = batches
+        self.inputs = np.concatenate([b.inputs for b in batches])
+        self.batch_id = batches[0].batch_id
+        self.role = batches[0].role
+        self._payload = None
+
+    payload = Batch.payload
+
+
 class Call:
-    """One outstanding instance call; ends exactly once."""
+    """One outstanding instance call (one batch, or several coalesced); ends exactly once."""
 
-    __slots__ = ("batch", "instance", "started_s", "timer", "task", "finished")
+    __slots__ = ("batches", "unit", "instance", "started_s", "timer", "task", "finished")
 
-    def __init__(self, batch, instance, started_s):
-        self.batch = batch
+    def __init__(self, batches, instance, started_s):
+        self.batches = batches
+        self.unit = batches[0] if len(batches) == 1 else Coalesced(batches)
         self.instance = instance
         self.started_s = started_s
         self.timer = None
@@ -291,6 +311,8 @@ class Engine:
         *_s: timeouts in seconds (see the module docstring).
         max_in_system: admission bound (queries admitted and not yet done).
         max_in_flight: concurrent calls per instance.
+        max_coalesce: queued batches an instance may take in one call (1 = off;
+            not in coded mode, where a group's batches must stay on separate calls).
         max_attempts: calls per batch before its queries fail.
         hedge_delay_s: fixed hedge delay, or None for the recent p95.
         observer: receives records and metric events.
@@ -299,7 +321,7 @@ class Engine:
     def __init__(self, *, base, mode="none", queue, clock, client_factory, coder=None,
                  k=2, batch_size=1, batch_timeout_s=0.005, group_timeout_s=1.0,
                  instance_timeout_s=2.0, query_timeout_s=30.0, max_in_system=10000,
-                 max_in_flight=1, max_attempts=3, hedge_delay_s=None, hedge_initial_delay_s=0.05,
+                 max_in_flight=1, max_coalesce=1, max_attempts=3, hedge_delay_s=None, hedge_initial_delay_s=0.05,
                  parity_output_shape=None, backup_output_shape=None, observer=None,
                  gc_interval_s=1.0):
         if mode not in MODES:
@@ -320,6 +342,9 @@ class Engine:
         self.query_timeout_s = query_timeout_s
         self.max_in_system = max_in_system
         self.max_in_flight = max_in_flight
+        self.max_coalesce = max(1, int(max_coalesce))
+        if mode == "coded" and self.max_coalesce > 1:
+            raise ValueError("coalescing is not available in coded mode (a group's batches must stay apart)")
         self.max_attempts = max_attempts
         self.hedge_delay_s = hedge_delay_s
         self.hedge_initial_delay_s = hedge_initial_delay_s
@@ -615,28 +640,37 @@ class Engine:
                 batch = self.queue.take(inst)
                 if batch is None:
                     break
+                batches = [batch]
+                while len(batches) < self.max_coalesce:
+                    more = self.queue.take(inst)
+                    if more is None:
+                        break
+                    batches.append(more)
                 self._rotation[role] = (start + j + 1) % n
-                self._start_call(inst, batch)
+                self._start_call(inst, batches)
 
-    def _start_call(self, inst, batch):
+    def _start_call(self, inst, batches):
         now = self.clock.now()
         timeout = self.instance_timeout_s
-        if batch.queries:
-            latest = max(q.deadline_s for q in batch.queries)
-            timeout = max(0.001, min(timeout, latest - now))
-        call = Call(batch, inst, now)
+        for batch in batches:
+            if batch.queries:
+                latest = max(q.deadline_s for q in batch.queries)
+                timeout = max(0.001, min(timeout, latest - now))
+        call = Call(batches, inst, now)
         inst.in_flight += 1
         inst.calls.add(call)
-        batch.calls += 1
-        batch.attempts += 1
-        batch.exclude.add(inst.instance_id)
         self.counters["calls"] += 1
-        if batch.dispatched_s is None:
-            batch.dispatched_s = now
-            self.obs.dispatched(batch, now - batch.created_s)
+        for batch in batches:
+            batch.calls += 1
+            batch.attempts += 1
+            batch.exclude.add(inst.instance_id)
+            if batch.dispatched_s is None:
+                batch.dispatched_s = now
+                self.obs.dispatched(batch, now - batch.created_s)
         call.timer = self.clock.call_later(timeout, self._call_timed_out, call)
         call.task = self._spawn(self._run_call(call, timeout))
-        self.policy.on_dispatched(batch, inst)
+        for batch in batches:
+            self.policy.on_dispatched(batch, inst)
 
     def _spawn(self, coro):
         task = asyncio.get_running_loop().create_task(coro)
@@ -647,8 +681,9 @@ class Engine:
     async def _run_call(self, call, timeout_s):
         inst = call.instance
         try:
-            output = await inst.client.infer(call.batch, timeout_s + 0.5)
-            check_rows(output, call.batch.inputs.shape[0], self.output_shapes[call.batch.role],
+            unit = call.unit
+            output = await inst.client.infer(unit, timeout_s + 0.5)
+            check_rows(output, unit.inputs.shape[0], self.output_shapes[unit.role],
                        f"instance {inst.instance_id}")
         except asyncio.CancelledError:
             raise
@@ -664,7 +699,8 @@ class Engine:
         inst = call.instance
         inst.in_flight -= 1
         inst.calls.discard(call)
-        call.batch.calls -= 1
+        for batch in call.batches:
+            batch.calls -= 1
 
     def _call_timed_out(self, call):
         call.timer = None
@@ -682,10 +718,19 @@ class Engine:
         inst.completed += 1
         inst.mark_ok()
         now = self.clock.now()
-        if call.batch.role == "data":
+        batches = call.batches
+        if batches[0].role == "data":
             self.latencies.add(now - call.started_s)
-        self.policy.on_result(call.batch, output, inst)
-        self._after_batch_event(call.batch)
+        if len(batches) == 1:
+            self.policy.on_result(batches[0], output, inst)
+            self._after_batch_event(batches[0])
+        else:
+            offset = 0
+            for batch in batches:
+                rows = batch.inputs.shape[0]
+                self.policy.on_result(batch, output[offset:offset + rows], inst)
+                offset += rows
+                self._after_batch_event(batch)
         if not inst.removed:
             self._pump(inst.role)
 
@@ -699,12 +744,13 @@ class Engine:
         if timeout:
             inst.timeouts += 1
             self.counters["call_timeouts"] += 1
-        log.debug("call of batch %d on %s failed: %r", call.batch.batch_id, inst.instance_id, exc)
+        log.debug("call of batch %d on %s failed: %r", call.unit.batch_id, inst.instance_id, exc)
         if not inst.removed:
             backoff = inst.mark_failed()
             self.clock.call_later(backoff, self._pump, inst.role)
-        self.policy.on_failure(call.batch, inst, exc)
-        self._after_batch_event(call.batch)
+        for batch in reversed(call.batches):    # re-queued at the front: keep their order
+            self.policy.on_failure(batch, inst, exc)
+            self._after_batch_event(batch)
         if not inst.removed:
             self._pump(inst.role)
 

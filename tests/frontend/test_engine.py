@@ -461,3 +461,49 @@ async def test_hedged_in_rr_goes_to_another_instances_queue():
     await settle()
     assert q.future.result().source == ORIGINAL
     await e.close()
+
+
+@pytest.mark.parametrize("queue_mode", ["single_queue", "rr"])
+async def test_coalescing_takes_queued_batches_in_one_call(queue_mode):
+    e, clock, fleet = make_engine("none", queue_mode, data=1, max_coalesce=3)
+    qs = [e.submit(x(i)) for i in range(6)]
+    await settle()
+    c = fleet["d0:1"]
+    assert c.pending_ids() == [0]                 # the first batch left at once, alone
+    c.release()
+    await settle()
+    assert c.pending_ids() == [1]                 # batches 1, 2, 3 in one call
+    assert c.pending[0][0].inputs.shape == (3, 4)
+    c.release()
+    await settle()
+    assert c.pending_ids() == [4] and c.pending[0][0].inputs.shape == (2, 4)
+    c.release()
+    await settle()
+    for i, q in enumerate(qs):
+        a = q.future.result()
+        assert a.batch_id == i and a.source == ORIGINAL
+        np.testing.assert_array_equal(a.output, linear(x(i)[None])[0])
+    assert e.counters["calls"] == 3
+
+
+async def test_coalesced_call_failure_is_an_erasure_of_each_batch():
+    e, clock, fleet = make_engine("none", data=2, max_coalesce=4, modes={"d0:1": "manual", "d1:1": "manual"})
+    qs = [e.submit(x(i)) for i in range(4)]       # 0 -> d0, 1 -> d1, 2 and 3 queued
+    await settle()
+    fleet["d0:1"].release(0)
+    await settle()
+    assert fleet["d0:1"].pending_ids() == [2]     # 2 and 3 together
+    fleet["d0:1"].fail(2)
+    await settle()
+    assert e.counters["redispatches"] == 2
+    fleet["d1:1"].release(1)
+    await settle()
+    assert fleet["d1:1"].pending_ids() == [2] and fleet["d1:1"].pending[0][0].inputs.shape == (2, 4)
+    fleet["d1:1"].release()
+    await settle()
+    assert [q.future.result().batch_id for q in qs] == [0, 1, 2, 3]
+
+
+def test_coalescing_is_refused_in_coded_mode():
+    with pytest.raises(ValueError, match="coded"):
+        make_engine("coded", data=1, parity=1, max_coalesce=2)
