@@ -106,8 +106,14 @@ def dry_run(sweep, settings, clients, out):
         notes.append(f"reuse, zones and images not checked: {exc}")
         print(plan_mod.format_plan(fleet_plan, settings, notes=notes), file=out)
         return 0
-    info = network.instance_type_info(clients, fleet_plan.instance_types)
-    zones = network.candidate_zones(clients, fleet_plan.instance_types)
+    try:
+        info = network.instance_type_info(clients, fleet_plan.instance_types)
+        network.check_key_pair(clients)
+        zones = network.candidate_zones(clients, fleet_plan.instance_types)
+    except AwsError:
+        # The plan is still worth seeing; the error follows on stderr (exit 1).
+        print(plan_mod.format_plan(fleet_plan, settings, notes=notes), file=out)
+        raise
     notes.append(f"zones to try, in order: {', '.join(zones)}")
     for role in plan_mod.ROLES:
         gpu = info[fleet_plan.group(role).instance_type]["gpus"] > 0

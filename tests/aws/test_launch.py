@@ -190,6 +190,10 @@ def test_unknown_instance_type_is_refused_before_anything_is_created(aws):
     assert err == ("deploy.aws: unknown instance type(s) in region us-east-1: p2.xlarge "
                    "(override with --frontend-type/--worker-type/--client-type)\n")
     assert fleet(aws, "fig9a") == []
+    rc, out, err = run(["launch", "fig9a", "--dry-run"])  # the plan is printed, then the error
+    assert rc == 1 and "unknown instance type(s) in region us-east-1: p2.xlarge" in err
+    assert "worker    p2.xlarge        18     0     18      0.900" in out
+    assert "use --worker-type g4dn.xlarge" in out
 
 
 def test_missing_key_pair_is_refused_before_anything_is_created(aws, release):
