@@ -14,7 +14,6 @@
 # arrays over protobuf bytes) are accepted; only `out` must be writable.
 
 cimport numpy as cnp
-from libc.stdint cimport uint8_t, uint16_t
 
 cnp.import_array()
 

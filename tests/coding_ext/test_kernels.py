@@ -245,11 +245,36 @@ def test_sum_rejects_bad_input(ce, inputs, kwargs, match):
         ce.sum_encode(inputs(), **kwargs)
 
 
-def test_sum_rejects_read_only_out(ce):
-    out = np.empty((2, 3), np.float32)
+def _call(ce, op, out):
+    if op == "sum":
+        return ce.sum_encode([_x((1, 2, 4, 4))] * 2, out)
+    if op == "concat":
+        return ce.concat_encode([_x((1, 2, 4, 4))] * 4, out)
+    return ce.subtract_decode(_x((1, 2, 4, 4)), [_x((1, 2, 4, 4))] * 2, out)
+
+
+@pytest.mark.parametrize("op", ["sum", "concat", "decode"])
+def test_rejects_read_only_out(ce, op):
+    out = np.empty((1, 2, 4, 4), np.float32)
     out.flags.writeable = False
     with pytest.raises(ValueError, match="read-only"):
-        ce.sum_encode([_x(), _x()], out)
+        _call(ce, op, out)
+
+
+@pytest.mark.parametrize("op", ["sum", "concat", "decode"])
+@pytest.mark.parametrize(
+    "out, match",
+    [
+        (lambda: np.empty((1, 2, 4, 8), np.float32)[..., ::2], "C-contiguous"),
+        (lambda: np.empty((1, 2, 4, 4), np.float64), "float32"),
+        (lambda: np.empty((1, 2, 4, 4), ">f4"), "byte order"),
+        (lambda: np.empty((2, 2, 4, 4), np.float32), "out must have shape"),
+        (lambda: np.empty((1, 2, 16), np.float32), "out must have shape"),
+    ],
+)
+def test_rejects_bad_out(ce, op, out, match):
+    with pytest.raises(ValueError, match=match):
+        _call(ce, op, out())
 
 
 def test_sum_rejects_partial_overlap(ce):
