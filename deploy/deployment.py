@@ -159,7 +159,8 @@ def start_deployment(spec, launcher, placement, models, *, namespace, log_dir, r
     try:
         if registry_url is None:
             dep.registry = launcher.start(
-                "services.common.registry", ["serve"], name=f"{namespace}-registry",
+                "services.common.registry", ["serve", "--host", launcher.bind_address(placement.frontend)],
+                name=f"{namespace}-registry",
                 host=placement.frontend, log_path=log_dir / "registry.log",
             )
             registry_url = f"redis://{dep.registry.address}/0"
@@ -171,7 +172,7 @@ def start_deployment(spec, launcher, placement, models, *, namespace, log_dir, r
             host = placement.worker(i)
             args = [
                 "--model", manifest, "--role", role,
-                "--host", launcher.bind_address(host) if hasattr(launcher, "bind_address") else "127.0.0.1",
+                "--host", launcher.bind_address(host),
                 "--instance-id", f"{role}-{i}",
                 "--registry-url", registry_url, "--deployment", namespace,
                 *distribution_args("compute", spec.compute, seed=seed * 1000 + i),

@@ -50,6 +50,10 @@ class Launcher(abc.ABC):
     #: Address at which services on host i are reachable from the frontend.
     host_addresses: list
 
+    def bind_address(self, host):
+        """The address services on ``host`` bind (and are reached at)."""
+        return self.host_addresses[host]
+
     @abc.abstractmethod
     def start(self, module, args, *, name, host=0, log_path=None, env=None, ready_timeout_s=60.0):
         """Starts ``python -m module *args --port 0 --ready-file F`` on ``host``."""

@@ -203,8 +203,7 @@ class Sweep:
                 "frontend_text": stats.frontend_tables(queries, groups) if run.redundancy_mode == "coded" else ""}
 
     def _bind(self, host):
-        bind = getattr(self.launcher, "bind_address", None)
-        return bind(host) if bind else "127.0.0.1"
+        return self.launcher.bind_address(host)
 
     async def _load(self, run, dep, clients, run_dir, namespace, extra):
         from loadgen import Spec

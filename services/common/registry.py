@@ -312,9 +312,15 @@ def _die_with_parent():
 
 
 class EmbeddedRedis:
-    """A Redis-compatible server child process on 127.0.0.1 (see module docstring)."""
+    """A Redis-compatible server child process (see module docstring).
 
-    def __init__(self, *, port=0, password=None, binary=None, start_timeout_s=10.0):
+    ``host`` is the one address it binds: 127.0.0.1 by default; the address
+    of the frontend's host on a testbed or fleet, where instances on other
+    hosts must reach it.
+    """
+
+    def __init__(self, *, port=0, password=None, binary=None, start_timeout_s=10.0, host="127.0.0.1"):
+        self.host = host
         self.binary = binary or find_server_binary()
         self.password = password
         self._requested_port = port
@@ -326,13 +332,13 @@ class EmbeddedRedis:
     @property
     def url(self):
         auth = f":{self.password}@" if self.password else ""
-        return f"redis://{auth}127.0.0.1:{self.port}/0"
+        return f"redis://{auth}{self.host}:{self.port}/0"
 
     def start(self):
         attempts = 1 if self._requested_port else 5
         last = ""
         for _ in range(attempts):
-            port = self._requested_port or free_port()
+            port = self._requested_port or free_port(self.host)
             ok, last = self._try_start(port)
             if ok:
                 _LIVE.add(self)
@@ -341,7 +347,7 @@ class EmbeddedRedis:
 
     def _try_start(self, port):
         self._dir = tempfile.mkdtemp(prefix="parm-redis-")
-        argv = [self.binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+        argv = [self.binary, "--port", str(port), "--bind", self.host, "--save", "",
                 "--appendonly", "no", "--dir", self._dir, "--daemonize", "no",
                 "--logfile", "", "--loglevel", "warning"]
         if self.password:
@@ -365,7 +371,7 @@ class EmbeddedRedis:
 
     def _ping(self):
         try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
+            with socket.create_connection((self.host, self.port), timeout=0.5) as s:
                 if self.password:
                     s.sendall(_resp("AUTH", self.password))
                     if not s.recv(64).startswith(b"+OK"):
@@ -434,6 +440,7 @@ def _stop_all():
 @dataclass(frozen=True)
 class ServeConfig:
     port: int = 0
+    host: str = "127.0.0.1"
     password: str | None = None
     ready_file: str | None = None
     log_level: str = "INFO"
@@ -452,21 +459,22 @@ def parse_config(argv):
     )
     sub = parser.add_subparsers(dest="command", required=True)
     serve_p = sub.add_parser("serve", help="start the server", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    serve_p.add_argument("--port", type=int, default=0, help="TCP port on 127.0.0.1 (0 = a free port)")
+    serve_p.add_argument("--host", default="127.0.0.1", help="the one address to bind")
+    serve_p.add_argument("--port", type=int, default=0, help="TCP port (0 = a free port)")
     serve_p.add_argument("--password", default=None, help="requirepass for the server")
     serve_p.add_argument("--ready-file", default=None, help="write {port, pid, url} JSON here once serving")
     serve_p.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     if not 0 <= args.port < 65536:
         parser.error(f"--port {args.port} out of range")
-    return ServeConfig(port=args.port, password=args.password, ready_file=args.ready_file,
+    return ServeConfig(port=args.port, host=args.host, password=args.password, ready_file=args.ready_file,
                        log_level=args.log_level)
 
 
 async def serve(cfg):
     from services.common.procs import write_ready_file
 
-    server = EmbeddedRedis(port=cfg.port, password=cfg.password).start()
+    server = EmbeddedRedis(port=cfg.port, password=cfg.password, host=cfg.host).start()
     try:
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
