@@ -235,15 +235,13 @@ async def _main_run(cfg):
 
 def _report(cfg, result, meta):
     from loadgen import stats
-    from loadgen.records import write_csv
-    summary = stats.summarize(result.records, meta)
+    if cfg.out:
+        summary = stats.write_run(result.records, cfg.out, meta)
+    else:
+        summary = stats.summarize(result.records, meta)
     print(stats.format_report(summary))
     if cfg.out:
-        out = pathlib.Path(cfg.out)
-        out.mkdir(parents=True, exist_ok=True)
-        write_csv(result.records, out / "records.csv")
-        stats.write_summary(summary, out / stats.SUMMARY_NAME)
-        print(f"records and summary written to {out}/")
+        print(f"records and summary written to {cfg.out}/")
     return summary
 
 

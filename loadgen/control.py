@@ -203,6 +203,8 @@ async def run_remote_async(addresses, spec, *, on_progress=None):
     if not addresses:
         raise ValueError("no load generator addresses")
     spec.validate()
+    if 0 < spec.num_queries < len(addresses):
+        raise ValueError(f"num_queries {spec.num_queries} is fewer than the {len(addresses)} generators")
     tasks = [asyncio.create_task(_drive(a, s, on_progress))
              for a, s in zip(addresses, spec.split(len(addresses)))]
     try:

@@ -21,15 +21,16 @@ from loadgen.sender import OpenLoopSender
 class Spec:
     """What to run (the fields of ``parm.v1.RunSpec``).
 
-    ``rate`` is queries/s for this generator; ``num_queries`` measured
-    queries (0: use ``duration_s``); ``warmup_queries`` are sent first and
-    excluded from statistics. For ``control.run_remote`` and ``--clients``
+    ``rate`` is queries/s for this generator; exactly one of ``num_queries``
+    (measured queries) and ``duration_s`` (send measured queries for this
+    long) is > 0; ``warmup_queries`` are sent first and excluded from
+    statistics. For ``control.run_remote`` and ``--clients``
     the rate and query counts are aggregate totals, split over generators.
     """
 
     target: str = DEFAULT_TARGET
     rate: float = 4.0
-    num_queries: int = 100
+    num_queries: int = 0
     duration_s: float = 0.0
     warmup_queries: int = 0
     seed: int = 0
@@ -45,8 +46,8 @@ class Spec:
             raise ValueError(f"rate must be > 0, got {self.rate}")
         if self.num_queries < 0 or self.duration_s < 0 or self.warmup_queries < 0:
             raise ValueError("num_queries, duration_s and warmup_queries must be >= 0")
-        if self.num_queries == 0 and not self.duration_s > 0:
-            raise ValueError("need num_queries > 0 or duration_s > 0")
+        if (self.num_queries > 0) == (self.duration_s > 0):
+            raise ValueError("need exactly one of num_queries > 0 and duration_s > 0")
         if not self.deadline_s > 0:
             raise ValueError(f"deadline_s must be > 0, got {self.deadline_s}")
         if not self.target:

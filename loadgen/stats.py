@@ -163,6 +163,19 @@ def write_summary(summary, path):
     return path
 
 
+def write_run(records, out_dir, meta=None):
+    """Writes ``records.csv`` and ``summary.json`` into ``out_dir``; returns
+    the summary (what ``python -m loadgen --out`` does)."""
+    from loadgen.records import write_csv
+    out_dir = pathlib.Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    records = list(records)
+    summary = summarize(records, meta)
+    write_csv(records, out_dir / CSV_NAME)
+    write_summary(summary, out_dir / SUMMARY_NAME)
+    return summary
+
+
 # ---------------------------------------------------------------------------
 # The frontend's records (services/frontend, --records-dir): an adapter.
 # ---------------------------------------------------------------------------
