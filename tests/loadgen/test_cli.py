@@ -165,15 +165,15 @@ def test_clients_split_the_rate_and_merge_records(fake_frontend, inputs_npz, tmp
     assert summary["num_sent"] == 101
 
 
-@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
-def test_interrupt_stops_every_generator_process(fake_frontend, inputs_npz, sig):
+@pytest.mark.parametrize("sig, clients", [("SIGINT", 1), ("SIGINT", 2), ("SIGTERM", 2)])
+def test_interrupt_stops_every_generator_process(fake_frontend, inputs_npz, sig, clients):
     import signal
     import time
 
     import psutil
 
     proc = subprocess.Popen([sys.executable, "-m", "loadgen", "--target", fake_frontend.address,
-                             "--rate", "50", "--duration-s", "600", "--clients", "2", "--inputs",
+                             "--rate", "50", "--duration-s", "600", "--clients", str(clients), "--inputs",
                              str(inputs_npz), "--no-progress"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -182,7 +182,7 @@ def test_interrupt_stops_every_generator_process(fake_frontend, inputs_npz, sig)
             time.sleep(0.1)
         assert len(fake_frontend.seen) >= 10
         children = psutil.Process(proc.pid).children(recursive=True)
-        assert len(children) == 2
+        assert len(children) == (clients if clients > 1 else 0)
         proc.send_signal(getattr(signal, sig))
         _, err = proc.communicate(timeout=60)
     finally:

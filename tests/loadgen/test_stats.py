@@ -127,3 +127,25 @@ def test_frontend_record_adapter_reads_the_frontends_records_dir(tmp_path):
     assert "FRONTEND_LATENCY (ms)\nNUM   MED   MEAN  P99     P99.5   P99.9\n1     6.70" in text
     assert "ENCODING_LATENCY (us)\nNUM   MED   MEAN  P99     P99.5   P99.9\n2     19.20" in text
     assert "DECODING_LATENCY (us)\nNUM   MED   MEAN  P99     P99.5   P99.9\n1     9.10" in text
+
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.floats(min_value=0.0, max_value=1e6, allow_nan=False), min_size=1, max_size=300),
+       st.lists(st.sampled_from(["original", "reconstructed", "backup", "default", "ERR"]), min_size=300,
+                max_size=300))
+def test_summary_partitions_queries_and_matches_type7(latencies, kinds):
+    records = [_rec(i, lat, status="UNAVAILABLE" if kind == "ERR" else "OK",
+                    source=kind if kind != "ERR" else "original")
+               for i, (lat, kind) in enumerate(zip(latencies, kinds))]
+    s = summarize(records)
+    ok = [r.latency_ms for r in records if r.ok]
+    assert s["num_ok"] + sum(s["errors"].values()) == s["num_sent"] == len(records)
+    assert sum(row["num"] for row in s["by_source"].values()) == s["overall"]["num"] == len(ok)
+    if ok:
+        for key, q in (("med", 50), ("p99", 99), ("p995", 99.5), ("p999", 99.9)):
+            assert s["overall"][key] == pytest.approx(type7(ok, q), rel=1e-9, abs=1e-9)
+        assert min(ok) <= s["overall"]["med"] <= s["overall"]["p99"] <= s["overall"]["p999"] <= max(ok)
