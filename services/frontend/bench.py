@@ -34,6 +34,7 @@ import tempfile
 import time
 
 import numpy as np
+import psutil
 
 from parm.v1 import frontend_pb2, frontend_pb2_grpc, model_server_pb2, model_server_pb2_grpc, tensor_pb2
 from services.common import tensors
@@ -247,6 +248,13 @@ def bench(args):
         frontend = ServiceProcess.python_module("services.frontend", _frontend_argv(
             model, addrs, ["--max-in-flight", str(args.max_in_flight)]), name="frontend")
         procs.append(frontend)
+        targets = [("proxy", proxy), ("frontend", frontend)]
+        if args.max_coalesce > 1:
+            coalescing = ServiceProcess.python_module("services.frontend", _frontend_argv(
+                model, addrs, ["--max-in-flight", str(args.max_in_flight),
+                               "--max-coalesce", str(args.max_coalesce)]), name="frontend-coalescing")
+            procs.append(coalescing)
+            targets.append((f"frontend+coalesce{args.max_coalesce}", coalescing))
 
         log("== added latency (closed loop, one request at a time)")
         lat = {
@@ -264,12 +272,18 @@ def bench(args):
 
         rates = [float(r) for r in args.rates.split(",")]
         out["rate"] = {}
-        for name, proc in (("proxy", proxy), ("frontend", frontend)):
+        for name, proc in targets:
             log(f"== sustainable rate: {name} (p99 < {args.p99_target_ms} ms)")
+            pid = psutil.Process(proc.pid)
+            cpu0 = sum(pid.cpu_times()[:2])
             best, runs = _sweep(proc.address, rates, args.duration_s, args.p99_target_ms, log)
-            out["rate"][name] = {"best_qps": best, "runs": runs}
-            log(f"  {name}: highest rate with p99 < {args.p99_target_ms} ms = {best}")
-        frontend.stop()
+            sent = sum(r.get("sent", 0) + 50 for r in runs)
+            cpu_us = 1e6 * (sum(pid.cpu_times()[:2]) - cpu0) / max(1, sent)
+            out["rate"][name] = {"best_qps": best, "runs": runs, "cpu_us_per_query": cpu_us}
+            log(f"  {name}: highest rate with p99 < {args.p99_target_ms} ms = {best} "
+                f"(process CPU {cpu_us:.0f} us per query over the sweep)")
+        for _, proc in targets[1:]:
+            proc.stop()
 
         if args.profile_rate:
             log(f"== profile of the frontend at {args.profile_rate:.0f} q/s")
@@ -310,6 +324,8 @@ def main(argv=None):
         q.add_argument("--json", default=None, help="write results here")
         q.add_argument("--instances", type=int, default=2, help="model servers")
         q.add_argument("--max-in-flight", type=int, default=4, help="frontend --max-in-flight")
+        q.add_argument("--max-coalesce", type=int, default=8,
+                       help="frontend --max-coalesce for the second frontend configuration (1 = skip it)")
         q.add_argument("--latency-queries", type=int, default=2000, help="closed-loop requests per target")
         q.add_argument("--rates", default="250,500,750,1000,1250,1500,1750,2000", help="offered rates, q/s")
         q.add_argument("--duration-s", type=float, default=5.0, help="seconds per rate")
