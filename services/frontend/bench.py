@@ -22,7 +22,6 @@ Subcommands used internally: ``proxy`` (the pass-through proxy) and ``load``
 
 import argparse
 import asyncio
-import cProfile  # noqa: F401 - documented: the profile runs ``python -m cProfile``
 import io
 import itertools
 import json

@@ -49,7 +49,6 @@ import asyncio
 import collections
 import itertools
 import logging
-import math
 import time
 
 import numpy as np

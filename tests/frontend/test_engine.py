@@ -3,8 +3,6 @@
 Fake instances and an injected ManualClock: time moves only when a test says so.
 """
 
-import asyncio
-
 import numpy as np
 import pytest
 
