@@ -13,7 +13,6 @@ stopped on exit, Ctrl-C and SIGTERM). The second serves the control service.
 
 import argparse
 import asyncio
-import json
 import logging
 import pathlib
 import signal
@@ -249,23 +248,21 @@ def main_run(cfg):
     from loadgen.client import TargetUnavailable
     from loadgen.control import RemoteRunError
     from loadgen.inputs import InputsError
+    from services.common.procs import ServiceStartError
     try:
         result = asyncio.run(_main_run(cfg))
     except (TargetUnavailable, InputsError, RemoteRunError, ValueError) as exc:
         print(f"loadgen: error: {exc}", file=sys.stderr)
         return 1
+    except ServiceStartError as exc:
+        print(f"loadgen: error: a generator process did not start: {str(exc).splitlines()[0]}",
+              file=sys.stderr)
+        return 1
     except (KeyboardInterrupt, asyncio.CancelledError):
         print("loadgen: interrupted; generators stopped", file=sys.stderr)
         return 130
-    except Exception as exc:  # noqa: BLE001 - the CLI boundary: one line, no traceback
-        from services.common.procs import ServiceStartError
-        if isinstance(exc, ServiceStartError):
-            print(f"loadgen: error: a generator process did not start: "
-                  f"{str(exc).splitlines()[0]}", file=sys.stderr)
-            return 1
-        raise
-    meta = dict(getattr(result, "meta", {}) or {})
-    meta.setdefault("spec", {k: v for k, v in asdict(replace(spec_of(cfg), manifest_json="")).items()})
+    meta = dict(getattr(result, "meta", None) or {})
+    meta.setdefault("spec", asdict(replace(spec_of(cfg), manifest_json="")))
     meta["clients"] = cfg.clients
     if getattr(result, "per_generator", None):
         meta["generators"] = result.per_generator

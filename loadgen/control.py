@@ -13,12 +13,14 @@ several clients of one run.
 
 Client side: ``run_remote(addresses, spec)`` splits ``spec`` (aggregate rate
 and counts) over the generators at ``addresses`` (client_index = position),
-runs them at once, and returns the merged records.
+runs them at once, and returns the merged records with generator 0's run
+description (``RunDone.meta_json``: the frontend's GetStatus, the inputs).
 """
 
 import asyncio
+import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import grpc
 
@@ -108,8 +110,8 @@ class LoadGeneratorServicer(loadgen_pb2_grpc.LoadGeneratorServicer):
                 chunk = result.records[start:start + RECORDS_PER_EVENT]
                 yield loadgen_pb2.RunEvent(records=loadgen_pb2.RecordBatch(
                     records=[record_to_proto(r) for r in chunk]))
-            yield loadgen_pb2.RunEvent(done=loadgen_pb2.RunDone(run_id=spec.run_id,
-                                                                stopped=result.stopped))
+            yield loadgen_pb2.RunEvent(done=loadgen_pb2.RunDone(
+                run_id=spec.run_id, stopped=result.stopped, meta_json=json.dumps(result.meta)))
         finally:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
@@ -146,11 +148,14 @@ class RemoteResult:
     records: list
     stopped: bool = False
     per_generator: list = field(default_factory=list)  # dicts: address, num_records, stopped
+    # Generator 0's run description (the frontend's GetStatus, inputs) with
+    # the aggregate spec; per-generator start times are in per_generator.
+    meta: dict = field(default_factory=dict)
 
 
 async def _drive(address, spec, on_progress):
     channel = insecure_channel(address)
-    records, stopped = [], False
+    records, stopped, meta = [], False, {}
     try:
         stub = loadgen_pb2_grpc.LoadGeneratorStub(channel)
         async for event in stub.Run(spec_to_proto(spec)):
@@ -161,11 +166,12 @@ async def _drive(address, spec, on_progress):
                 records.extend(record_from_proto(m) for m in event.records.records)
             elif kind == "done":
                 stopped = event.done.stopped
+                meta = json.loads(event.done.meta_json) if event.done.meta_json else {}
     except grpc.aio.AioRpcError as exc:
         raise RemoteRunError(f"load generator {address}: {exc.code().name}: {exc.details()}") from None
     finally:
         await channel.close()
-    return {"address": address, "records": records, "stopped": stopped}
+    return {"address": address, "records": records, "stopped": stopped, "meta": meta}
 
 
 async def stop_remote(addresses, run_id="", timeout_s=5.0):
@@ -216,11 +222,18 @@ async def run_remote_async(addresses, spec, *, on_progress=None):
         raise
     records = sorted((r for res in results for r in res["records"]),
                      key=lambda r: (r.client_index, r.send_time_s))
+    meta = dict(results[0]["meta"])
+    meta["spec"] = asdict(replace(spec, manifest_json=""))
+    meta.pop("started_unix_s", None)
+    meta.pop("finished_unix_s", None)
     return RemoteResult(
         records=records,
         stopped=any(res["stopped"] for res in results),
         per_generator=[{"address": res["address"], "num_records": len(res["records"]),
-                        "stopped": res["stopped"]} for res in results],
+                        "stopped": res["stopped"],
+                        "started_unix_s": res["meta"].get("started_unix_s"),
+                        "finished_unix_s": res["meta"].get("finished_unix_s")} for res in results],
+        meta=meta,
     )
 
 

@@ -162,6 +162,8 @@ def test_clients_split_the_rate_and_merge_records(fake_frontend, inputs_npz, tmp
     assert {r["request_id"] for r in rows} == set(fake_frontend.seen)
     assert all(r["request_id"].startswith(f"multi-{r['client_index']}-") for r in rows)
     assert summary["meta"]["clients"] == 2 and len(summary["meta"]["generators"]) == 2
+    assert summary["meta"]["redundancy_mode"] == "coded"
+    assert summary["meta"]["spec"]["rate"] == 200 and summary["meta"]["spec"]["num_queries"] == 101
     assert summary["num_sent"] == 101
 
 

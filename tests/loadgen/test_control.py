@@ -37,6 +37,8 @@ def test_ready_file_and_remote_run_merges_records(generators, fake_frontend, inp
                         on_progress=lambda i, p: progress.append((i, p.completed, p.total)))
     assert not result.stopped
     assert len(result.records) == 64
+    assert result.meta["redundancy_mode"] == "coded" and result.meta["spec"]["rate"] == 200
+    assert result.meta["inputs"] == f"inputs {inputs_npz}"
     assert [g["num_records"] for g in result.per_generator] == [33, 31]
     assert {r.request_id for r in result.records} == set(fake_frontend.seen)
     table = default_behaviour()
