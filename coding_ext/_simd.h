@@ -4,10 +4,12 @@
  * x86-64 with GCC it is compiled three times (function multi-versioning:
  * x86-64-v4 = AVX-512, x86-64-v3 = AVX2, and the baseline); the dynamic
  * loader picks the widest clone the CPU supports (an ifunc), so a build made
- * here runs anywhere and still uses AVX-512 where present. The float16 loads
- * need F16C, which the auto-vectoriser does not use, so they are written with
- * intrinsics and dispatched once at run time (__builtin_cpu_supports).
- * Elsewhere (other compilers or architectures) there is one plain version.
+ * here runs anywhere and still uses AVX-512 where present. Two things are
+ * written with intrinsics instead and dispatched once at import
+ * (__builtin_cpu_supports): the float16 loads (F16C, which the
+ * auto-vectoriser does not use) and the streaming-store loop for large
+ * outputs. Elsewhere (other compilers or architectures, or with
+ * -DPARM_NO_DISPATCH) there is one plain version of everything.
  *
  * Arithmetic: float32, in exactly the order of the definitions in
  * coding_ext/reference.py; setup.py passes -ffp-contract=off so that no
