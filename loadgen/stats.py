@@ -266,20 +266,28 @@ def load_frontend_records(path):
     return queries, groups
 
 
+def frontend_summary(queries, groups):
+    """Latency rows of the frontend's records: ``frontend_latency_ms``
+    (answered queries), ``encoding_latency_us`` (groups with an encoding
+    duration), ``decoding_latency_us`` (groups that were decoded)."""
+    return {
+        "frontend_latency_ms": latency_row([q["latency_us"] / 1e3 for q in queries if q["status"] == "OK"]),
+        "encoding_latency_us": latency_row([g["encode_us"] for g in groups if g["encode_us"] is not None]),
+        "decoding_latency_us": latency_row([g["decode_us"] for g in groups if g["decode_us"] is not None]),
+    }
+
+
+_FRONTEND_TITLES = (("frontend_latency_ms", "FRONTEND_LATENCY (ms)"),
+                    ("encoding_latency_us", "ENCODING_LATENCY (us)"),
+                    ("decoding_latency_us", "DECODING_LATENCY (us)"))
+
+
 def frontend_tables(queries, groups):
-    """Text of the frontend's latency (ms, answered queries) and coding (us,
-    every group with the duration) tables; empty tables are left out."""
-    out = []
-    answered = [q["latency_us"] / 1e3 for q in queries if q["status"] == "OK"]
-    if answered:
-        out.append(format_table("FRONTEND_LATENCY (ms)", latency_row(answered)))
-    enc = [g["encode_us"] for g in groups if g["encode_us"] is not None]
-    dec = [g["decode_us"] for g in groups if g["decode_us"] is not None]
-    if enc:
-        out.append(format_table("ENCODING_LATENCY (us)", latency_row(enc)))
-    if dec:
-        out.append(format_table("DECODING_LATENCY (us)", latency_row(dec)))
-    return "\n\n".join(out)
+    """Text of the frontend's latency (ms) and coding (us) tables, from
+    ``frontend_summary``; empty tables are left out."""
+    rows = frontend_summary(queries, groups)
+    return "\n\n".join(format_table(title, rows[key]) for key, title in _FRONTEND_TITLES
+                        if rows[key]["num"])
 
 
 class _Parser(argparse.ArgumentParser):
@@ -294,7 +302,8 @@ def main(argv=None):
     parser.add_argument("--frontend-records", default=None,
                         help="the frontend's --records-dir (adds encoding/decoding tables)")
     parser.add_argument("--write-summary", action="store_true",
-                        help=f"(re)write {SUMMARY_NAME} from {CSV_NAME}")
+                        help=f"(re)write {SUMMARY_NAME} from {CSV_NAME} (with a 'frontend' section "
+                             "when --frontend-records is given)")
     args = parser.parse_args(argv)
     run_dir = pathlib.Path(args.run_dir)
     csv_path = run_dir / CSV_NAME if run_dir.is_dir() else run_dir
@@ -311,9 +320,7 @@ def main(argv=None):
         except (OSError, ValueError):
             meta = {}
     summary = summarize(records, meta)
-    if args.write_summary:
-        write_summary(summary, summary_path)
-    print(format_report(summary))
+    text = ""
     if args.frontend_records:
         try:
             queries, groups = load_frontend_records(args.frontend_records)
@@ -321,10 +328,14 @@ def main(argv=None):
             print(f"loadgen.stats: error: cannot read frontend records {args.frontend_records}: {exc}",
                   file=sys.stderr)
             return 1
+        summary["frontend"] = frontend_summary(queries, groups)
         text = frontend_tables(queries, groups)
-        if text:
-            print()
-            print(text)
+    if args.write_summary:
+        write_summary(summary, summary_path)
+    print(format_report(summary))
+    if text:
+        print()
+        print(text)
     return 0
 
 

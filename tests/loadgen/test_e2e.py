@@ -61,11 +61,19 @@ def test_loadgen_against_a_real_coded_deployment(tmp_path):
     # Linear models: originals and exact reconstructions predict the true label.
     assert by["original"]["accuracy"] == 1.0 and by["reconstructed"]["accuracy"] == 1.0
     stats = subprocess.run([sys.executable, "-m", "loadgen.stats", str(out), "--frontend-records",
-                            str(records_dir)], capture_output=True, text=True, timeout=60)
+                            str(records_dir), "--write-summary"], capture_output=True, text=True,
+                           timeout=60)
     assert stats.returncode == 0, stats.stderr
     for title in ("E2E_LATENCY (ms)", "FRONTEND_LATENCY (ms)", "ENCODING_LATENCY (us)",
                   "DECODING_LATENCY (us)"):
         assert f"{title}\nNUM   MED   MEAN  P99     P99.5   P99.9\n" in stats.stdout
+    frontend = json.loads((out / "summary.json").read_text())["frontend"]
+    assert frontend["frontend_latency_ms"]["num"] == 66  # warm-up included: the frontend cannot tell
+    assert frontend["encoding_latency_us"]["num"] >= 30
+    # Batch size 1: one decode per reconstructed answer, warm-up included.
+    from loadgen.records import read_csv
+    reconstructed = sum(r.source == "reconstructed" for r in read_csv(out / "records.csv"))
+    assert frontend["decoding_latency_us"]["num"] == reconstructed
     # The frontend saw the load generator's request ids.
     seen = {json.loads(line).get("request_id")
             for line in (records_dir / "queries.jsonl").read_text().splitlines()}
