@@ -30,6 +30,7 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__ELF__) \
@@ -312,15 +313,21 @@ static parm_nt_fn parm_nt_impl = parm_nt_sse2;
 #define PARM_HAVE_NT 0
 #endif
 
-/* Called once when the module is imported (with the GIL held). */
+/* Called once when the module is imported (with the GIL held). The
+ * environment variable PARM_SIMD_MAX=avx|sse2 caps the intrinsic paths below
+ * what the CPU offers, so that tests can run them on a newer machine (it does
+ * not affect the target_clones loops, which the loader picks). */
 static void parm_simd_init(void)
 {
 #if PARM_X86_DISPATCH
+    const char *cap = getenv("PARM_SIMD_MAX");
+    int allow_avx512 = cap == NULL || strcmp(cap, "avx512f") == 0;
+    int allow_avx = allow_avx512 || strcmp(cap, "avx") == 0;
     __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f")) {
+    if (allow_avx512 && __builtin_cpu_supports("avx512f")) {
         parm_f16_impl = parm_f16_to_f32_avx512;
         parm_nt_impl = parm_nt_avx512;
-    } else if (__builtin_cpu_supports("avx")) {
+    } else if (allow_avx && __builtin_cpu_supports("avx")) {
         parm_nt_impl = parm_nt_avx;
         if (__builtin_cpu_supports("f16c")) parm_f16_impl = parm_f16_to_f32_f16c;
     }

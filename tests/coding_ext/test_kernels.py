@@ -135,6 +135,21 @@ def test_decode_streaming_store_path(ce, m):
     )
 
 
+def test_float16_every_bit_pattern(ce):
+    """All 65536 halves (subnormals, infinities, NaNs) convert exactly, on the
+    vector path (one long call) and on the scalar path (15-element calls)."""
+    halves = np.arange(1 << 16, dtype=np.uint16).view(np.float16).reshape(1, -1)
+    zeros = np.zeros_like(halves)
+    with np.errstate(invalid="ignore"):
+        expected = reference.sum_encode([halves, zeros])
+    np.testing.assert_array_equal(ce.sum_encode([halves, zeros]), expected)
+    out = np.empty((1, 15), np.float32)
+    for start in range(0, 1 << 16, 15):
+        part = halves[:, start : start + 15]
+        got = ce.sum_encode([part, zeros[:, : part.shape[1]]], out[:, : part.shape[1]])
+        np.testing.assert_array_equal(got, expected[:, start : start + 15])
+
+
 def test_sum_affine_equals_normalise_then_sum(ce):
     rng = np.random.default_rng(1)
     xs = _batch(rng, 3, (4, 3, 8, 8), np.uint8)
