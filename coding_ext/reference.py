@@ -41,7 +41,8 @@ def sum_encode(inputs, out=None, *, scale=None, shift=None):
         total = total + x
     if scale is not None or shift is not None:
         channels = total.shape[1] if total.ndim >= 3 else 1
-        view = total.reshape(total.shape[0], channels, -1)
+        inner = int(np.prod(total.shape[2:] if total.ndim >= 3 else total.shape[1:]))
+        view = total.reshape(total.shape[0], channels, inner)
         a = np.ones(channels, np.float32) if scale is None else np.asarray(scale, np.float32)
         s = np.zeros(channels, np.float32) if shift is None else np.asarray(shift, np.float32)
         ks = np.float32(k) * s

@@ -75,7 +75,7 @@ def test_sum_matches_reference(ce, k, shape, dtype, stacked, seed):
 @SETTINGS
 @given(
     k=st.integers(2, 4),
-    b=st.integers(1, 3),
+    b=st.integers(0, 3),
     s=st.lists(st.integers(1, 7), min_size=0, max_size=3),
     dtype=st.sampled_from(DTYPES),
     which=st.sampled_from(["both", "scale", "shift"]),
