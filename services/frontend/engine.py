@@ -436,6 +436,17 @@ class Engine:
             self._enqueue(batch, front=True)
         if not self.by_role[inst.role]:
             self._role_gone(inst.role)
+            return
+        # A queued batch excluded from every instance left would never be taken:
+        # a hedged copy (its original still runs) is dropped, a retry may go anywhere again.
+        remaining = {i.instance_id for i in self.by_role[inst.role]}
+        for batch in self.queue.queued(inst.role):
+            if remaining <= batch.exclude:
+                if batch.calls:
+                    self.remove_from_queue(batch)
+                else:
+                    batch.exclude.clear()
+        self._pump(inst.role)
 
     async def _close_client(self, inst):
         try:
@@ -506,6 +517,7 @@ class Engine:
     def abandon(self, query):
         """The client went away (cancelled): the query is done without an answer."""
         if self._finish_query(query, "CANCELLED"):
+            query.future.cancel()
             self.counters["abandoned"] += 1
             self.obs.query_done(query, query.batch, query.batch.group_id if query.batch else 0)
             if query.batch is not None:
@@ -577,7 +589,7 @@ class Engine:
         status = "UNAVAILABLE"
         for q in batch.queries:
             self._fail_query(q, exc, status)
-        self._after_batch_event(batch)
+        self._release_if_unneeded(batch)
 
     # ------------------------------------------------------------ batching
     def _on_batch_formed(self, queries):
@@ -722,14 +734,14 @@ class Engine:
             self.latencies.add(now - call.started_s)
         if len(batches) == 1:
             self.policy.on_result(batches[0], output, inst)
-            self._after_batch_event(batches[0])
+            self._release_if_unneeded(batches[0])
         else:
             offset = 0
             for batch in batches:
                 rows = batch.inputs.shape[0]
                 self.policy.on_result(batch, output[offset:offset + rows], inst)
                 offset += rows
-                self._after_batch_event(batch)
+                self._release_if_unneeded(batch)
         if not inst.removed:
             self._pump(inst.role)
 
@@ -772,9 +784,10 @@ class Engine:
         self._enqueue(batch, front=True)
 
     def _release_if_unneeded(self, batch):
-        """A queued batch whose queries are all done is removed (it cannot help)."""
-        if batch.queue is not None and not self.policy.needed(batch):
-            self.remove_from_queue(batch)
+        """A queued batch (or cheap-mode twin) that can no longer help is removed."""
+        for b in (batch, batch.twin):
+            if b is not None and b.queue is not None and not self.policy.needed(b):
+                self.remove_from_queue(b)
         self._after_batch_event(batch)
 
     def _after_batch_event(self, batch):

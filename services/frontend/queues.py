@@ -85,6 +85,10 @@ class SingleQueue:
     def depths(self):
         return {role: len(q) for role, q in self._queues.items()}
 
+    def queued(self, role):
+        """The batches of ``role`` now queued (a snapshot list)."""
+        return list(self._queues.get(role, ()))
+
 
 class RoundRobinQueues:
     """``rr``: one FIFO per instance, filled round robin.
@@ -168,6 +172,9 @@ class RoundRobinQueues:
         for b in out:
             b.queue = None
         return out
+
+    def queued(self, role):
+        return [b for q in self._queues.values() for b in q if b.role == role]
 
     def depths(self):
         out = {}
