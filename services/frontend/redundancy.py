@@ -207,10 +207,10 @@ class Coded(Replication):
     def _encode(self, g):
         e = self.e
         coder = e.coder
+        t0 = time.perf_counter()        # ENCODING_LATENCY: gather + kernel + serialisation
         inputs = [m.inputs for m in g.members]
         nbytes = sum(x.nbytes for x in inputs)
         if coder.inline(nbytes):
-            t0 = time.perf_counter()
             try:
                 parity_in = coder.encode_now(inputs)
                 parity = self._parity_batch(g, parity_in)
@@ -221,11 +221,10 @@ class Coded(Replication):
             self._encoded(g, parity, time.perf_counter() - t0)
         else:
             g.encoding = True
-            e._spawn(self._encode_async(g, inputs))
+            e._spawn(self._encode_async(g, inputs, t0))
 
-    async def _encode_async(self, g, inputs):
+    async def _encode_async(self, g, inputs, t0):
         e = self.e
-        t0 = time.perf_counter()
         try:
             parity_in = await e.coder.encode(inputs)
             parity = self._parity_batch(g, parity_in)
@@ -299,11 +298,11 @@ class Coded(Replication):
         j = next(i for i, o in enumerate(g.outputs) if o is None)
         if j >= len(g.members) or not g.members[j].needed():
             return
+        t0 = time.perf_counter()        # DECODING_LATENCY: gather + kernel
         available = [o for o in g.outputs if o is not None]
         e = self.e
         coder = e.coder
         if coder.inline(g.parity_output.nbytes * self.k):
-            t0 = time.perf_counter()
             try:
                 rec = coder.decode_now(g.parity_output, available)
             except Exception:  # noqa: BLE001 - a failed decode leaves re-dispatch to work
@@ -313,11 +312,10 @@ class Coded(Replication):
             self._decoded(g, j, rec, time.perf_counter() - t0)
         else:
             g.decoding = True
-            e._spawn(self._decode_async(g, j, available))
+            e._spawn(self._decode_async(g, j, available, t0))
 
-    async def _decode_async(self, g, j, available):
+    async def _decode_async(self, g, j, available, t0):
         e = self.e
-        t0 = time.perf_counter()
         try:
             rec = await e.coder.decode(g.parity_output, available)
         except Exception:  # noqa: BLE001 - a failed decode leaves re-dispatch to work
