@@ -3,6 +3,8 @@
 Fake instances and an injected ManualClock: time moves only when a test says so.
 """
 
+import asyncio
+
 import numpy as np
 import pytest
 
@@ -505,3 +507,40 @@ async def test_coalesced_call_failure_is_an_erasure_of_each_batch():
 def test_coalescing_is_refused_in_coded_mode():
     with pytest.raises(ValueError, match="coded"):
         make_engine("coded", data=1, parity=1, max_coalesce=2)
+
+
+async def test_coded_through_the_executor_path():
+    import concurrent.futures
+
+    from services.frontend.engine import Engine
+    from services.frontend.queues import SingleQueue
+    from tests.frontend.fakes import base_manifest
+
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    clock = ManualClock()
+    fleet = FakeFleet()
+    e = Engine(base=base_manifest(), mode="coded", queue=SingleQueue(), clock=clock, client_factory=fleet,
+               coder=LocalCoder("sum", executor=pool, inline_max_bytes=0), k=2, gc_interval_s=0)
+    for name, role in (("d0", "data"), ("d1", "data"), ("p0", "parity")):
+        e.add_instance(name, f"{name}:1", role)
+    qs = [e.submit(x(i)) for i in range(2)]
+    for _ in range(100):                      # the encode runs in the executor thread
+        await asyncio.sleep(0.005)
+        if fleet["p0:1"].pending:
+            break
+    g = e.groups[0]
+    assert fleet["p0:1"].pending_ids() == [2] and g.encode_us > 0
+    fleet["p0:1"].release()
+    fleet["d1:1"].release()
+    for _ in range(100):
+        await asyncio.sleep(0.005)
+        if qs[0].future.done():
+            break
+    a = qs[0].future.result()
+    assert a.source == RECONSTRUCTED and g.decode_us > 0
+    np.testing.assert_allclose(a.output, linear(x(0)[None])[0], rtol=1e-5, atol=1e-4)
+    fleet["d0:1"].release()
+    await settle()
+    assert not e.groups
+    await e.close()
+    pool.shutdown()
