@@ -281,7 +281,7 @@ def parse(data, source_path=""):
         raise ConfigError(f"field 'num_trials': expected an integer >= 1, got {num_trials!r}")
     cfg = SweepConfig(
         experiment_id=exp,
-        model=_scalar(data, "model", str, "mnist-lenet5"),
+        model=_scalar(data, "model", str, "default"),
         queue_modes=_as_list(data, "queue_modes", str, allowed=QUEUE_MODES),
         redundancy_modes=_as_list(data, "redundancy_modes", str, allowed=REDUNDANCY_MODES),
         num_models=_as_list(data, "num_models", int, minimum=1),

@@ -57,10 +57,21 @@ class Models:
 def resolve_models(artifacts, model, mode, k, encoder):
     """Finds the manifests for a run; ``DeploymentError`` naming what is missing.
 
-    ``model`` is an artifact name (``mnist-lenet5``) or an architecture name
-    (``lenet5``, ``resnet18``) matched against ``*-<arch>.json``.
+    ``model`` is ``"default"`` (the base model of the default artifact set,
+    as ``models.build`` recorded it in ``index.json``), an artifact name
+    (``mnist-lenet5-wide``) or an architecture name (``resnet18``) matched
+    against ``*-<arch>.json``.
     """
     root = pathlib.Path(artifacts)
+    if model == "default":
+        try:
+            index = json.loads((root / "index.json").read_text())
+            model = next(a["name"] for a in index["artifacts"] if a["role"] == "base")
+        except (OSError, ValueError, KeyError, StopIteration):
+            raise DeploymentError(
+                f"no default model set in {root}/ (index.json missing or without a base model); "
+                "build it with `make models`"
+            ) from None
     base = root / f"{model}.json"
     if not base.exists():
         matches = sorted(p for p in root.glob(f"*-{model}.json"))
@@ -129,7 +140,7 @@ class Deployment:
                     log.warning("stopping %s: %s", started.name, exc)
 
 
-def _frontend_args(spec, models, registry_url, namespace, records_dir, metrics_port):
+def _frontend_args(spec, models, registry_url, namespace, records_dir, metrics_port, host):
     args = [
         "--mode", spec.redundancy_mode,
         "--queue-mode", spec.queue_mode,
@@ -141,6 +152,7 @@ def _frontend_args(spec, models, registry_url, namespace, records_dir, metrics_p
         "--deployment", namespace,
         "--records-dir", str(records_dir),
         "--metrics-port", str(metrics_port),
+        "--host", host,
     ]
     if models.parity:
         args += ["--parity-model", models.parity]
@@ -183,7 +195,8 @@ def start_deployment(spec, launcher, placement, models, *, namespace, log_dir, r
             dep.instances.append((role, started))
         dep.frontend = launcher.start(
             "services.frontend",
-            _frontend_args(spec, models, registry_url, namespace, records_dir, metrics_port)
+            _frontend_args(spec, models, registry_url, namespace, records_dir, metrics_port,
+                           launcher.bind_address(placement.frontend))
             + list(frontend_extra_args),
             name=f"{namespace}-frontend", host=placement.frontend, log_path=log_dir / "frontend.log",
             **({"port": frontend_port} if frontend_port else {}),

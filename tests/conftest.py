@@ -15,3 +15,15 @@ def no_orphan_processes():
     for proc in alive:
         proc.kill()
     assert not alive, f"test left processes running: {[p.cmdline() for p in alive]}"
+
+
+@pytest.fixture(scope="session")
+def tiny_artifacts(tmp_path_factory):
+    """Real ONNX models trained with tiny settings (``models.build --tiny``)."""
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("tiny-artifacts")
+    subprocess.run([sys.executable, "-m", "models.build", "--out", str(out), "--tiny"], check=True,
+                   stdout=subprocess.DEVNULL)
+    return str(out)

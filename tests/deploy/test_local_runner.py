@@ -1,0 +1,157 @@
+"""``python -m deploy.local`` end to end: real processes, tiny real models.
+
+Every child the runner starts inherits ``PARM_TEST_MARK``; after the runner
+exits — normally, on Ctrl-C, or after a failed step — no process carrying
+the mark may be alive (the services run in their own sessions, so the
+suite-wide child check alone would not see them).
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import psutil
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def marked(mark):
+    out = []
+    for proc in psutil.process_iter(["pid"]):
+        try:
+            # A zombie has exited; only its reaping (by PID 1 here) is pending.
+            if proc.environ().get("PARM_TEST_MARK") == mark and proc.status() != psutil.STATUS_ZOMBIE:
+                out.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            pass
+    return out
+
+
+def assert_nothing_left(mark):
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and marked(mark):
+        time.sleep(0.2)
+    left = []
+    for proc in marked(mark):
+        try:
+            left.append(proc.cmdline())
+            proc.kill()
+        except psutil.Error:
+            pass
+    assert not left, f"left running: {left}"
+
+
+def write_config(path, **changes):
+    cfg = {
+        "experiment_id": "tiny",
+        "model": "default",
+        "redundancy_modes": ["equal", "coded"],
+        "num_models": 2,
+        "ec_k_val": [2],
+        "send_rates": [40],
+        "num_queries": 80,
+        "warmup_queries": 10,
+        "background_traffic": [1],
+        "emulation": {
+            "compute": {"kind": "constant", "params": {"value_ms": 2}},
+            "background": {"bandwidth_mbps": 4000, "size_mb": [32, 64], "stall_probability": 0.05,
+                           "stall_ms": 150},
+        },
+    }
+    cfg.update(changes)
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+def runner(args, mark, **kwargs):
+    env = dict(os.environ, PARM_TEST_MARK=mark, PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, "-m", "deploy.local", *map(str, args), "--no-progress"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, **kwargs)
+
+
+def test_small_sweep_runs_reports_and_cleans_up(tmp_path, tiny_artifacts):
+    mark = uuid.uuid4().hex
+    cfg = write_config(tmp_path / "cfg.json")
+    proc = runner([cfg, "--artifacts", tiny_artifacts, "--out", tmp_path / "results", "--no-build"], mark)
+    out, err = proc.communicate(timeout=400)
+    assert proc.returncode == 0, err[-3000:]
+    assert_nothing_left(mark)
+    root = tmp_path / "results" / "tiny"
+    runs = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("mode_"))
+    assert [r.name.split("-")[0] for r in runs] == ["mode_coded", "mode_equal"]
+    for run in runs:
+        summary = json.loads((run / "summary.json").read_text())
+        # Every measured query answered, none lost.
+        assert summary["overall"]["num"] == 80, summary["errors"]
+        assert summary["background"]["kind"] == "emulated"
+        assert summary["background"]["transfers"] >= 1
+        rows = (run / "records.csv").read_text().strip().splitlines()
+        assert len(rows) == 1 + 90  # header + warm-up + measured
+    coded = json.loads((root / [r.name for r in runs if r.name.startswith("mode_coded")][0]
+                        / "summary.json").read_text())
+    assert coded["frontend"]["encoding_us"]["num"] >= 40  # one parity per 2 queries
+    report = (root / "report.md").read_text()
+    assert "Comparison" in report and "E2E_LATENCY" in report
+    for png in (root / "plots").glob("*.png"):
+        assert png.stat().st_size > 1000
+    assert (root / "plots" / "latency_vs_rate.png").exists()
+    assert "COMPARISON" in out
+
+
+def test_ctrl_c_stops_everything(tmp_path, tiny_artifacts):
+    mark = uuid.uuid4().hex
+    cfg = write_config(tmp_path / "cfg.json", send_rates=[5], num_queries=2000)
+    proc = runner([cfg, "--artifacts", tiny_artifacts, "--out", tmp_path / "results", "--no-build"], mark)
+    # Wait until the deployment and its load are up, then interrupt.
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and len(marked(mark)) < 6:
+        time.sleep(0.2)
+    if len(marked(mark)) < 6:
+        proc.kill()
+        pytest.fail(f"the deployment never came up: {proc.communicate()[1][-2000:]}")
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-2000:]
+    assert "interrupted" in err
+    assert_nothing_left(mark)
+
+
+def test_failed_start_stops_what_was_started(tmp_path, tiny_artifacts):
+    mark = uuid.uuid4().hex
+    # A parity manifest that exists but points at a missing ONNX file: the
+    # registry and data instances start, the parity instance fails.
+    broken = tmp_path / "artifacts"
+    broken.mkdir()
+    for src in os.listdir(tiny_artifacts):
+        if src.endswith(".onnx") and "parity" in src:
+            continue
+        os.symlink(os.path.join(tiny_artifacts, src), broken / src)
+    cfg = write_config(tmp_path / "cfg.json", redundancy_modes=["coded"])
+    proc = runner([cfg, "--artifacts", broken, "--out", tmp_path / "results", "--no-build"], mark)
+    out, err = proc.communicate(timeout=200)
+    assert proc.returncode == 1
+    assert "Traceback" not in err
+    assert "parity" in err
+    assert_nothing_left(mark)
+
+
+def test_bad_config_is_one_line(tmp_path, tiny_artifacts):
+    cfg = write_config(tmp_path / "cfg.json", redundancy_modes=["coded", "turbo"])
+    proc = runner([cfg, "--artifacts", tiny_artifacts], uuid.uuid4().hex)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2
+    assert err.strip().count("\n") == 0 and "redundancy_modes" in err
+
+
+def test_missing_models_without_build_is_one_line(tmp_path):
+    cfg = write_config(tmp_path / "cfg.json")
+    proc = runner([cfg, "--artifacts", tmp_path / "empty", "--no-build"], uuid.uuid4().hex)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2
+    assert "make models" in err and err.strip().count("\n") == 0
