@@ -30,7 +30,7 @@ models: build
 	$(PY) -m models.build --out $(ARTIFACTS)
 
 local: build
-	$(PY) -m deploy.local $(CONFIG)
+	$(PY) -m deploy.local $(CONFIG) $(if $(NETWORK),--network $(NETWORK),)
 
 serve: build
 	$(PY) -m deploy.serve $(CONFIG)

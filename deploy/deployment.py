@@ -18,6 +18,7 @@ import asyncio
 import json
 import logging
 import pathlib
+import secrets
 import time
 from dataclasses import dataclass, field
 
@@ -170,12 +171,16 @@ def start_deployment(spec, launcher, placement, models, *, namespace, log_dir, r
     dep = Deployment(spec, launcher, placement, namespace=namespace, records_dir=str(records_dir))
     try:
         if registry_url is None:
+            # A fresh password per deployment: the registry answers only
+            # clients that AUTH (and Valkey refuses non-loopback clients of
+            # a server without one).
+            password = secrets.token_hex(16)
             dep.registry = launcher.start(
-                "services.common.registry", ["serve", "--host", launcher.bind_address(placement.frontend)],
-                name=f"{namespace}-registry",
-                host=placement.frontend, log_path=log_dir / "registry.log",
+                "services.common.registry",
+                ["serve", "--host", launcher.bind_address(placement.frontend), "--password", password],
+                name=f"{namespace}-registry", host=placement.frontend, log_path=log_dir / "registry.log",
             )
-            registry_url = f"redis://{dep.registry.address}/0"
+            registry_url = f"redis://:{password}@{dep.registry.address}/0"
         dep.registry_url = registry_url
         data, parity, backup = spec.num_instances
         roles = [("data", models.base)] * data + [("parity", models.parity)] * parity + \
@@ -238,6 +243,6 @@ def load_manifest(path):
 def describe(dep):
     return json.dumps({
         "frontend": dep.frontend.address,
-        "registry": dep.registry_url,
+        "registry": dep.registry.address if dep.registry is not None else "(external)",
         "instances": [{"role": r, "address": s.address} for r, s in dep.instances],
     }, indent=2)
