@@ -164,8 +164,13 @@ def _frontend_args(spec, models, registry_url, namespace, records_dir, metrics_p
 
 def start_deployment(spec, launcher, placement, models, *, namespace, log_dir, records_dir,
                      seed=0, registry_url=None, ready_timeout_s=90.0, metrics_port=0,
-                     frontend_port=0, frontend_extra_args=(), server_extra_args=()):
-    """Starts registry, instances and frontend for ``spec``; see the module doc."""
+                     frontend_port=0, frontend_extra_args=(), server_extra_args=(), tls=None):
+    """Starts registry, instances and frontend for ``spec``; see the module doc.
+
+    ``tls``: a ``services.common.tls.TlsConfig`` given to the frontend and
+    every instance (and used for the readiness probe); None = plaintext.
+    """
+    tls_args = tls.argv() if tls is not None else []
     log_dir = pathlib.Path(log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
     dep = Deployment(spec, launcher, placement, namespace=namespace, records_dir=str(records_dir))
@@ -193,7 +198,7 @@ def start_deployment(spec, launcher, placement, models, *, namespace, log_dir, r
                 "--instance-id", f"{role}-{i}",
                 "--registry-url", registry_url, "--deployment", namespace,
                 *distribution_args("compute", spec.compute, seed=seed * 1000 + i),
-                *server_extra_args,
+                *server_extra_args, *tls_args,
             ]
             started = launcher.start("services.model_server", args, name=f"{namespace}-{role}-{i}",
                                      host=host, log_path=log_dir / f"{role}-{i}.log")
@@ -202,25 +207,25 @@ def start_deployment(spec, launcher, placement, models, *, namespace, log_dir, r
             "services.frontend",
             _frontend_args(spec, models, registry_url, namespace, records_dir, metrics_port,
                            launcher.bind_address(placement.frontend))
-            + list(frontend_extra_args),
+            + list(frontend_extra_args) + tls_args,
             name=f"{namespace}-frontend", host=placement.frontend, log_path=log_dir / "frontend.log",
             **({"port": frontend_port} if frontend_port else {}),
         )
-        asyncio.run(wait_healthy(dep.frontend.address, len(roles), ready_timeout_s))
+        asyncio.run(wait_healthy(dep.frontend.address, len(roles), ready_timeout_s, tls=tls))
     except BaseException:
         dep.stop(grace_s=2)
         raise
     return dep
 
 
-async def wait_healthy(frontend_address, expected, timeout_s):
+async def wait_healthy(frontend_address, expected, timeout_s, tls=None):
     """Polls ``GetStatus`` until ``expected`` instances are healthy."""
     from parm.v1 import frontend_pb2, frontend_pb2_grpc
-    from services.common.server import insecure_channel
+    from services.common.server import open_channel
 
     deadline = time.monotonic() + timeout_s
     seen = -1
-    async with insecure_channel(frontend_address) as channel:
+    async with open_channel(frontend_address, tls=tls) as channel:
         stub = frontend_pb2_grpc.FrontendStub(channel)
         while time.monotonic() < deadline:
             try:

@@ -21,6 +21,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 
 from loadgen.client import DEFAULT_TARGET
+from services.common import tls as tls_mod
 
 DEFAULT_CONTROL_PORT = 50071
 
@@ -48,6 +49,7 @@ class RunConfig:
     run_id: str
     progress: bool
     channels: int
+    tls: tls_mod.TlsConfig = tls_mod.PLAINTEXT
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,7 @@ class ServeConfig:
     port: int
     ready_file: str
     log_level: str
+    tls: tls_mod.TlsConfig = tls_mod.PLAINTEXT
 
 
 def _positive(kind):
@@ -107,6 +110,7 @@ def run_parser():
     p.add_argument("--run-id", default="", help="run id (request ids are RUNID-CLIENT-INDEX)")
     p.add_argument("--channels", type=_positive(int), default=1, help="gRPC channels per generator")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    tls_mod.add_arguments(p)
     return p
 
 
@@ -118,6 +122,7 @@ def serve_parser():
     p.add_argument("--port", type=_non_negative_int, default=DEFAULT_CONTROL_PORT, help="0 picks a free port")
     p.add_argument("--ready-file", default="", help="write {port, pid} JSON here once serving")
     p.add_argument("--log-level", default="INFO", help="logging level")
+    tls_mod.add_arguments(p)
     return p
 
 
@@ -125,8 +130,9 @@ def parse_config(argv):
     """``RunConfig`` or ``ServeConfig`` from the command line (exits on mistakes)."""
     argv = list(argv)
     if argv and argv[0] == "serve":
-        a = serve_parser().parse_args(argv[1:])
-        return ServeConfig(a.host, a.port, a.ready_file, a.log_level)
+        sp = serve_parser()
+        a = sp.parse_args(argv[1:])
+        return ServeConfig(a.host, a.port, a.ready_file, a.log_level, _tls(sp, a))
     parser = run_parser()
     a = parser.parse_args(argv)
     if a.manifest and a.inputs:
@@ -147,8 +153,15 @@ def parse_config(argv):
         warmup_queries=a.warmup_queries, seed=a.seed, deadline_s=a.deadline_s, clients=a.clients,
         manifest=manifest, inputs=str(pathlib.Path(a.inputs).resolve()) if a.inputs else "",
         out=a.out, run_id=a.run_id or time.strftime("run%Y%m%d-%H%M%S"),
-        progress=not a.no_progress, channels=a.channels,
+        progress=not a.no_progress, channels=a.channels, tls=_tls(parser, a),
     )
+
+
+def _tls(parser, args):
+    try:
+        return tls_mod.from_args(args)
+    except tls_mod.TlsError as exc:
+        parser.error(str(exc))
 
 
 def spec_of(cfg):
@@ -208,7 +221,8 @@ async def _run_clients(cfg, bar):
         for i in range(cfg.clients):
             children.append(await asyncio.to_thread(
                 ServiceProcess.python_module, "loadgen",
-                ["serve", "--port", "0", "--log-level", "WARNING"], name=f"loadgen-client{i}"))
+                ["serve", "--port", "0", "--log-level", "WARNING", *cfg.tls.argv()],
+                name=f"loadgen-client{i}"))
         result = await run_remote_async(
             [c.address for c in children], spec_of(cfg),
             on_progress=lambda i, p: bar.update(i, p.completed, p.errors, p.total))
@@ -323,6 +337,8 @@ def main_serve(cfg):
 
 def main(argv=None):
     cfg = parse_config(sys.argv[1:] if argv is None else argv)
+    # every channel (to the frontend, to the generators) and the control server follow the flags
+    tls_mod.install(cfg.tls)
     if isinstance(cfg, ServeConfig):
         return main_serve(cfg)
     return main_run(cfg)

@@ -12,7 +12,7 @@ import grpc
 from loadgen.records import SOURCE_NAMES
 from loadgen.sender import QueryFailed, Reply
 from parm.v1 import frontend_pb2, frontend_pb2_grpc
-from services.common.server import insecure_channel
+from services.common.server import open_channel
 from services.common.tensors import from_proto, to_proto
 
 DEFAULT_TARGET = "127.0.0.1:50051"
@@ -31,7 +31,7 @@ def unavailable_message(target, detail=""):
 class FrontendClient:
     def __init__(self, target, *, channels=1):
         self.target = target
-        self._channels = [insecure_channel(target) for _ in range(max(1, int(channels)))]
+        self._channels = [open_channel(target) for _ in range(max(1, int(channels)))]
         self._stubs = [frontend_pb2_grpc.FrontendStub(c) for c in self._channels]
         self._next = 0
 

@@ -30,7 +30,7 @@ from loadgen.records import SOURCE_NAMES, SOURCE_VALUES, Record
 from loadgen.runner import Spec, run_async
 from parm.v1 import loadgen_pb2, loadgen_pb2_grpc
 from services.common.errors import InvalidInput, NoInstance
-from services.common.server import create_server, insecure_channel
+from services.common.server import create_server, open_channel
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +154,7 @@ class RemoteResult:
 
 
 async def _drive(address, spec, on_progress):
-    channel = insecure_channel(address)
+    channel = open_channel(address)
     records, stopped, meta = [], False, {}
     try:
         stub = loadgen_pb2_grpc.LoadGeneratorStub(channel)
@@ -177,7 +177,7 @@ async def _drive(address, spec, on_progress):
 async def stop_remote(addresses, run_id="", timeout_s=5.0):
     """Sends ``Stop(run_id)`` to every generator; returns how many stopped one."""
     async def one(address):
-        channel = insecure_channel(address)
+        channel = open_channel(address)
         try:
             stub = loadgen_pb2_grpc.LoadGeneratorStub(channel)
             reply = await stub.Stop(loadgen_pb2.StopRequest(run_id=run_id), timeout=timeout_s)

@@ -11,6 +11,7 @@ import sys
 from dataclasses import dataclass
 
 from parm.v1 import coder_pb2_grpc as pb_grpc
+from services.common import tls as tls_mod
 from services.common.procs import write_ready_file
 from services.common.server import MAX_MESSAGE_BYTES, create_server, run_until_signal, setup_logging
 from services.coder.core import CoderCore, load_kernels
@@ -27,6 +28,7 @@ class Config:
     max_message_bytes: int = MAX_MESSAGE_BYTES
     grace_s: float = 2.0
     log_level: str = "INFO"
+    tls: tls_mod.TlsConfig = tls_mod.PLAINTEXT
 
 
 class UsageError(ValueError):
@@ -50,6 +52,7 @@ def parse_config(argv):
     p.add_argument("--max-message-bytes", type=int, default=MAX_MESSAGE_BYTES, help="gRPC message limit, bytes")
     p.add_argument("--grace-s", type=float, default=2.0, help="graceful shutdown grace period, s")
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ...")
+    tls_mod.add_arguments(p)
     a = p.parse_args(argv)
     if not 0 <= a.port < 65536:
         raise UsageError(f"--port {a.port} out of range")
@@ -57,8 +60,12 @@ def parse_config(argv):
         raise UsageError("--executor-workers must be >= 1")
     if a.max_message_bytes < 1024:
         raise UsageError("--max-message-bytes must be >= 1024")
+    try:
+        tls = tls_mod.from_args(a)
+    except tls_mod.TlsError as exc:
+        raise UsageError(str(exc)) from None
     return Config(a.host, a.port, a.ready_file, a.kernels, a.executor_workers, a.max_message_bytes,
-                  a.grace_s, a.log_level)
+                  a.grace_s, a.log_level, tls)
 
 
 class CoderApp:
@@ -68,7 +75,7 @@ class CoderApp:
         self.built = create_server(
             f"{cfg.host}:{cfg.port}",
             [(pb_grpc.add_CoderServicer_to_server, CoderServicer(self.core), SERVICE_NAME)],
-            max_message_bytes=cfg.max_message_bytes,
+            max_message_bytes=cfg.max_message_bytes, tls=cfg.tls,
         )
         self.server = self.built.server
         self.port = self.built.port

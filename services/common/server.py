@@ -16,6 +16,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from services.common import tls as tls_mod
 from services.common.errors import ErrorMappingInterceptor
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,16 @@ def grpc_options(max_message_bytes=MAX_MESSAGE_BYTES):
 def insecure_channel(address, max_message_bytes=MAX_MESSAGE_BYTES):
     """An aio channel to ``address`` with the project's explicit limits."""
     return grpc.aio.insecure_channel(address, options=grpc_options(max_message_bytes))
+
+
+def open_channel(address, max_message_bytes=MAX_MESSAGE_BYTES, *, tls=None):
+    """An aio channel to ``address``: TLS when ``tls`` (default: the installed
+    ``services.common.tls`` config) has a CA, plaintext otherwise."""
+    tls = tls if tls is not None else tls_mod.current()
+    if tls.client_enabled:
+        return grpc.aio.secure_channel(address, tls.channel_credentials(),
+                                       options=grpc_options(max_message_bytes) + tls.channel_options())
+    return insecure_channel(address, max_message_bytes)
 
 
 @dataclass
@@ -60,6 +71,7 @@ def create_server(
     max_message_bytes=MAX_MESSAGE_BYTES,
     interceptors=(),
     extra_options=(),
+    tls=None,
 ):
     """Builds (does not start) an aio server with health and reflection.
 
@@ -68,6 +80,7 @@ def create_server(
         services: list of (add_servicer_fn, servicer, full_service_name).
         max_message_bytes: explicit send/receive limit.
         interceptors: extra interceptors, run after the error mapping one.
+        tls: ``TlsConfig``; default the installed one (plaintext unless set).
 
     Returns:
         BuiltServer; health starts NOT_SERVING for every service name.
@@ -87,9 +100,15 @@ def create_server(
                  reflection.SERVICE_NAME],
         server,
     )
-    port = server.add_insecure_port(address)
+    tls = tls if tls is not None else tls_mod.current()
+    if tls.server_enabled:
+        port = server.add_secure_port(address, tls.server_credentials())
+    else:
+        port = server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"could not bind {address}")
+    log.info("gRPC on %s port %d: %s%s", address.rsplit(":", 1)[0], port, tls.describe(),
+             "" if tls.server_enabled else " (no TLS; --tls-cert/--tls-key enable it)")
     return BuiltServer(server, port, health_servicer, tuple(names))
 
 

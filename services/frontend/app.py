@@ -19,6 +19,7 @@ import sys
 from parm.inference import grpc_service_pb2, grpc_service_pb2_grpc
 from parm.v1 import frontend_pb2, frontend_pb2_grpc
 from services.common import manifest as manifest_mod
+from services.common import tls as tls_mod
 from services.common import tensors
 from services.common.procs import write_ready_file
 from services.common.server import create_server, run_until_signal, setup_logging
@@ -85,7 +86,7 @@ class FrontendApp:
              FrontendServicer(self.engine, self.status), FRONTEND_SERVICE),
             (grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server,
              InferenceServicer(self.engine, self.base), INFERENCE_SERVICE),
-        ])
+        ], max_message_bytes=cfg.max_message_bytes, tls=cfg.tls)
         self.server = self.built.server
         self.port = self.built.port
         self.metrics_port = None
@@ -174,6 +175,8 @@ async def serve(cfg):
 def main(argv=None):
     cfg = config_mod.parse_or_exit(argv)
     setup_logging(cfg.log_level)
+    # the instance and coder channels follow the same flags (services.common.tls)
+    tls_mod.install(cfg.tls)
     try:
         asyncio.run(serve(cfg))
     except (OSError, RuntimeError, ValueError) as exc:

@@ -18,7 +18,7 @@ import numpy as np
 
 from parm.v1 import coder_pb2, coder_pb2_grpc
 from services.common import tensors
-from services.common.server import insecure_channel
+from services.common.server import open_channel
 
 
 def _kernels():
@@ -72,7 +72,7 @@ class RemoteCoder:
         self.encoder = encoder
         self.address = address
         self.timeout_s = timeout_s
-        self._channel = insecure_channel(address)
+        self._channel = open_channel(address)
         self._stub = coder_pb2_grpc.CoderStub(self._channel)
 
     def inline(self, nbytes):

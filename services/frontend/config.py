@@ -5,6 +5,8 @@ import sys
 from dataclasses import dataclass
 
 from services.common import manifest as manifest_mod
+from services.common import tls as tls_mod
+from services.common.server import MAX_MESSAGE_BYTES
 from services.frontend.engine import MODES
 from services.frontend.instances import parse_static_instances
 
@@ -53,6 +55,8 @@ class Config:
     records_dir: str | None
     grace_s: float
     log_level: str
+    max_message_bytes: int = MAX_MESSAGE_BYTES
+    tls: tls_mod.TlsConfig = tls_mod.PLAINTEXT
 
 
 def build_parser():
@@ -102,6 +106,10 @@ def build_parser():
     p.add_argument("--records-dir", default=None, help="write queries.jsonl and groups.jsonl here")
     p.add_argument("--grace-s", type=float, default=2.0, help="graceful shutdown period, s")
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ...")
+    p.add_argument("--max-message-bytes", type=int, default=MAX_MESSAGE_BYTES,
+                   help="gRPC send/receive message limit of the server and of every channel, bytes "
+                        "(larger messages: RESOURCE_EXHAUSTED)")
+    tls_mod.add_arguments(p)
     return p
 
 
@@ -131,6 +139,12 @@ def parse_config(argv):
     for name in ("batch_timeout_ms", "group_timeout_ms", "instance_timeout_ms", "query_timeout_ms"):
         if getattr(a, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be > 0")
+    if a.max_message_bytes < 1024:
+        raise ConfigError("--max-message-bytes must be >= 1024")
+    try:
+        tls = tls_mod.from_args(a)
+    except tls_mod.TlsError as exc:
+        raise ConfigError(str(exc)) from None
     try:
         instances = tuple(parse_static_instances(a.instances))
     except ValueError as exc:
@@ -151,7 +165,8 @@ def parse_config(argv):
         max_attempts=a.max_attempts,
         hedge_delay_ms=a.hedge_delay_ms, hedge_initial_delay_ms=a.hedge_initial_delay_ms,
         host=a.host, port=a.port, ready_file=a.ready_file, metrics_port=a.metrics_port,
-        records_dir=a.records_dir, grace_s=a.grace_s, log_level=a.log_level)
+        records_dir=a.records_dir, grace_s=a.grace_s, log_level=a.log_level,
+        max_message_bytes=a.max_message_bytes, tls=tls)
 
 
 def parse_or_exit(argv):

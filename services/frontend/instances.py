@@ -17,7 +17,7 @@ import numpy as np
 from parm.v1 import model_server_pb2, model_server_pb2_grpc
 from services.common import tensors
 from services.common.errors import InstanceFailed
-from services.common.server import insecure_channel
+from services.common.server import open_channel
 
 BASE_BACKOFF_S = 0.1
 MAX_BACKOFF_S = 5.0
@@ -45,7 +45,7 @@ class GrpcInstanceClient(InstanceClient):
 
     def __init__(self, address):
         self.address = address
-        self._channel = insecure_channel(address)
+        self._channel = open_channel(address)
         self._infer = model_server_pb2_grpc.ModelServerStub(self._channel).Infer
 
     async def infer(self, batch, timeout_s):

@@ -19,7 +19,7 @@ from google.protobuf import json_format
 
 from parm.v1 import model_server_pb2 as pb
 from parm.v1 import model_server_pb2_grpc as pb_grpc
-from services.common.server import insecure_channel
+from services.common.server import open_channel
 from services.model_server.distributions import PARAMS, parse_params
 
 
@@ -70,7 +70,7 @@ def build_request(args):
 
 
 async def run(args):
-    async with insecure_channel(args.address) as channel:
+    async with open_channel(args.address) as channel:
         stub = pb_grpc.ModelServerStub(channel)
         if args.command == "info":
             reply = await stub.GetInfo(pb.GetInfoRequest(), timeout=args.timeout_s)

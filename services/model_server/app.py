@@ -64,6 +64,7 @@ class ModelServerApp:
         self.built = create_server(
             f"{cfg.host}:{cfg.port}",
             [(pb_grpc.add_ModelServerServicer_to_server, self.servicer, SERVICE_NAME)],
+            max_message_bytes=cfg.max_message_bytes, tls=cfg.tls,
         )
         self.server = self.built.server
         self.port = self.built.port

@@ -7,7 +7,9 @@ import zlib
 from dataclasses import dataclass, field
 
 from services.common.errors import InvalidInput
+from services.common import tls as tls_mod
 from services.common.registry import DEFAULT_HEARTBEAT_S, DEFAULT_TTL_S
+from services.common.server import MAX_MESSAGE_BYTES
 from services.model_server.distributions import PARAMS, DistSpec, parse_params
 from services.model_server.perturbation import PerturbationSpec
 from services.model_server.providers import CHOICES as PROVIDER_CHOICES
@@ -39,6 +41,8 @@ class Config:
     startup_delay_s: float = 0.0
     grace_s: float = 2.0
     log_level: str = "INFO"
+    max_message_bytes: int = MAX_MESSAGE_BYTES
+    tls: tls_mod.TlsConfig = tls_mod.PLAINTEXT
 
 
 class UsageError(ValueError):
@@ -95,6 +99,9 @@ def build_parser():
                    help="emulated model load time before the session is created, s")
     p.add_argument("--grace-s", type=float, default=2.0, help="graceful shutdown grace period, s")
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ...")
+    p.add_argument("--max-message-bytes", type=int, default=MAX_MESSAGE_BYTES,
+                   help="gRPC send/receive message limit, bytes (larger: RESOURCE_EXHAUSTED)")
+    tls_mod.add_arguments(p)
     return p
 
 
@@ -109,6 +116,12 @@ def parse_config(argv):
     for name in ("max_batch", "startup_delay_s", "grace_s"):
         if getattr(args, name) < 0:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 0")
+    if args.max_message_bytes < 1024:
+        raise UsageError("--max-message-bytes must be >= 1024")
+    try:
+        tls = tls_mod.from_args(args)
+    except tls_mod.TlsError as exc:
+        raise UsageError(str(exc)) from None
     if not 0 < args.heartbeat_s < args.ttl_s:
         raise UsageError(f"need 0 < --heartbeat-s ({args.heartbeat_s}) < --ttl-s ({args.ttl_s})")
     instance_id = args.instance_id or f"{args.role or 'model'}-{socket.gethostname()}-{os.getpid()}"
@@ -131,7 +144,7 @@ def parse_config(argv):
         ttl_s=args.ttl_s, provider=args.provider, intra_op_threads=args.intra_op_threads,
         executor_workers=args.executor_workers, compute=compute, seed=seed, perturbation=perturbation,
         max_batch=args.max_batch, k=args.k, startup_delay_s=args.startup_delay_s, grace_s=args.grace_s,
-        log_level=args.log_level,
+        log_level=args.log_level, max_message_bytes=args.max_message_bytes, tls=tls,
     )
 
 

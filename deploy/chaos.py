@@ -1,0 +1,447 @@
+"""``make chaos``: fault scenarios against a local coded deployment under load.
+
+Each scenario starts a fresh local deployment (``deploy.deployment``; coded
+mode, k = 2, ``--num-models`` data instances plus N/k parity instances,
+emulated compute), puts steady open-loop load on it in process
+(``loadgen.run_async``, per-query deadline ``--deadline-s``), injects one
+fault ``--warmup-s`` seconds in, heals it (where it can be healed) after
+``--fault-s`` seconds, keeps the load on for ``--after-s`` seconds, and
+checks:
+
+- every query got an answer or an explicit gRPC error before its deadline
+  (plus ``GRACE_S``): a query with no record, one the generator had to
+  cancel, or one answered later than that is *lost* (must be 0);
+- no request id was answered twice (loadgen records; *duplicated*);
+- serving resumes: every query sent in the last ``--after-s`` / 2 seconds
+  is answered OK.
+
+Scenarios (``--scenarios``, comma-separated, default all):
+
+| name | fault | healed by |
+|---|---|---|
+| kill-data | ``kill -9`` of data instance 0 | nothing (the rest serve) |
+| kill-parity | ``kill -9`` of the first parity instance | nothing |
+| kill-two | ``kill -9`` of data 0 and the parity of its group | nothing |
+| hang | data 0 accepts and never answers (``SetPerturbation hang``) | clearing it |
+| registry | the registry stopped for ``--registry-outage-s`` | restart, same port |
+| coder | the coder service (``--coder``) ``kill -9`` | nothing |
+| frontend | the frontend ``kill -9`` and restarted on its port | the restart |
+
+The table printed per scenario: queries sent, answered by source, errors by
+code, lost, duplicated, p99.9 latency of the queries sent during the fault,
+whether serving resumed, and a note (what the frontend did).
+"""
+
+import argparse
+import asyncio
+import collections
+import contextlib
+import json
+import logging
+import pathlib
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+SCENARIOS = ("kill-data", "kill-parity", "kill-two", "hang", "registry", "coder", "frontend")
+GRACE_S = 1.0
+
+
+def run_spec(*, mode="coded", num_models=2, k=2, compute_ms=5.0, batch_size=1, encoder="sum",
+             deadline_s=5.0, queue_mode="single_queue"):
+    """A ``deploy.config.RunSpec`` for a local benchmark deployment."""
+    from deploy import config as config_mod
+
+    return config_mod.RunSpec(
+        experiment_id="chaos", model="default", redundancy_mode=mode, queue_mode=queue_mode,
+        num_models=num_models, k=k, batch_size=batch_size, num_clients=1, send_rate=1.0,
+        background=0, num_queries=0, trial=0, warmup_queries=0, seed=0, encoder=encoder,
+        deadline_s=deadline_s, batch_timeout_ms=5.0, network="emulated",
+        compute={"kind": "constant", "params": {"value_ms": compute_ms}} if compute_ms else {"kind": "none"},
+        background_model={}, clipper={})
+
+
+@dataclass
+class Rig:
+    """A started local deployment and what is needed to restart parts of it."""
+
+    launcher: object
+    dep: object
+    models: object
+    log_dir: pathlib.Path
+    frontend_args: list = field(default_factory=list)
+    coder: object = None
+    tls: object = None
+
+    def instance(self, role, index=0):
+        return [s for r, s in self.dep.instances if r == role][index]
+
+    def stop(self):
+        self.dep.stop(grace_s=2)
+        self.launcher.stop_all(grace_s=2)
+
+
+def start_rig(artifacts, spec, work_dir, *, with_coder=False, frontend_extra_args=(), tls=None,
+              server_extra_args=()):
+    """Starts a deployment of ``spec`` (and a coder service) on this machine."""
+    from deploy import deployment
+    from deploy.launcher import LocalLauncher
+
+    work_dir = pathlib.Path(work_dir)
+    models = deployment.resolve_models(artifacts, "default", spec.redundancy_mode, spec.k, spec.encoder)
+    launcher = LocalLauncher()
+    extra = list(frontend_extra_args)
+    coder = None
+    try:
+        if with_coder:
+            coder = launcher.start("services.coder", (tls.argv() if tls else []), name="chaos-coder",
+                                   log_path=work_dir / "logs" / "coder.log")
+            extra += ["--coder", coder.address]
+        dep = deployment.start_deployment(
+            spec, launcher, deployment.Placement(), models, namespace=f"chaos{int(time.time() * 1e3) % 10**8}",
+            log_dir=work_dir / "logs", records_dir=work_dir / "frontend", frontend_extra_args=extra,
+            server_extra_args=server_extra_args, tls=tls)
+    except BaseException:
+        launcher.stop_all(grace_s=1)
+        raise
+    args = deployment._frontend_args(spec, models, dep.registry_url, dep.namespace, dep.records_dir, 0,
+                                     launcher.bind_address(0)) + extra + (tls.argv() if tls else [])
+    return Rig(launcher, dep, models, work_dir / "logs", args, coder, tls)
+
+
+# --- faults -------------------------------------------------------------------
+
+
+async def set_hang(address, hang, timeout_s=5.0):
+    """``SetPerturbation(hang=...)`` on a model server."""
+    from parm.v1 import model_server_pb2 as pb
+    from parm.v1 import model_server_pb2_grpc as pb_grpc
+    from services.common.server import open_channel
+
+    async with open_channel(address) as ch:
+        await pb_grpc.ModelServerStub(ch).SetPerturbation(
+            pb.SetPerturbationRequest(perturbation=pb.Perturbation(hang=hang)), timeout=timeout_s)
+
+
+async def frontend_status(address, timeout_s=2.0):
+    from parm.v1 import frontend_pb2, frontend_pb2_grpc
+    from services.common.server import open_channel
+
+    async with open_channel(address) as ch:
+        return await frontend_pb2_grpc.FrontendStub(ch).GetStatus(frontend_pb2.GetStatusRequest(),
+                                                                   timeout=timeout_s)
+
+
+async def _wait_for(predicate, timeout_s, period_s=0.2):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if await predicate():
+                return True
+        except Exception:  # noqa: BLE001 - not yet
+            pass
+        await asyncio.sleep(period_s)
+    return False
+
+
+class Fault:
+    """inject() at the fault time, heal() after ``fault_s``; ``notes`` for the table."""
+
+    def __init__(self, rig, args):
+        self.rig = rig
+        self.args = args
+        self.notes = []
+
+    async def inject(self):
+        raise NotImplementedError
+
+    async def heal(self):
+        pass
+
+    async def after(self):
+        """Checks once the load is over (e.g. that membership changes are seen)."""
+
+
+class KillData(Fault):
+    async def inject(self):
+        await asyncio.to_thread(self.rig.instance("data", 0).kill)
+
+
+class KillParity(Fault):
+    async def inject(self):
+        await asyncio.to_thread(self.rig.instance("parity", 0).kill)
+
+
+class KillTwo(Fault):
+    async def inject(self):
+        # data 0 and the parity instance: with single_queue every group may
+        # have a batch on both, so groups lose 2 of k+1 and are re-dispatched.
+        await asyncio.to_thread(self.rig.instance("data", 0).kill)
+        await asyncio.to_thread(self.rig.instance("parity", 0).kill)
+
+
+class Hang(Fault):
+    async def inject(self):
+        await set_hang(self.rig.instance("data", 0).address, True)
+
+    async def heal(self):
+        await set_hang(self.rig.instance("data", 0).address, False)
+
+
+class RegistryOutage(Fault):
+    async def inject(self):
+        reg = self.rig.dep.registry
+        self.port = int(reg.address.rsplit(":", 1)[1])
+        self.password = self.rig.dep.registry_url.split("://:", 1)[1].split("@", 1)[0]
+        await asyncio.to_thread(reg.stop, 2.0)
+
+    async def heal(self):
+        launcher = self.rig.launcher
+        self.rig.dep.registry = await asyncio.to_thread(
+            launcher.start, "services.common.registry",
+            ["serve", "--host", launcher.bind_address(0), "--password", self.password],
+            name="chaos-registry-restarted", log_path=self.rig.log_dir / "registry-restarted.log", port=self.port)
+
+    async def after(self):
+        # A change after the restart must reach the frontend: a new instance joins.
+        from services.common.registry import _redact
+
+        dep, launcher = self.rig.dep, self.rig.launcher
+        before = len((await frontend_status(dep.frontend_address)).instances)
+        extra = await asyncio.to_thread(
+            launcher.start, "services.model_server",
+            ["--model", self.rig.models.base, "--role", "data", "--host", launcher.bind_address(0),
+             "--instance-id", "data-joined", "--registry-url", dep.registry_url, "--deployment", dep.namespace,
+             *(self.rig.tls.argv() if self.rig.tls else [])],
+            name="chaos-data-joined", log_path=self.rig.log_dir / "data-joined.log")
+        dep.instances.append(("data", extra))
+
+        async def joined():
+            st = await frontend_status(dep.frontend_address)
+            return any(i.instance_id == "data-joined" and i.healthy for i in st.instances)
+
+        ok = await _wait_for(joined, 15.0)
+        self.notes.append(f"join after restart seen: {'yes' if ok else 'NO'} ({before} -> {before + 1})")
+        self.joined_seen = ok
+        log.info("registry %s restarted", _redact(dep.registry_url))
+
+
+class CoderKill(Fault):
+    async def inject(self):
+        await asyncio.to_thread(self.rig.coder.kill)
+
+
+class FrontendRestart(Fault):
+    async def inject(self):
+        self.port = int(self.rig.dep.frontend.address.rsplit(":", 1)[1])
+        await asyncio.to_thread(self.rig.dep.frontend.kill)
+
+    async def heal(self):
+        launcher = self.rig.launcher
+        self.rig.dep.frontend = await asyncio.to_thread(
+            launcher.start, "services.frontend", self.rig.frontend_args, name="chaos-frontend-restarted",
+            log_path=self.rig.log_dir / "frontend-restarted.log", port=self.port)
+
+
+FAULTS = {"kill-data": KillData, "kill-parity": KillParity, "kill-two": KillTwo, "hang": Hang,
+          "registry": RegistryOutage, "coder": CoderKill, "frontend": FrontendRestart}
+
+
+# --- one scenario -------------------------------------------------------------
+
+
+@dataclass
+class Outcome:
+    scenario: str
+    sent: int = 0
+    answered: dict = field(default_factory=dict)
+    errors: dict = field(default_factory=dict)
+    lost: int = 0
+    duplicated: int = 0
+    p999_fault_ms: float = float("nan")
+    resumed: bool = False
+    notes: list = field(default_factory=list)
+    counters: dict = field(default_factory=dict)
+
+    @property
+    def passed(self):
+        return self.lost == 0 and self.duplicated == 0 and self.resumed
+
+
+def analyse(name, records, deadline_s, fault_window, after_from_s):
+    """Builds the ``Outcome`` of one scenario from loadgen records."""
+    out = Outcome(name)
+    measured = [r for r in records if not r.warmup]
+    out.sent = len(measured)
+    out.answered = dict(collections.Counter(r.source for r in measured if r.ok))
+    out.errors = dict(collections.Counter(r.status for r in measured if not r.ok))
+    out.lost = sum(1 for r in measured
+                   if r.status == "CANCELLED" or r.latency_ms > (deadline_s + GRACE_S) * 1e3)
+    ids = collections.Counter(r.request_id for r in records)
+    out.duplicated = sum(c - 1 for c in ids.values() if c > 1)
+    during = [r.latency_ms for r in measured if fault_window[0] <= r.send_time_s < fault_window[1]]
+    if during:
+        out.p999_fault_ms = float(np.percentile(during, 99.9))
+    tail = [r for r in measured if r.send_time_s >= after_from_s]
+    out.resumed = bool(tail) and all(r.ok for r in tail)
+    return out
+
+
+async def run_scenario(name, rig, args):
+    """Loads ``rig`` for warmup + fault + after seconds, injecting ``name``'s fault."""
+    from loadgen.runner import Spec, run_async
+
+    fault = FAULTS[name](rig, args)
+    total_s = args.warmup_s + args.fault_s + args.after_s
+    spec = Spec(target=rig.dep.frontend_address, rate=args.rate, duration_s=total_s, warmup_queries=0,
+                seed=args.seed, deadline_s=args.deadline_s, run_id=f"chaos-{name}")
+    t0 = time.monotonic()
+    load = asyncio.create_task(run_async(spec))
+    injected_at = healed_at = None
+    try:
+        await asyncio.sleep(args.warmup_s)
+        injected_at = time.monotonic() - t0
+        await fault.inject()
+        await asyncio.sleep(max(0.0, args.fault_s - (time.monotonic() - t0 - injected_at)))
+        await fault.heal()
+        healed_at = time.monotonic() - t0
+        result = await load
+    finally:
+        if not load.done():
+            load.cancel()
+            with contextlib.suppress(BaseException):
+                await load
+    await fault.after()
+    after_from = max(healed_at, total_s - args.after_s / 2)
+    out = analyse(name, result.records, args.deadline_s, (injected_at, injected_at + args.fault_s), after_from)
+    out.notes = fault.notes
+    if getattr(fault, "joined_seen", True) is False:
+        out.resumed = False
+    with contextlib.suppress(Exception):
+        st = await frontend_status(rig.dep.frontend_address)
+        out.counters = {k: int(v) for k, v in st.counters.items()
+                        if k in ("reconstructions", "redispatches", "encode_errors", "decode_errors",
+                                 "call_errors", "call_timeouts", "instances_left", "rejected_unavailable")}
+    out.notes += _explain(name, out)
+    return out
+
+
+def _explain(name, out):
+    c = out.counters
+    notes = []
+    if name == "coder":
+        notes.append(f"no in-process fallback: encode/decode errors {c.get('encode_errors', 0)}/"
+                     f"{c.get('decode_errors', 0)} leave groups uncoded; queries served by originals "
+                     f"(re-dispatch on instance failure)")
+    if name == "frontend":
+        notes.append(f"clients saw UNAVAILABLE x{out.errors.get('UNAVAILABLE', 0)} while it was down")
+    if c.get("reconstructions") or c.get("redispatches"):
+        notes.append(f"reconstructions {c.get('reconstructions', 0)}, re-dispatches {c.get('redispatches', 0)}")
+    return notes
+
+
+def run_scenarios(artifacts, names, args, work_dir):
+    outcomes = []
+    for name in names:
+        spec = run_spec(num_models=args.num_models, k=args.k, compute_ms=args.compute_ms,
+                        deadline_s=args.deadline_s)
+        sub = pathlib.Path(work_dir) / name
+        rig = start_rig(artifacts, spec, sub, with_coder=(name == "coder"))
+        try:
+            out = asyncio.run(run_scenario(name, rig, args))
+        finally:
+            rig.stop()
+        outcomes.append(out)
+        print(format_row(out), flush=True)
+    return outcomes
+
+
+# --- table ----------------------------------------------------------------------
+
+
+def _fmt_counts(d):
+    return " ".join(f"{k}={v}" for k, v in sorted(d.items())) or "-"
+
+
+HEADER = f"{'scenario':<12} {'sent':>5}  {'answered by source':<30} {'errors by code':<28} " \
+         f"{'lost':>4} {'dup':>3} {'p99.9 fault ms':>14} resumed"
+
+
+def format_row(o):
+    return (f"{o.scenario:<12} {o.sent:>5}  {_fmt_counts(o.answered):<30} {_fmt_counts(o.errors):<28} "
+            f"{o.lost:>4} {o.duplicated:>3} {o.p999_fault_ms:>14.1f} {'yes' if o.resumed else 'NO'}")
+
+
+def format_table(outcomes):
+    lines = [HEADER] + [format_row(o) for o in outcomes]
+    notes = [f"  {o.scenario}: {n}" for o in outcomes for n in o.notes]
+    return "\n".join(lines + (["notes:"] + notes if notes else []))
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def parse_args(argv):
+    p = _Parser(prog="python -m deploy.chaos", description=__doc__.split("\n\n")[0],
+                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--artifacts", default="artifacts", help="model artifacts (make models)")
+    p.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated subset of " + ", ".join(SCENARIOS))
+    p.add_argument("--num-models", type=int, default=2, help="data instances (parity: num_models / k)")
+    p.add_argument("--k", type=int, default=2, help="coding group size")
+    p.add_argument("--compute-ms", type=float, default=5.0, help="emulated compute per batch, ms")
+    p.add_argument("--rate", type=float, default=30.0, help="queries/s")
+    p.add_argument("--deadline-s", type=float, default=5.0, help="per-query deadline, s")
+    p.add_argument("--warmup-s", type=float, default=3.0, help="load before the fault, s")
+    p.add_argument("--fault-s", type=float, default=6.0, help="fault length (registry: see --registry-outage-s), s")
+    p.add_argument("--registry-outage-s", type=float, default=30.0, help="registry outage, s")
+    p.add_argument("--after-s", type=float, default=6.0, help="load after healing, s")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="results/chaos", help="logs and chaos.json go here")
+    a = p.parse_args(argv)
+    names = [n.strip() for n in a.scenarios.split(",") if n.strip()]
+    bad = [n for n in names if n not in SCENARIOS]
+    if bad or not names:
+        p.error(f"unknown scenario(s) {bad}; choose from {', '.join(SCENARIOS)}")
+    for flag in ("rate", "deadline_s", "fault_s", "after_s", "registry_outage_s"):
+        if getattr(a, flag) <= 0:
+            p.error(f"--{flag.replace('_', '-')} must be > 0")
+    if a.num_models < a.k or a.k < 2:
+        p.error("need k >= 2 and --num-models >= k")
+    a.scenarios = names
+    return a
+
+
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not pathlib.Path(args.artifacts, "index.json").exists():
+        print(f"deploy.chaos: error: no models in {args.artifacts}/; build them with `make models`",
+              file=sys.stderr)
+        return 1
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    print(HEADER, flush=True)
+    outcomes = []
+    for name in args.scenarios:
+        fault_s = args.registry_outage_s if name == "registry" else args.fault_s
+        a = argparse.Namespace(**{**vars(args), "fault_s": fault_s})
+        outcomes += run_scenarios(args.artifacts, [name], a, tempfile.mkdtemp(prefix=f"{name}-", dir=out))
+    print()
+    print(format_table(outcomes))
+    (out / "chaos.json").write_text(json.dumps([{**asdict(o), "passed": o.passed} for o in outcomes], indent=2))
+    failed = [o.scenario for o in outcomes if not o.passed]
+    if failed:
+        print(f"FAILED: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
