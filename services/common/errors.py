@@ -11,6 +11,7 @@ Servicers never catch exceptions themselves: they raise these, and
 | ``DeadlineExceeded`` / ``asyncio.TimeoutError`` | DEADLINE_EXCEEDED |
 | ``InstanceFailed`` | UNAVAILABLE |
 | ``NotFound`` | NOT_FOUND |
+| request bytes that do not parse | INVALID_ARGUMENT |
 | anything else | INTERNAL, generic message, traceback in the log |
 """
 
@@ -61,10 +62,22 @@ def status_for(exc):
     return grpc.StatusCode.INTERNAL, "internal error (see the server log)"
 
 
-def _wrap_unary(behavior, method):
+def _parse(deserializer, raw, method):
+    """Deserializes a request here rather than in gRPC, so that bytes that are
+    not the method's message get INVALID_ARGUMENT (gRPC itself answers UNKNOWN)."""
+    if deserializer is None:
+        return raw
+    try:
+        return deserializer(raw)
+    except Exception:  # noqa: BLE001 - DecodeError and friends
+        raise InvalidInput(f"malformed request: {len(raw)} bytes that do not parse as the "
+                           f"request message of {method}") from None
+
+
+def _wrap_unary(behavior, method, deserializer=None):
     async def wrapper(request, context):
         try:
-            return await behavior(request, context)
+            return await behavior(_parse(deserializer, request, method), context)
         except (asyncio.CancelledError, grpc.aio.AbortError):
             raise
         except Exception as exc:  # noqa: BLE001 - this is the one mapping point
@@ -76,10 +89,10 @@ def _wrap_unary(behavior, method):
     return wrapper
 
 
-def _wrap_stream(behavior, method):
+def _wrap_stream(behavior, method, deserializer=None):
     async def wrapper(request, context):
         try:
-            async for item in behavior(request, context):
+            async for item in behavior(_parse(deserializer, request, method), context):
                 yield item
         except (asyncio.CancelledError, grpc.aio.AbortError):
             raise
@@ -102,14 +115,14 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
         method = handler_call_details.method
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
-                _wrap_unary(handler.unary_unary, method),
-                request_deserializer=handler.request_deserializer,
+                _wrap_unary(handler.unary_unary, method, handler.request_deserializer),
+                request_deserializer=None,
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
-                _wrap_stream(handler.unary_stream, method),
-                request_deserializer=handler.request_deserializer,
+                _wrap_stream(handler.unary_stream, method, handler.request_deserializer),
+                request_deserializer=None,
                 response_serializer=handler.response_serializer,
             )
         return handler

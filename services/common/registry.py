@@ -130,20 +130,33 @@ class Registry(abc.ABC):
     @abc.abstractmethod
     async def close(self): ...
 
-    async def watch(self, poll_s=DEFAULT_POLL_S, role=None):
+    async def watch(self, poll_s=DEFAULT_POLL_S, role=None, *, hold_leaves_s=DEFAULT_TTL_S):
         """Yields RegistryEvents (polling diff of ``list()`` every ``poll_s``).
 
         The first poll reports every live instance as "joined". Errors
-        reaching the server are logged and retried at the next poll.
+        reaching the server are logged and retried at the next poll; while
+        the server is unreachable nothing changes (the last membership
+        stands). A restarted server starts empty and is refilled by the
+        instances' heartbeats, so for ``hold_leaves_s`` after an outage ends
+        no "left" is reported (joins and changes are); an instance that is
+        really gone leaves after that.
         """
         known = {}
+        outage = False
+        hold_until = 0.0
         while True:
             try:
                 current = {i.instance_id: i for i in await self.list(role)}
             except (RegistryError, OSError, asyncio.TimeoutError) as exc:
                 log.warning("registry watch: %s", exc)
                 current = None
+                outage = True
             if current is not None:
+                if outage:
+                    outage = False
+                    hold_until = time.monotonic() + hold_leaves_s
+                    log.info("registry reachable again; holding leaves for %.1f s", hold_leaves_s)
+                holding = time.monotonic() < hold_until
                 for iid, inst in current.items():
                     if iid not in known:
                         yield RegistryEvent("joined", inst)
@@ -151,7 +164,10 @@ class Registry(abc.ABC):
                         yield RegistryEvent("changed", inst)
                 for iid, inst in known.items():
                     if iid not in current:
-                        yield RegistryEvent("left", inst)
+                        if holding:
+                            current[iid] = inst
+                        else:
+                            yield RegistryEvent("left", inst)
                 known = current
             await asyncio.sleep(poll_s)
 
