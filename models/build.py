@@ -18,9 +18,11 @@ hundred examples and one epoch each (well under a minute): real, small,
 inaccurate models for tests of the other components.
 """
 
+import concurrent.futures
 import dataclasses
 import hashlib
 import json
+import multiprocessing
 import pathlib
 import sys
 import time
@@ -43,7 +45,7 @@ class Plan:
     split_seed: int = 0
     codes: tuple = ((2, "sum"), (3, "sum"), (4, "sum"), (2, "concat"), (4, "concat"))
     base: Settings = Settings(epochs=30)
-    parity: Settings = Settings(epochs=30, augment=False)
+    parity: Settings = Settings(epochs=40, batch_size=32, augment=False)
     backup: Settings = Settings(epochs=20)
     groupings: int = 4
 
@@ -81,7 +83,29 @@ def _with_progress(settings, progress):
     return dataclasses.replace(settings, progress=progress and settings.progress)
 
 
-def build(out, plan=DEFAULT, force=False, progress=True, threads=1, log=print):
+def _init_worker():
+    torch.set_num_threads(1)
+
+
+def _run_tasks(tasks, jobs, log):
+    """Runs (name, fn, args, kwargs) tasks, in ``jobs`` processes when jobs > 1; results in task order."""
+    if jobs <= 1:
+        results = []
+        for name, fn, args, kwargs in tasks:
+            start = time.perf_counter()
+            results.append(fn(*args, **kwargs))
+            log(f"  train {name}: {time.perf_counter() - start:.1f} s")
+        return results
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context, initializer=_init_worker) as pool:
+        futures = {pool.submit(fn, *args, **kwargs): name for name, fn, args, kwargs in tasks}
+        for future in concurrent.futures.as_completed(futures):
+            meta = future.result()
+            log(f"  train {futures[future]}: {meta['metrics']['train_s']:.1f} s (in a worker)")
+        return [f.result() for f in futures]
+
+
+def build(out, plan=DEFAULT, force=False, progress=True, threads=1, jobs=1, log=print):
     """Builds the artifact set of ``plan`` into ``out``; returns the index dict."""
     out = pathlib.Path(out)
     key = build_key(plan)
@@ -105,13 +129,19 @@ def build(out, plan=DEFAULT, force=False, progress=True, threads=1, log=print):
     log(f"building {base_name} artifacts into {out} (key {key})")
     metas = [timed(f"train {base_name}", train.train_base, plan.dataset, plan.arch, ckpt / f"{base_name}.pt",
                    _with_progress(plan.base, progress), plan.split_seed, name=base_name)]
+    # The parity models and the backup depend on the base only: train them in
+    # ``jobs`` processes of one thread each (small networks use two cores
+    # better as two processes than as two threads of one).
+    tasks = []
     for k, encoder in plan.codes:
         name = f"{base_name}-parity-k{k}-{encoder}"
-        metas.append(timed(f"train {name}", train.train_parity, ckpt / f"{base_name}.pt", k, encoder,
-                           ckpt / f"{name}.pt", _with_progress(plan.parity, progress), name=name))
+        tasks.append((name, train.train_parity, (ckpt / f"{base_name}.pt", k, encoder, ckpt / f"{name}.pt",
+                                                 _with_progress(plan.parity, progress and jobs == 1)),
+                      {"name": name}))
     name = f"{base_name}-backup"
-    metas.append(timed(f"train {name}", train.train_backup, ckpt / f"{base_name}.pt", plan.backup_arch,
-                       ckpt / f"{name}.pt", _with_progress(plan.backup, progress), name=name))
+    tasks.append((name, train.train_backup, (ckpt / f"{base_name}.pt", plan.backup_arch, ckpt / f"{name}.pt",
+                                             _with_progress(plan.backup, progress and jobs == 1)), {"name": name}))
+    metas += timed("train parity and backup models", _run_tasks, tasks, jobs, log)
 
     X_val, _ = data.load_split(plan.dataset, "val", plan.split_seed)
     for meta in metas:
@@ -156,7 +186,10 @@ def build_parser():
                         help="tiny settings: few examples, one epoch (for tests; inaccurate models)")
     parser.add_argument("--force", action="store_true", help="rebuild even when up to date")
     parser.add_argument("--threads", type=int, default=cli.default_threads(),
-                        help="torch and ONNX Runtime CPU threads (default: %(default)s)")
+                        help="torch and ONNX Runtime CPU threads of the main process (default: %(default)s)")
+    parser.add_argument("--jobs", type=int, default=cli.default_threads(),
+                        help="processes (one thread each) training the parity and backup models "
+                             "(default: %(default)s)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
 
@@ -164,11 +197,11 @@ def build_parser():
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.threads < 1:
-        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    if args.threads < 1 or args.jobs < 1:
+        raise ValueError(f"--threads and --jobs must be >= 1, got {args.threads} and {args.jobs}")
     torch.set_num_threads(args.threads)
     build(args.out, TINY if args.tiny else DEFAULT, force=args.force, progress=not args.no_progress,
-          threads=args.threads)
+          threads=args.threads, jobs=args.jobs)
     return 0
 
 

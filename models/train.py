@@ -164,8 +164,16 @@ def train_base(dataset, arch, out, settings, split_seed=0, data_root=None, name=
     return meta
 
 
+def default_backup_arch(input_shape):
+    """The cheap backup's arch: a tiny MLP for grayscale digits, MobileNetV2-0.25 for colour images."""
+    return "tinymlp" if input_shape[0] == 1 else "mobilenetv2"
+
+
 def train_backup(base_checkpoint, arch, out, settings, data_root=None, name=None):
-    """Trains a cheap backup for the base model at ``base_checkpoint`` (same data, same labels)."""
+    """Trains a cheap backup for the base model at ``base_checkpoint`` (same data, same labels).
+
+    ``arch`` None: ``default_backup_arch`` of the base model's input.
+    """
     _check_settings(settings)
     base = checkpoint.load_meta(base_checkpoint)
     if base["role"] != "base":
@@ -173,6 +181,7 @@ def train_backup(base_checkpoint, arch, out, settings, data_root=None, name=None
     torch.manual_seed(settings.seed)
     dataset, split_seed = base["dataset"], base["split_seed"]
     shape = tuple(base["input_shape"])
+    arch = arch or default_backup_arch(shape)
     model = archs.Normalized(archs.build(arch, shape, base["num_classes"]),
                              base["normalization"]["mean"], base["normalization"]["std"])
     X_train, y_train, X_val, y_val = _arrays(dataset, split_seed, data_root, settings.max_train)
@@ -310,10 +319,10 @@ def train_parity(base_checkpoint, k, encoder, out, settings, data_root=None, nam
     return meta
 
 
-def _add_common(p, epochs):
+def _add_common(p, epochs, batch_size=64):
     p.add_argument("--out", required=True, help="checkpoint path to write (the best on validation)")
     p.add_argument("--epochs", type=int, default=epochs, help="training epochs (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=64, help="minibatch size (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=batch_size, help="minibatch size (default: %(default)s)")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default: %(default)s)")
     p.add_argument("--weight-decay", type=float, default=1e-5, help="Adam weight decay (default: %(default)s)")
     p.add_argument("--schedule", choices=("cosine", "constant"), default="cosine",
@@ -350,11 +359,11 @@ def build_parser():
     p.add_argument("--augment", action="store_true",
                    help="augment every member of a group (default: off; a fresh grouping every epoch "
                         "already varies the queries, and the base outputs are then computed once)")
-    _add_common(p, epochs=30)
+    _add_common(p, epochs=40, batch_size=32)
     p = sub.add_parser("backup", help="train a cheap backup model for a base checkpoint")
     p.add_argument("--base", required=True, help="checkpoint of the base model")
-    p.add_argument("--arch", default="tinymlp", help=f"one of {', '.join(archs.ARCHS)} (default: %(default)s; "
-                                                    "mobilenetv2 for colour images)")
+    p.add_argument("--arch", default=None, help=f"one of {', '.join(archs.ARCHS)} (default: tinymlp for "
+                                                "grayscale inputs, mobilenetv2 for colour images)")
     p.add_argument("--no-augment", dest="augment", action="store_false", help="train on the examples as they are")
     _add_common(p, epochs=30)
     return parser

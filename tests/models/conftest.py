@@ -10,5 +10,6 @@ def tiny_artifacts(tmp_path_factory):
     from models import build
     torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("artifacts")
-    build.build(out, build.TINY, progress=False, threads=1, log=lambda *_: None)
+    # jobs=2: the parity and backup models train in worker processes, as in `make models`.
+    build.build(out, build.TINY, progress=False, threads=1, jobs=2, log=lambda *_: None)
     return out
