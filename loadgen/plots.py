@@ -25,6 +25,16 @@ from loadgen.records import CSV_NAME, SOURCES, read_csv
 from loadgen.stats import SUMMARY_NAME
 
 
+# One colour per redundancy mode in every plot, so a mode reads the same
+# across the CDF and the rate plot; other labels cycle through the rest.
+MODE_COLORS = {"equal": "C0", "coded": "C1", "none": "C7", "cheap": "C2", "hedged": "C4"}
+
+
+def mode_color(label, fallback_index=0):
+    """The colour of a mode label (``"coded"``, ``"coded k=3"``, ...)."""
+    return MODE_COLORS.get(str(label).split()[0], f"C{(fallback_index + 5) % 10}")
+
+
 def _pyplot():
     import matplotlib
     matplotlib.use("Agg")
@@ -50,7 +60,8 @@ def plot_latency_cdf(latencies_by_mode, path, title="End-to-end latency"):
         f = np.arange(1, v.size + 1) / (v.size + 1)
         tail = 1.0 / (1.0 - f)
         max_tail = max(max_tail, tail[-1])
-        ax.plot(v, tail, label=f"{mode} (n={v.size})", drawstyle="steps-post")
+        ax.plot(v, tail, label=f"{mode} (n={v.size})", drawstyle="steps-post",
+                color=mode_color(mode, len(ax.lines)))
     ax.set_yscale("log")
     ticks = [t for t in (2, 10, 100, 1000, 10000, 100000) if t <= max_tail * 1.01]
     ax.set_yticks(ticks)
@@ -82,8 +93,9 @@ def plot_latency_vs_rate(points, path, title="Latency against send rate"):
     for mode, items in sorted(by_mode.items()):
         items.sort(key=lambda item: item[0])
         rates = [r for r, _ in items]
-        ax_med.plot(rates, [row["med"] for _, row in items], marker="o", label=mode)
-        ax_tail.plot(rates, [row["p999"] for _, row in items], marker="o", label=mode)
+        color = mode_color(mode, len(ax_med.lines))
+        ax_med.plot(rates, [row["med"] for _, row in items], marker="o", label=mode, color=color)
+        ax_tail.plot(rates, [row["p999"] for _, row in items], marker="o", label=mode, color=color)
     for ax, what in ((ax_med, "median"), (ax_tail, "p99.9")):
         ax.set_xlabel("send rate (queries/s)")
         ax.set_ylabel(f"{what} latency (ms)")
