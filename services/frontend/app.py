@@ -110,6 +110,9 @@ class FrontendApp:
         for name, value in e.counters.items():
             reply.counters[name] = value
         reply.counters["in_system"] = e.in_system
+        # leak watch (deploy.soak): unfinished coding groups and live asyncio tasks
+        reply.counters["open_groups"] = len(e.groups)
+        reply.counters["asyncio_tasks"] = len(asyncio.all_tasks())
         for role, depth in e.queue_depths().items():
             reply.counters[f"queue_depth_{role}"] = depth
         return reply
