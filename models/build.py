@@ -29,7 +29,7 @@ import time
 
 import torch
 
-from models import cli, data, evaluate, export, train
+from models import checkpoint, cli, data, evaluate, export, train
 from models.train import Settings
 
 INDEX = "index.json"
@@ -146,7 +146,7 @@ def build(out, plan=DEFAULT, force=False, progress=True, threads=1, jobs=1, log=
     X_val, _ = data.load_split(plan.dataset, "val", plan.split_seed)
     for meta in metas:
         manifest = timed(f"export {meta['name']}", export.export_checkpoint, ckpt / f"{meta['name']}.pt", out)
-        model, _ = train.checkpoint.load(ckpt / f"{meta['name']}.pt")
+        model, _ = checkpoint.load(ckpt / f"{meta['name']}.pt")
         diff, _, _ = export.compare(model, out / manifest.onnx_file, X_val[:64], threads=threads)
         meta["metrics"]["onnx_max_abs_diff"] = diff
 

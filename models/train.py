@@ -25,7 +25,6 @@ import pathlib
 import sys
 import time
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -115,7 +114,7 @@ def _check_settings(settings):
 
 
 def _fit_classifier(model, X_train, y_train, X_val, y_val, settings, desc):
-    """Cross-entropy training; returns (best state dict, best val top-1, epochs run)."""
+    """Cross-entropy training; returns (best state dict, its validation top-1)."""
     gen = torch.Generator().manual_seed(settings.seed)
     steps_per_epoch = math.ceil(len(X_train) / settings.batch_size)
     opt, sched = _optimizer(model, settings, settings.epochs * steps_per_epoch)
