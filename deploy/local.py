@@ -276,12 +276,14 @@ class Sweep:
 
         clip = run.clipper
         n = int(clip.get("num_models", 2))
-        second = config_mod.RunSpec(**{**run.to_dict(), "redundancy_mode": "none", "num_models": n, "k": 1,
+        second = config_mod.RunSpec(**{**run.to_dict(), "redundancy_mode": "none", "num_models": n, "k": 2,
                                        "background": 0})
         models = resolve_models(self.cfg.artifacts, self.sweep.model, "none", run.k, run.encoder)
-        bg_dep = start_deployment(second, self.launcher, self.placement, models,
-                                  namespace=f"{namespace}-clipper", log_dir=run_dir / "logs" / "clipper",
-                                  records_dir=run_dir / "clipper", seed=run.seed + 7919)
+        # start_deployment blocks (and runs its own event loop): a thread.
+        bg_dep = await asyncio.to_thread(
+            start_deployment, second, self.launcher, self.placement, models,
+            namespace=f"{namespace}-clipper", log_dir=run_dir / "logs" / "clipper",
+            records_dir=run_dir / "clipper", seed=run.seed + 7919)
         client = self.launcher.start("loadgen", ["serve", "--host", self._bind(self.placement.client(0))],
                                      name=f"{namespace}-clipper-loadgen", host=self.placement.client(0),
                                      log_path=run_dir / "logs" / "clipper-loadgen.log")
@@ -299,7 +301,7 @@ class Sweep:
             except Exception as exc:  # noqa: BLE001 - the background's own failure is reported, not fatal
                 log.warning("clipper background: %s", exc)
                 answered = None
-            bg_dep.stop()
+            await asyncio.to_thread(bg_dep.stop)
             return {"kind": "clipper", "rate": clip.get("rate"), "num_models": n, "answered": answered}
         return stop, None
 

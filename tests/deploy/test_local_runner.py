@@ -155,3 +155,52 @@ def test_missing_models_without_build_is_one_line(tmp_path):
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 2
     assert "make models" in err and err.strip().count("\n") == 0
+
+
+def test_clipper_background_runs_a_second_deployment(tmp_path, tiny_artifacts):
+    mark = uuid.uuid4().hex
+    cfg = write_config(tmp_path / "cfg.json", redundancy_modes=["coded"], background_traffic=["clipper"],
+                       num_queries=60, emulation={"compute": {"kind": "constant", "params": {"value_ms": 2}},
+                                                  "clipper": {"rate": 30, "num_models": 2}})
+    proc = runner([cfg, "--artifacts", tiny_artifacts, "--out", tmp_path / "results", "--no-build"], mark)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    assert_nothing_left(mark)
+    run = next((tmp_path / "results" / "tiny").glob("mode_coded*"))
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["overall"]["num"] == 60
+    bg = summary["background"]
+    assert bg["kind"] == "clipper" and bg["num_models"] == 2
+    assert bg["answered"] >= 10  # the second deployment served its own load meanwhile
+    # Its instances ran beside the main ones (logs of both deployments).
+    assert (run / "logs" / "clipper" / "frontend.log").exists()
+
+
+def test_serve_keeps_a_deployment_up_until_sigterm(tmp_path, tiny_artifacts):
+    mark = uuid.uuid4().hex
+    env = dict(os.environ, PARM_TEST_MARK=mark, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "-m", "deploy.serve", "configs/serve.json", "--port", "0",
+                             "--artifacts", tiny_artifacts, "--logs", str(tmp_path / "serve")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        address = None
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and address is None:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            if line.startswith("frontend: "):
+                address = line.split()[1]
+        assert address, proc.stderr.read()[-2000:] if proc.poll() is not None else "no address printed"
+        load = subprocess.run([sys.executable, "-m", "loadgen", "--target", address, "--rate", "50",
+                               "--num-queries", "40", "--warmup-queries", "0", "--no-progress",
+                               "--out", str(tmp_path / "load")], capture_output=True, text=True, timeout=120)
+        assert load.returncode == 0, load.stderr
+        summary = json.loads((tmp_path / "load" / "summary.json").read_text())
+        assert summary["overall"]["num"] == 40
+        assert proc.poll() is None  # still serving
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    assert proc.returncode == 0
+    assert_nothing_left(mark)
