@@ -185,8 +185,12 @@ def build_parser():
     parser.add_argument("--tiny", action="store_true",
                         help="tiny settings: few examples, one epoch (for tests; inaccurate models)")
     parser.add_argument("--force", action="store_true", help="rebuild even when up to date")
-    parser.add_argument("--threads", type=int, default=cli.default_threads(),
-                        help="torch and ONNX Runtime CPU threads of the main process (default: %(default)s)")
+    # One thread: these small networks gain little from a second intra-op
+    # thread, and lose badly (2x slower per step, measured) when anything
+    # else runs on the cores; the cores are used by --jobs instead.
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch and ONNX Runtime CPU threads of the main process, which trains the base "
+                             "model (default: %(default)s)")
     parser.add_argument("--jobs", type=int, default=cli.default_threads(),
                         help="processes (one thread each) training the parity and backup models "
                              "(default: %(default)s)")
