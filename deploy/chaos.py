@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 
 SCENARIOS = ("kill-data", "kill-parity", "kill-two", "hang", "registry", "coder", "frontend")
 GRACE_S = 1.0
+RECOVERY_S = 1.0
 
 
 def run_spec(*, mode="coded", num_models=2, k=2, compute_ms=5.0, batch_size=1, encoder="sum",
@@ -152,6 +153,9 @@ async def _wait_for(predicate, timeout_s, period_s=0.2):
 class Fault:
     """inject() at the fault time, heal() after ``fault_s``; ``notes`` for the table."""
 
+    #: extra load time after the fault for the heal itself (a restart)
+    heal_s = 0.0
+
     def __init__(self, rig, args):
         self.rig = rig
         self.args = args
@@ -194,6 +198,8 @@ class Hang(Fault):
 
 
 class RegistryOutage(Fault):
+    heal_s = 2.0
+
     async def inject(self):
         reg = self.rig.dep.registry
         self.port = int(reg.address.rsplit(":", 1)[1])
@@ -237,6 +243,8 @@ class CoderKill(Fault):
 
 
 class FrontendRestart(Fault):
+    heal_s = 5.0
+
     async def inject(self):
         self.port = int(self.rig.dep.frontend.address.rsplit(":", 1)[1])
         await asyncio.to_thread(self.rig.dep.frontend.kill)
@@ -297,7 +305,7 @@ async def run_scenario(name, rig, args):
     from loadgen.runner import Spec, run_async
 
     fault = FAULTS[name](rig, args)
-    total_s = args.warmup_s + args.fault_s + args.after_s
+    total_s = args.warmup_s + args.fault_s + fault.heal_s + args.after_s
     spec = Spec(target=rig.dep.frontend_address, rate=args.rate, duration_s=total_s, warmup_queries=0,
                 seed=args.seed, deadline_s=args.deadline_s, run_id=f"chaos-{name}")
     t0 = time.monotonic()
@@ -317,9 +325,13 @@ async def run_scenario(name, rig, args):
             with contextlib.suppress(BaseException):
                 await load
     await fault.after()
-    after_from = max(healed_at, total_s - args.after_s / 2)
+    # serving must be back within RECOVERY_S of the heal, and stay back
+    after_from = max(healed_at + RECOVERY_S, total_s - args.after_s / 2)
     out = analyse(name, result.records, args.deadline_s, (injected_at, injected_at + args.fault_s), after_from)
-    out.notes = fault.notes
+    ok_after = [r.send_time_s for r in result.records if r.ok and r.send_time_s >= healed_at]
+    if ok_after:
+        out.notes.append(f"first answer {min(ok_after) - healed_at:.2f} s after the heal")
+    out.notes = fault.notes + out.notes
     if getattr(fault, "joined_seen", True) is False:
         out.resumed = False
     with contextlib.suppress(Exception):

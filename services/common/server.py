@@ -32,9 +32,19 @@ def grpc_options(max_message_bytes=MAX_MESSAGE_BYTES):
     ]
 
 
+# A channel whose server went away retries the connection with exponential
+# backoff; gRPC's default cap (120 s, first retry after 1 s) keeps a client
+# failing with UNAVAILABLE long after a restarted server is back. Capped at 1 s.
+RECONNECT_OPTIONS = [
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+]
+
+
 def insecure_channel(address, max_message_bytes=MAX_MESSAGE_BYTES):
     """An aio channel to ``address`` with the project's explicit limits."""
-    return grpc.aio.insecure_channel(address, options=grpc_options(max_message_bytes))
+    return grpc.aio.insecure_channel(address, options=grpc_options(max_message_bytes) + RECONNECT_OPTIONS)
 
 
 def open_channel(address, max_message_bytes=MAX_MESSAGE_BYTES, *, tls=None):
@@ -43,7 +53,8 @@ def open_channel(address, max_message_bytes=MAX_MESSAGE_BYTES, *, tls=None):
     tls = tls if tls is not None else tls_mod.current()
     if tls.client_enabled:
         return grpc.aio.secure_channel(address, tls.channel_credentials(),
-                                       options=grpc_options(max_message_bytes) + tls.channel_options())
+                                       options=grpc_options(max_message_bytes) + RECONNECT_OPTIONS
+                                       + tls.channel_options())
     return insecure_channel(address, max_message_bytes)
 
 
