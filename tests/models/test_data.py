@@ -1,6 +1,7 @@
 """Datasets: shapes, ranges, the seeded split, on-disk formats, bad names."""
 
 import gzip
+import pathlib
 import pickle
 import subprocess
 import sys
@@ -122,4 +123,4 @@ def test_cifar10_reads_torchvision_pickles(tmp_path):
 
 def test_data_module_does_not_import_torch():
     code = "import sys, models.data; models.data.load_split('digits'); assert 'torch' not in sys.modules"
-    subprocess.run([sys.executable, "-c", code], check=True)
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=pathlib.Path(__file__).resolve().parents[2])
