@@ -92,10 +92,10 @@ class GrpcPerturbationSetter:
 
     def _stub(self, address):
         from parm.v1 import model_server_pb2_grpc
-        from services.common.server import insecure_channel
+        from services.common.server import open_channel
 
         if address not in self._channels:
-            self._channels[address] = insecure_channel(address)
+            self._channels[address] = open_channel(address)
         return model_server_pb2_grpc.ModelServerStub(self._channels[address])
 
     async def __call__(self, address, perturbation):

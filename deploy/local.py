@@ -45,8 +45,6 @@ from deploy.launcher import LocalLauncher
 
 log = logging.getLogger("deploy.local")
 
-RUN_OVERHEAD_S = 10.0  # start-up and teardown of one run, for the time estimate
-
 
 @dataclass(frozen=True)
 class RunnerConfig:
@@ -60,6 +58,7 @@ class RunnerConfig:
     build_models: bool = True
     progress: bool = True
     log_level: str = "WARNING"
+    tls_dir: str = ""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -86,14 +85,13 @@ def parse_config(argv):
                    help="fail instead of training missing default models")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.add_argument("--log-level", default="WARNING")
+    p.add_argument("--tls-dir", default="",
+                   help="mutual TLS on every gRPC hop, with a private CA and certificates made in this "
+                        "directory (deploy.certs); default: plaintext")
     a = p.parse_args(argv)
     if a.num_queries < 0:
         p.error("--num-queries must be >= 0")
     return RunnerConfig(**vars(a))
-
-
-class SweepInterrupted(Exception):
-    pass
 
 
 def _sigterm(signum, frame):
@@ -131,9 +129,6 @@ class Sweep:
         self.runs = sweep.runs()
         self.results = []
         self._bar = None
-
-    def estimate_s(self, run):
-        return (run.warmup_queries + run.num_queries) / run.send_rate + RUN_OVERHEAD_S
 
     def run_all(self):
         from tqdm import tqdm
@@ -174,11 +169,13 @@ class Sweep:
         dep = start_deployment(
             run, self.launcher, self.placement, models, namespace=namespace,
             log_dir=run_dir / "logs", records_dir=run_dir / "frontend", seed=run.seed * 100 + index,
+            tls=_tls_or_none(),
         )
         extra = []
         try:
             clients = [
-                self.launcher.start("loadgen", ["serve", "--host", self._bind(self.placement.client(c))],
+                self.launcher.start("loadgen", ["serve", "--host", self._bind(self.placement.client(c)),
+                                                *_tls_argv()],
                                     name=f"{namespace}-loadgen-{c}", host=self.placement.client(c),
                                     log_path=run_dir / "logs" / f"loadgen-{c}.log")
                 for c in range(run.num_clients)
@@ -207,9 +204,9 @@ class Sweep:
 
     async def _load(self, run, dep, clients, run_dir, namespace, extra):
         from loadgen import Spec
-        from loadgen.control import run_remote_async, stop_remote
+        from loadgen.control import run_remote_async
 
-        background, describe = await self._start_background(run, dep, run_dir, namespace, extra)
+        stop_background = await self._start_background(run, dep, run_dir, namespace, extra)
         spec = Spec(target=dep.frontend_address, rate=run.send_rate, num_queries=run.num_queries,
                     warmup_queries=run.warmup_queries, seed=run.seed, deadline_s=run.deadline_s,
                     run_id=namespace)
@@ -226,19 +223,19 @@ class Sweep:
         try:
             result = await run_remote_async([c.address for c in clients], spec, on_progress=on_progress)
         finally:
-            bg_info = await background(describe)
+            bg_info = await stop_background()
         return {"records": result.records, "background": bg_info}
 
     async def _start_background(self, run, dep, run_dir, namespace, extra):
-        """Starts the run's background; returns (async stop -> info, description)."""
+        """Starts the run's background; returns an async ``stop() -> info dict``."""
         from deploy.background import BackgroundModel, EmulatedBackground
         from deploy.shuffle import ShuffleCoordinator
 
         bg = run.background
         if bg == 0:
-            async def stop(_):
+            async def stop():
                 return {"kind": "none"}
-            return stop, None
+            return stop
         if bg == "clipper":
             return await self._start_clipper(run, dep, run_dir, namespace, extra)
         if self.testbed is None and not self.cfg.agents:
@@ -246,12 +243,12 @@ class Sweep:
             emu = EmulatedBackground(dep.instance_addresses(), bg, model, seed=run.seed)
             emu.start()
 
-            async def stop(_):
+            async def stop():
                 await emu.stop()
                 return {"kind": "emulated", "shuffles": bg, "transfers": len(emu.timeline),
                         "busy_fraction": round(emu.busy_fraction(), 4), "errors": emu.errors,
                         "model": run.background_model}
-            return stop, None
+            return stop
         # Real shuffles between agents on the worker hosts.
         hosts = sorted({self.placement.worker(i) for i in range(len(dep.instances))})
         agents = [self.launcher.start("deploy.shuffle", ["agent", "--host", self._bind(h)],
@@ -262,12 +259,12 @@ class Sweep:
         coordinator = ShuffleCoordinator([a.address for a in agents], bg, size_bytes=tuple(size), seed=run.seed)
         coordinator.start()
 
-        async def stop(_):
+        async def stop():
             await coordinator.stop()
             s = coordinator.stats
             return {"kind": "shuffles", "shuffles": bg, "completed": s.completed, "failed": s.failed,
                     "bytes_moved": s.bytes_moved, "size_bytes": list(size)}
-        return stop, None
+        return stop
 
     async def _start_clipper(self, run, dep, run_dir, namespace, extra):
         """A second deployment (mode none) co-located on the first worker hosts."""
@@ -283,8 +280,9 @@ class Sweep:
         bg_dep = await asyncio.to_thread(
             start_deployment, second, self.launcher, self.placement, models,
             namespace=f"{namespace}-clipper", log_dir=run_dir / "logs" / "clipper",
-            records_dir=run_dir / "clipper", seed=run.seed + 7919)
-        client = self.launcher.start("loadgen", ["serve", "--host", self._bind(self.placement.client(0))],
+            records_dir=run_dir / "clipper", seed=run.seed + 7919, tls=_tls_or_none())
+        client = self.launcher.start("loadgen", ["serve", "--host", self._bind(self.placement.client(0)),
+                                                 *_tls_argv()],
                                      name=f"{namespace}-clipper-loadgen", host=self.placement.client(0),
                                      log_path=run_dir / "logs" / "clipper-loadgen.log")
         extra.append(client)
@@ -293,7 +291,7 @@ class Sweep:
                     run_id=f"{namespace}-clipper")
         task = asyncio.create_task(run_remote_async([client.address], spec))
 
-        async def stop(_):
+        async def stop():
             await stop_remote([client.address])
             try:
                 result = await asyncio.wait_for(task, 30)
@@ -303,7 +301,7 @@ class Sweep:
                 answered = None
             await asyncio.to_thread(bg_dep.stop)
             return {"kind": "clipper", "rate": clip.get("rate"), "num_models": n, "answered": answered}
-        return stop, None
+        return stop
 
     def network_description(self):
         if self.testbed is not None:
@@ -396,6 +394,29 @@ def _f(value, digits=1):
     return f"{value:.{digits}f}"
 
 
+def _install_tls(tls_dir, host_addresses):
+    """Makes a CA and certificates for the hosts; this process and its children use mutual TLS."""
+    from deploy.certs import make_certs
+    from services.common import tls as tls_mod
+
+    certs = make_certs(tls_dir, ["127.0.0.1", "localhost", *dict.fromkeys(host_addresses)])
+    tls_mod.install(certs.node_tls(client_auth=True))
+    print(f"mutual TLS on every gRPC hop (certificates in {tls_dir}/)", flush=True)
+
+
+def _tls_or_none():
+    from services.common import tls as tls_mod
+
+    cfg = tls_mod.current()
+    return cfg if cfg.server_enabled else None
+
+
+def _tls_argv():
+    from services.common import tls as tls_mod
+
+    return tls_mod.current().argv()
+
+
 def build_launcher(cfg, sweep):
     """(launcher, placement, testbed) for the sweep's network."""
     network = cfg.network or sweep.network
@@ -439,6 +460,8 @@ def main(argv=None):
     launcher = testbed = None
     try:
         launcher, placement, testbed = build_launcher(cfg, sweep)
+        if cfg.tls_dir:
+            _install_tls(cfg.tls_dir, launcher.host_addresses)
         runner = Sweep(cfg, sweep, launcher, placement, testbed=testbed)
         results = runner.run_all()
         from deploy.report import write_report
