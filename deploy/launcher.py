@@ -17,6 +17,7 @@ start. ``stop_all`` is idempotent.
 
 import abc
 import signal
+import sys
 from dataclasses import dataclass, field
 
 from services.common.procs import ServiceProcess
@@ -85,11 +86,13 @@ class LocalLauncher(Launcher):
         self.host_addresses = [bind_host] * max(1, num_hosts)
         self._started = []
 
+    def argv(self, host, module, args, port):
+        """The command that runs ``module`` on ``host`` (subclasses wrap it)."""
+        return [sys.executable, "-m", module, *map(str, args), "--port", str(port)]
+
     def start(self, module, args, *, name, host=0, log_path=None, env=None, ready_timeout_s=60.0, port=0):
-        proc = ServiceProcess.python_module(
-            module, list(args) + ["--port", str(port)], name=name, log_path=log_path, env=env,
-            ready_timeout_s=ready_timeout_s,
-        )
+        proc = ServiceProcess(self.argv(host, module, args, port), name=name, log_path=log_path, env=env,
+                              ready_timeout_s=ready_timeout_s)
         started = Started(name, host, f"{self.host_addresses[host]}:{proc.port}", proc.pid, proc, self)
         self._started.append(started)
         return started

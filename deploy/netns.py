@@ -58,8 +58,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 
-from deploy.launcher import Launcher, Started
-from services.common.procs import ServiceProcess
+from deploy.launcher import LocalLauncher
 
 #: Defaults scaled from the paper's cluster (docs/netns.md has the numbers).
 DEFAULT_RATE_MBIT = 50.0
@@ -445,38 +444,17 @@ def _down_all():
             testbed.down()
 
 
-class NetnsLauncher(Launcher):
+class NetnsLauncher(LocalLauncher):
     """Launcher host ``i`` is testbed host ``i``; processes are the runner's children."""
 
     def __init__(self, testbed):
+        super().__init__()
         self.testbed = testbed
         self.host_addresses = [testbed.host_address(i) for i in range(testbed.spec.num_hosts)]
-        self._started = []
 
-    def bind_address(self, host):
-        """The address a service on ``host`` listens on (its ``--host``)."""
-        return self.host_addresses[host]
-
-    def start(self, module, args, *, name, host=0, log_path=None, env=None, ready_timeout_s=60.0):
-        argv = self.testbed.exec_argv(host, [sys.executable, "-m", module, *args, "--port", "0"])
+    def argv(self, host, module, args, port):
         # `ip netns exec` execs the command, so the child's pid is the service's.
-        proc = ServiceProcess(argv, name=name, log_path=log_path, env=env, ready_timeout_s=ready_timeout_s)
-        started = Started(name, host, f"{self.host_addresses[host]}:{proc.port}", proc.pid, proc, self)
-        self._started.append(started)
-        return started
-
-    def _stop(self, started, grace_s):
-        started._handle.stop(grace_s)
-
-    def _signal(self, started, sig):
-        started._handle.kill(sig)
-
-    def _alive(self, started):
-        return started._handle.alive()
-
-    def stop_all(self, grace_s=5.0):
-        while self._started:
-            self._started.pop().stop(grace_s)
+        return self.testbed.exec_argv(host, super().argv(host, module, args, port))
 
 
 # -- command line ----------------------------------------------------------
