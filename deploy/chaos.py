@@ -46,6 +46,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from services.common.registry import PASSWORD_ENV, split_password
+
 log = logging.getLogger(__name__)
 
 SCENARIOS = ("kill-data", "kill-parity", "kill-two", "hang", "registry", "coder", "frontend")
@@ -110,9 +112,15 @@ def start_rig(artifacts, spec, work_dir, *, with_coder=False, frontend_extra_arg
     except BaseException:
         launcher.stop_all(grace_s=1)
         raise
-    args = deployment._frontend_args(spec, models, dep.registry_url, dep.namespace, dep.records_dir, 0,
+    args = deployment._frontend_args(spec, models, split_password(dep.registry_url)[0], dep.namespace,
+                                     dep.records_dir, 0,
                                      launcher.bind_address(0)) + extra + (tls.argv() if tls else [])
     return Rig(launcher, dep, models, work_dir / "logs", args, coder, tls)
+
+
+def _secret_env(rig):
+    password = split_password(rig.dep.registry_url)[1]
+    return {PASSWORD_ENV: password} if password else None
 
 
 # --- faults -------------------------------------------------------------------
@@ -209,22 +217,23 @@ class RegistryOutage(Fault):
     async def heal(self):
         launcher = self.rig.launcher
         self.rig.dep.registry = await asyncio.to_thread(
-            launcher.start, "services.common.registry",
-            ["serve", "--host", launcher.bind_address(0), "--password", self.password],
-            name="chaos-registry-restarted", log_path=self.rig.log_dir / "registry-restarted.log", port=self.port)
+            launcher.start, "services.common.registry", ["serve", "--host", launcher.bind_address(0)],
+            name="chaos-registry-restarted", log_path=self.rig.log_dir / "registry-restarted.log", port=self.port,
+            env={PASSWORD_ENV: self.password})
 
     async def after(self):
         # A change after the restart must reach the frontend: a new instance joins.
         from services.common.registry import _redact
 
         dep, launcher = self.rig.dep, self.rig.launcher
+        public_url, password = split_password(dep.registry_url)
         before = len((await frontend_status(dep.frontend_address)).instances)
         extra = await asyncio.to_thread(
             launcher.start, "services.model_server",
             ["--model", self.rig.models.base, "--role", "data", "--host", launcher.bind_address(0),
-             "--instance-id", "data-joined", "--registry-url", dep.registry_url, "--deployment", dep.namespace,
+             "--instance-id", "data-joined", "--registry-url", public_url, "--deployment", dep.namespace,
              *(self.rig.tls.argv() if self.rig.tls else [])],
-            name="chaos-data-joined", log_path=self.rig.log_dir / "data-joined.log")
+            name="chaos-data-joined", log_path=self.rig.log_dir / "data-joined.log", env={PASSWORD_ENV: password})
         dep.instances.append(("data", extra))
 
         async def joined():
@@ -253,7 +262,7 @@ class FrontendRestart(Fault):
         launcher = self.rig.launcher
         self.rig.dep.frontend = await asyncio.to_thread(
             launcher.start, "services.frontend", self.rig.frontend_args, name="chaos-frontend-restarted",
-            log_path=self.rig.log_dir / "frontend-restarted.log", port=self.port)
+            log_path=self.rig.log_dir / "frontend-restarted.log", port=self.port, env=_secret_env(self.rig))
 
 
 FAULTS = {"kill-data": KillData, "kill-parity": KillParity, "kill-two": KillTwo, "hang": Hang,

@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass, field
 
 from services.common import manifest as manifest_mod
+from services.common.registry import PASSWORD_ENV, split_password
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +119,7 @@ class Deployment:
     launcher: object
     placement: Placement
     registry: object = None
-    registry_url: str = ""
+    registry_url: str = field(default="", repr=False)  # holds the password
     namespace: str = ""
     instances: list = field(default_factory=list)  # (role, Started)
     frontend: object = None
@@ -182,11 +183,15 @@ def start_deployment(spec, launcher, placement, models, *, namespace, log_dir, r
             password = secrets.token_hex(16)
             dep.registry = launcher.start(
                 "services.common.registry",
-                ["serve", "--host", launcher.bind_address(placement.frontend), "--password", password],
+                ["serve", "--host", launcher.bind_address(placement.frontend)],
                 name=f"{namespace}-registry", host=placement.frontend, log_path=log_dir / "registry.log",
+                env={PASSWORD_ENV: password},
             )
             registry_url = f"redis://:{password}@{dep.registry.address}/0"
         dep.registry_url = registry_url
+        # The password goes in the environment, not on command lines (``ps``).
+        public_url, registry_password = split_password(registry_url)
+        secret_env = {PASSWORD_ENV: registry_password} if registry_password else None
         data, parity, backup = spec.num_instances
         roles = [("data", models.base)] * data + [("parity", models.parity)] * parity + \
                 [("backup", models.backup)] * backup
@@ -196,19 +201,20 @@ def start_deployment(spec, launcher, placement, models, *, namespace, log_dir, r
                 "--model", manifest, "--role", role,
                 "--host", launcher.bind_address(host),
                 "--instance-id", f"{role}-{i}",
-                "--registry-url", registry_url, "--deployment", namespace,
+                "--registry-url", public_url, "--deployment", namespace,
                 *distribution_args("compute", spec.compute, seed=seed * 1000 + i),
                 *server_extra_args, *tls_args,
             ]
             started = launcher.start("services.model_server", args, name=f"{namespace}-{role}-{i}",
-                                     host=host, log_path=log_dir / f"{role}-{i}.log")
+                                     host=host, log_path=log_dir / f"{role}-{i}.log", env=secret_env)
             dep.instances.append((role, started))
         dep.frontend = launcher.start(
             "services.frontend",
-            _frontend_args(spec, models, registry_url, namespace, records_dir, metrics_port,
+            _frontend_args(spec, models, public_url, namespace, records_dir, metrics_port,
                            launcher.bind_address(placement.frontend))
             + list(frontend_extra_args) + tls_args,
             name=f"{namespace}-frontend", host=placement.frontend, log_path=log_dir / "frontend.log",
+            env=secret_env,
             **({"port": frontend_port} if frontend_port else {}),
         )
         asyncio.run(wait_healthy(dep.frontend.address, len(roles), ready_timeout_s, tls=tls))

@@ -46,6 +46,8 @@ import asyncio
 import atexit
 import json
 import logging
+import os
+import pathlib
 import shutil
 import signal
 import socket
@@ -284,6 +286,32 @@ class Heartbeat:
                 log.warning("deregister failed: %s", exc)
 
 
+PASSWORD_ENV = "PARM_REGISTRY_PASSWORD"
+
+
+def split_password(url):
+    """``(url without its password, password or None)``."""
+    if url and "://" in url and "@" in url.split("://", 1)[1].split("/", 1)[0]:
+        scheme, rest = url.split("://", 1)
+        auth, host = rest.split("@", 1)
+        user, _, password = auth.partition(":")
+        return f"{scheme}://{user + '@' if user else ''}{host}", password or None
+    return url, None
+
+
+def url_with_env_password(url, environ=None):
+    """``url`` with the password of ``$PARM_REGISTRY_PASSWORD`` put in, when it
+    has none: runners pass the password in the environment, so that it is not
+    in any process's command line."""
+    import os
+
+    password = (os.environ if environ is None else environ).get(PASSWORD_ENV)
+    if not url or not password or split_password(url)[1]:
+        return url
+    scheme, rest = url.split("://", 1)
+    return f"{scheme}://:{password}@{rest}"
+
+
 def _redact(url):
     if "@" in url:
         scheme, rest = url.split("://", 1)
@@ -363,11 +391,19 @@ class EmbeddedRedis:
 
     def _try_start(self, port):
         self._dir = tempfile.mkdtemp(prefix="parm-redis-")
-        argv = [self.binary, "--port", str(port), "--bind", self.host, "--save", "",
-                "--appendonly", "no", "--dir", self._dir, "--daemonize", "no",
-                "--logfile", "", "--loglevel", "warning"]
+        argv = [self.binary]
+        if self.password and any(c in self.password for c in '"\\\r\n'):
+            raise RegistryError("the registry password may not contain quotes, backslashes or newlines")
         if self.password:
-            argv += ["--requirepass", self.password]
+            # in a 0600 file, not on the command line (visible to every local user)
+            conf = pathlib.Path(self._dir) / "auth.conf"
+            fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(f'requirepass "{self.password}"\n')
+            argv.append(str(conf))
+        argv += ["--port", str(port), "--bind", self.host, "--save", "",
+                 "--appendonly", "no", "--dir", self._dir, "--daemonize", "no",
+                 "--logfile", "", "--loglevel", "warning"]
         self.proc = subprocess.Popen(
             argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=self._dir,
             preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
@@ -477,13 +513,16 @@ def parse_config(argv):
     serve_p = sub.add_parser("serve", help="start the server", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     serve_p.add_argument("--host", default="127.0.0.1", help="the one address to bind")
     serve_p.add_argument("--port", type=int, default=0, help="TCP port (0 = a free port)")
-    serve_p.add_argument("--password", default=None, help="requirepass for the server")
+    serve_p.add_argument("--password", default=None,
+                         help=f"requirepass for the server (default: ${PASSWORD_ENV}, which keeps it off "
+                              "the command line)")
     serve_p.add_argument("--ready-file", default=None, help="write {port, pid, url} JSON here once serving")
     serve_p.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     if not 0 <= args.port < 65536:
         parser.error(f"--port {args.port} out of range")
-    return ServeConfig(port=args.port, host=args.host, password=args.password, ready_file=args.ready_file,
+    password = args.password or os.environ.get(PASSWORD_ENV) or None
+    return ServeConfig(port=args.port, host=args.host, password=password, ready_file=args.ready_file,
                        log_level=args.log_level)
 
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from services.common import manifest as manifest_mod
 from services.common import tls as tls_mod
+from services.common.registry import url_with_env_password
 from services.common.server import MAX_MESSAGE_BYTES
 from services.frontend.engine import MODES
 from services.frontend.instances import parse_static_instances
@@ -80,7 +81,9 @@ def build_parser():
     p.add_argument("--encoder", choices=("sum", "concat"), default=None,
                    help="encoder (default: the parity manifest's, else sum)")
     p.add_argument("--instances", default="", help="static instances: role=host:port,... (role data|parity|backup)")
-    p.add_argument("--registry-url", default=None, help="redis:// URL of the instance registry")
+    p.add_argument("--registry-url", default=None,
+                   help="redis:// URL of the instance registry (its password may come from "
+                        "$PARM_REGISTRY_PASSWORD instead)")
     p.add_argument("--deployment", default="default", help="registry namespace")
     p.add_argument("--registry-poll-ms", type=float, default=500.0, help="registry watch period, ms")
     p.add_argument("--coder", default=None, help="host:port of a parm.v1.Coder service (default: in-process coding_ext)")
@@ -158,7 +161,7 @@ def parse_config(argv):
         batch_timeout_ms=a.batch_timeout_ms, group_timeout_ms=a.group_timeout_ms,
         instance_timeout_ms=a.instance_timeout_ms, query_timeout_ms=a.query_timeout_ms,
         model=a.model, parity_model=a.parity_model, backup_model=a.backup_model, encoder=encoder,
-        instances=instances, registry_url=a.registry_url, deployment=a.deployment,
+        instances=instances, registry_url=url_with_env_password(a.registry_url), deployment=a.deployment,
         registry_poll_ms=a.registry_poll_ms, coder=a.coder, coder_timeout_ms=a.coder_timeout_ms,
         inline_coding_max_bytes=a.inline_coding_max_bytes, coding_threads=a.coding_threads,
         max_in_system=a.max_in_system, max_in_flight=a.max_in_flight, max_coalesce=a.max_coalesce,

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from services.common.errors import InvalidInput
 from services.common import tls as tls_mod
-from services.common.registry import DEFAULT_HEARTBEAT_S, DEFAULT_TTL_S
+from services.common.registry import DEFAULT_HEARTBEAT_S, DEFAULT_TTL_S, url_with_env_password
 from services.common.server import MAX_MESSAGE_BYTES
 from services.model_server.distributions import PARAMS, DistSpec, parse_params
 from services.model_server.perturbation import PerturbationSpec
@@ -70,7 +70,9 @@ def build_parser():
     p.add_argument("--instance-id", default="", help="instance id (default: ROLE-HOSTNAME-PID)")
     p.add_argument("--advertise-address", default=None,
                    help="host:port registered in the registry (default: HOST:PORT bound)")
-    p.add_argument("--registry-url", default=None, help="redis:// URL of the registry (default: do not register)")
+    p.add_argument("--registry-url", default=None,
+                   help="redis:// URL of the registry (default: do not register); its password may come "
+                        "from $PARM_REGISTRY_PASSWORD instead")
     p.add_argument("--deployment", default="default", help="registry namespace")
     p.add_argument("--heartbeat-s", type=float, default=DEFAULT_HEARTBEAT_S, help="registry heartbeat period, s")
     p.add_argument("--ttl-s", type=float, default=DEFAULT_TTL_S, help="registry key TTL, s")
@@ -140,7 +142,7 @@ def parse_config(argv):
     return Config(
         model=args.model, role=args.role, host=args.host, port=args.port, ready_file=args.ready_file,
         instance_id=instance_id, advertise_address=args.advertise_address,
-        registry_url=args.registry_url, deployment=args.deployment, heartbeat_s=args.heartbeat_s,
+        registry_url=url_with_env_password(args.registry_url), deployment=args.deployment, heartbeat_s=args.heartbeat_s,
         ttl_s=args.ttl_s, provider=args.provider, intra_op_threads=args.intra_op_threads,
         executor_workers=args.executor_workers, compute=compute, seed=seed, perturbation=perturbation,
         max_batch=args.max_batch, k=args.k, startup_delay_s=args.startup_delay_s, grace_s=args.grace_s,

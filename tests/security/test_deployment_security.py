@@ -58,6 +58,13 @@ def test_mtls_deployment_serves_only_certified_clients_and_leaks_no_password(tin
         assert listening == {"127.0.0.1"}
         assert _registry_reply(rig.dep.registry.address, b"*1\r\n$4\r\nPING\r\n").startswith(b"-NOAUTH")
         assert _registry_reply(rig.dep.registry.address, b"*2\r\n$4\r\nAUTH\r\n$5\r\nwrong\r\n").startswith(b"-")
+
+        # the password is on no command line (ps), of any process of the deployment
+        procs = [psutil.Process(s.pid) for s in [rig.dep.frontend, rig.dep.registry, rig.coder]
+                 + [s for _, s in rig.dep.instances]]
+        procs += [c for p in procs for c in p.children(recursive=True)]
+        assert len(procs) >= 7
+        assert not [p.cmdline() for p in procs if password in " ".join(p.cmdline())]
     finally:
         rig.stop()
     logs = {p.name: p.read_text(errors="replace") for p in (tmp_path / "run" / "logs").glob("*.log")}
@@ -83,3 +90,15 @@ def test_registry_password_is_redacted_in_errors():
 
     assert _redact("redis://:s3cret@10.0.0.1:6379/0") == "redis://***@10.0.0.1:6379/0"
     assert _redact("redis://10.0.0.1:6379/0") == "redis://10.0.0.1:6379/0"
+
+
+def test_registry_password_moves_between_url_and_environment():
+    from services.common.registry import split_password, url_with_env_password
+
+    assert split_password("redis://:pw1@127.0.0.1:7/0") == ("redis://127.0.0.1:7/0", "pw1")
+    assert split_password("redis://127.0.0.1:7/0") == ("redis://127.0.0.1:7/0", None)
+    env = {"PARM_REGISTRY_PASSWORD": "pw2"}
+    assert url_with_env_password("redis://127.0.0.1:7/0", env) == "redis://:pw2@127.0.0.1:7/0"
+    assert url_with_env_password("redis://:own@127.0.0.1:7/0", env) == "redis://:own@127.0.0.1:7/0"
+    assert url_with_env_password("redis://127.0.0.1:7/0", {}) == "redis://127.0.0.1:7/0"
+    assert url_with_env_password(None, env) is None
