@@ -132,6 +132,7 @@ class EmulatedBackground:
         self._touching = [0] * len(self.instances)
         self._applied = 0
         self._tasks = []
+        self._stopping = False
         self._t0 = None
         self.timeline = []
         self.errors = 0
@@ -141,6 +142,7 @@ class EmulatedBackground:
         self._tasks = [asyncio.ensure_future(self._loop()) for _ in range(self.n)]
 
     async def stop(self):
+        self._stopping = True
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -192,7 +194,7 @@ class EmulatedBackground:
             await self._set(index, None)
 
     async def _loop(self):
-        while True:
+        while not self._stopping:
             src, dst = self._rng.sample(range(len(self.instances)), 2)
             size_mb = self._rng.uniform(*self.model.size_mb)
             duration = self.model.duration_s(size_mb)

@@ -28,6 +28,7 @@ Ctrl-C reaches only the runner, which then stops them in order.
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import logging
 import math
@@ -42,6 +43,7 @@ from dataclasses import dataclass
 from deploy import config as config_mod
 from deploy.deployment import DeploymentError, Placement, resolve_models, start_deployment
 from deploy.launcher import LocalLauncher
+from deploy.report import write_report
 
 log = logging.getLogger("deploy.local")
 
@@ -57,6 +59,7 @@ class RunnerConfig:
     num_queries: int = 0
     build_models: bool = True
     progress: bool = True
+    emulated_twin: bool = True
     log_level: str = "WARNING"
     tls_dir: str = ""
 
@@ -84,6 +87,8 @@ def parse_config(argv):
     p.add_argument("--no-build", dest="build_models", action="store_false",
                    help="fail instead of training missing default models")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.add_argument("--no-emulated-twin", dest="emulated_twin", action="store_false",
+                   help="on the netns testbed, skip the same sweep under the emulated model")
     p.add_argument("--log-level", default="WARNING")
     p.add_argument("--tls-dir", default="",
                    help="mutual TLS on every gRPC hop, with a private CA and certificates made in this "
@@ -456,6 +461,17 @@ def main(argv=None):
     except (config_mod.ConfigError, DeploymentError) as exc:
         print(f"deploy.local: {exc}", file=sys.stderr)
         return 2
+    testbed_run = sweep.network == "netns" and not cfg.agents
+    if testbed_run:
+        from deploy import netns
+
+        try:
+            netns.require_netns()
+        except netns.TestbedUnavailable as exc:
+            print(f"deploy.local: {exc}", file=sys.stderr)
+            return 2
+        # Testbed results go beside (not over) the emulated ones of the same config.
+        sweep = sweep.with_overrides(experiment_id=f"{sweep.experiment_id}-netns")
     previous = signal.signal(signal.SIGTERM, _sigterm)
     launcher = testbed = None
     try:
@@ -464,11 +480,27 @@ def main(argv=None):
             _install_tls(cfg.tls_dir, launcher.host_addresses)
         runner = Sweep(cfg, sweep, launcher, placement, testbed=testbed)
         results = runner.run_all()
-        from deploy.report import write_report
-
-        report = write_report(runner.root, sweep, results, runner.network_description())
+        network = runner.network_description()
+        twin = None
+        if testbed_run and cfg.emulated_twin:
+            # The same sweep under the emulated model, right after, so the
+            # report can set the two side by side (issue: testbed vs model).
+            launcher.stop_all()
+            testbed.down()
+            launcher = LocalLauncher()
+            print("\nthe same sweep on the emulated network, for comparison:", flush=True)
+            twin_sweep = sweep.with_overrides(experiment_id="emulated", network="emulated")
+            twin_runner = Sweep(dataclasses.replace(cfg, out_dir=str(runner.root)), twin_sweep, launcher,
+                                Placement())
+            twin_results = twin_runner.run_all()
+            twin_network = twin_runner.network_description()
+            write_report(twin_runner.root, twin_sweep, twin_results, twin_network)
+            twin = (twin_results, twin_network, twin_runner.root)
+        report = write_report(runner.root, sweep, results, network, twin=twin)
         modes = list(dict.fromkeys(r["run"].redundancy_mode for r in results))
         print("\nCOMPARISON (latency in ms)\n" + format_comparison(comparison(results), modes))
+        if twin is not None:
+            print("\nEMULATED NETWORK, SAME SWEEP\n" + format_comparison(comparison(twin[0]), modes))
         print(f"\nresults: {runner.root}/  report: {report}")
         return 0
     except KeyboardInterrupt:

@@ -14,8 +14,13 @@ from loadgen import plots, stats
 from loadgen.records import read_csv
 
 
-def write_report(root, sweep, results, network):
-    """Writes ``report.md`` (and PNGs) under ``root``; returns its path."""
+def write_report(root, sweep, results, network, twin=None):
+    """Writes ``report.md`` (and PNGs) under ``root``; returns its path.
+
+    ``twin``: optional ``(results, network, path)`` of the same sweep on the
+    other network (the emulated model beside a testbed run), shown side by
+    side with this one.
+    """
     from deploy.local import comparison, format_comparison
 
     root = pathlib.Path(root)
@@ -38,6 +43,8 @@ def write_report(root, sweep, results, network):
         lines.append(f"- emulated background model: `{json.dumps(sweep.background_model, sort_keys=True)}`")
     lines += ["", "## Comparison (latency in ms)", "", format_comparison(rows, modes), ""]
     lines += _targets(rows, modes)
+    if twin is not None:
+        lines += _side_by_side(rows, network, twin, modes, root)
     lines += ["## Plots", ""]
     for rate in sorted({r["run"].send_rate for r in results}):
         by_mode = {}
@@ -85,3 +92,38 @@ def _targets(rows, modes):
         out.append(f"- rate {row['rate']:g}/s, k={row['k']}: coded p99.9 = {tail:.2f} x equal, "
                    f"median = {med:.2f} x equal ({verdict} the target: p99.9 <= 0.6 x, medians within 15%)")
     return out + [""]
+
+
+def _side_by_side(rows, network, twin, modes, root):
+    """The same sweep on two networks: each one's comparison, then the ratios."""
+    from deploy.local import comparison, format_comparison
+
+    twin_results, twin_network, twin_dir = twin
+    twin_rows = comparison(twin_results)
+    rel = pathlib.Path(twin_dir).relative_to(root) if pathlib.Path(twin_dir).is_relative_to(root) else twin_dir
+    here, there = network.get("kind", "?"), twin_network.get("kind", "?")
+    out = [f"## The same sweep on the {there} network", "",
+           f"Run right after this one, same config and seeds (`{rel}/`, its own report there); "
+           f"network: `{json.dumps(twin_network, sort_keys=True)}`.", "",
+           format_comparison(twin_rows, modes), ""]
+    if not {"coded", "equal"} <= set(modes):
+        return out
+    key = lambda r: (r["queue_mode"], r["num_models"], r["k"], r["batch_size"], r["rate"], r["background"])
+    other = {key(r): r for r in twin_rows}
+    out += [f"### {here} vs {there}", "",
+            f"| RATE | K | CODED/EQUAL P99.9 ({here}) | CODED/EQUAL P99.9 ({there}) "
+            f"| CODED/EQUAL MED ({here}) | CODED/EQUAL MED ({there}) "
+            f"| EQUAL P99.9 ({here}) | EQUAL P99.9 ({there}) |",
+            "|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        o = other.get(key(row), {})
+        out.append("| " + " | ".join([
+            f"{row['rate']:g}", str(row["k"]),
+            _fmt(row.get("coded_vs_equal_p999"), 2), _fmt(o.get("coded_vs_equal_p999"), 2),
+            _fmt(row.get("coded_vs_equal_med"), 2), _fmt(o.get("coded_vs_equal_med"), 2),
+            _fmt(row.get("equal_p999"), 1), _fmt(o.get("equal_p999"), 1)]) + " |")
+    return out + [""]
+
+
+def _fmt(value, digits):
+    return "-" if value is None else f"{value:.{digits}f}"

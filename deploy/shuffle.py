@@ -26,6 +26,7 @@ that completed both directions.
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import random
 import sys
@@ -140,23 +141,30 @@ class ShuffleCoordinator:
         self.timeout_s = timeout_s
         self._rng = random.Random(seed)
         self._tasks = []
+        self._stopping = False
         self.stats = ShuffleStats()
 
     def start(self):
+        self._stopping = False
         self._tasks = [asyncio.ensure_future(self._loop()) for _ in range(self.n)]
 
     async def stop(self):
+        self._stopping = True
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
 
     async def _loop(self):
-        while True:
+        # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a
+        # cancellation that arrives as the transfer completes, and the loop
+        # would go on after stop(). The flag makes stop() final regardless.
+        while not self._stopping:
             src, dst = self._rng.sample(range(len(self.agents)), 2)
             nbytes = self._rng.randint(*self.size_bytes)
             try:
-                moved = await asyncio.wait_for(self.shuffle_once(src, dst, nbytes), self.timeout_s)
+                async with asyncio.timeout(self.timeout_s):
+                    moved = await self.shuffle_once(src, dst, nbytes)
                 self.stats.completed += 1
                 self.stats.bytes_moved += moved
             except (OSError, ConnectionError, asyncio.TimeoutError, RuntimeError) as exc:
@@ -204,7 +212,11 @@ async def _serve_agent(cfg):
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    await agent.close()
+    # Transfers in flight are abandoned (asyncio.run cancels their handlers);
+    # waiting for them could outlast the caller's grace period.
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(1.0):
+            await agent.close()
 
 
 def main(argv=None):
