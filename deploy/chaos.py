@@ -346,7 +346,8 @@ async def run_scenario(name, rig, args):
     with contextlib.suppress(Exception):
         st = await frontend_status(rig.dep.frontend_address)
         out.counters = {k: int(v) for k, v in st.counters.items()
-                        if k in ("reconstructions", "redispatches", "encode_errors", "decode_errors",
+                        if k in ("reconstructions", "redispatches", "encode_errors", "decode_errors", "coder_fallbacks",
+                                 "encodes", "decodes",
                                  "call_errors", "call_timeouts", "instances_left", "rejected_unavailable")}
     out.notes += _explain(name, out)
     return out
@@ -356,9 +357,14 @@ def _explain(name, out):
     c = out.counters
     notes = []
     if name == "coder":
-        notes.append(f"no in-process fallback: encode/decode errors {c.get('encode_errors', 0)}/"
-                     f"{c.get('decode_errors', 0)} leave groups uncoded; queries served by originals "
-                     f"(re-dispatch on instance failure)")
+        if c.get("coder_fallbacks"):
+            notes.append(f"fell back to in-process coding for {c['coder_fallbacks']} encodes/decodes "
+                         f"(of {c.get('encodes', 0)}/{c.get('decodes', 0)}); encode/decode errors "
+                         f"{c.get('encode_errors', 0)}/{c.get('decode_errors', 0)}")
+        else:
+            notes.append(f"no in-process fallback: encode/decode errors {c.get('encode_errors', 0)}/"
+                         f"{c.get('decode_errors', 0)} leave groups uncoded; queries served by originals "
+                         f"(re-dispatch on instance failure)")
     if name == "frontend":
         notes.append(f"clients saw UNAVAILABLE x{out.errors.get('UNAVAILABLE', 0)} while it was down")
     if c.get("reconstructions") or c.get("redispatches"):

@@ -53,9 +53,10 @@ class FrontendApp:
         self.executor = concurrent.futures.ThreadPoolExecutor(cfg.coding_threads, thread_name_prefix="coding")
         self.coder = None
         if cfg.mode == "coded":
-            self.coder = (RemoteCoder(cfg.coder, cfg.encoder, timeout_s=cfg.coder_timeout_ms / 1e3) if cfg.coder
-                          else LocalCoder(cfg.encoder, executor=self.executor,
-                                          inline_max_bytes=cfg.inline_coding_max_bytes))
+            local = LocalCoder(cfg.encoder, executor=self.executor, inline_max_bytes=cfg.inline_coding_max_bytes)
+            self.coder = (RemoteCoder(cfg.coder, cfg.encoder, timeout_s=cfg.coder_timeout_ms / 1e3,
+                                      fallback=local if cfg.coder_fallback == "local" else None)
+                          if cfg.coder else local)
         self.metrics = Metrics()
         self.records = Records(cfg.records_dir, self.clock) if cfg.records_dir else None
         self.engine = Engine(
@@ -113,6 +114,8 @@ class FrontendApp:
         # leak watch (deploy.soak): unfinished coding groups and live asyncio tasks
         reply.counters["open_groups"] = len(e.groups)
         reply.counters["asyncio_tasks"] = len(asyncio.all_tasks())
+        if isinstance(self.coder, RemoteCoder):
+            reply.counters["coder_fallbacks"] = self.coder.fallbacks
         for role, depth in e.queue_depths().items():
             reply.counters[f"queue_depth_{role}"] = depth
         return reply

@@ -13,12 +13,16 @@ Both expose ``inline(nbytes)``; when it is true the engine calls
 """
 
 import asyncio
+import logging
 
+import grpc
 import numpy as np
 
 from parm.v1 import coder_pb2, coder_pb2_grpc
 from services.common import tensors
 from services.common.server import open_channel
+
+log = logging.getLogger(__name__)
 
 
 def _kernels():
@@ -66,26 +70,61 @@ class LocalCoder:
 
 
 class RemoteCoder:
-    """``parm.v1.Coder`` over gRPC (``--coder ADDRESS``)."""
+    """``parm.v1.Coder`` over gRPC (``--coder ADDRESS``).
 
-    def __init__(self, address, encoder, *, timeout_s=1.0):
+    With a ``fallback`` (a ``LocalCoder``), a call that fails because the
+    service is down or too slow (UNAVAILABLE, DEADLINE_EXCEEDED) is done by
+    the fallback instead, and counted in ``fallbacks``; the next call tries
+    the service again. Other errors (a bad request) propagate.
+    """
+
+    FALLBACK_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+    def __init__(self, address, encoder, *, timeout_s=1.0, fallback=None):
         self.encoder = encoder
         self.address = address
         self.timeout_s = timeout_s
+        self.fallback = fallback
+        self.fallbacks = 0
+        self._falling_back = False
         self._channel = open_channel(address)
         self._stub = coder_pb2_grpc.CoderStub(self._channel)
 
     def inline(self, nbytes):
         return False
 
+    async def _or_fallback(self, remote, local, *args):
+        try:
+            result = await remote(*args)
+        except grpc.aio.AioRpcError as exc:
+            if self.fallback is None or exc.code() not in self.FALLBACK_CODES:
+                raise
+            if not self._falling_back:
+                log.warning("coder %s: %s; coding in process until it answers again", self.address,
+                            exc.code().name)
+                self._falling_back = True
+            self.fallbacks += 1
+            return await local(*args)
+        if self._falling_back:
+            log.warning("coder %s answers again", self.address)
+            self._falling_back = False
+        return result
+
     async def encode(self, inputs):
+        return await self._or_fallback(self._encode_remote, getattr(self.fallback, "encode", None), inputs)
+
+    async def decode(self, parity_output, available):
+        return await self._or_fallback(self._decode_remote, getattr(self.fallback, "decode", None),
+                                       parity_output, available)
+
+    async def _encode_remote(self, inputs):
         req = coder_pb2.EncodeRequest(encoder=self.encoder)
         for x in inputs:
             tensors.to_proto(x, req.inputs.add())
         reply = await self._stub.Encode(req, timeout=self.timeout_s)
         return tensors.from_proto(reply.parity, "coder parity")
 
-    async def decode(self, parity_output, available):
+    async def _decode_remote(self, parity_output, available):
         req = coder_pb2.DecodeRequest()
         tensors.to_proto(parity_output, req.parity_output)
         for a in available:

@@ -57,6 +57,7 @@ class Config:
     grace_s: float
     log_level: str
     max_message_bytes: int = MAX_MESSAGE_BYTES
+    coder_fallback: str = "local"
     tls: tls_mod.TlsConfig = tls_mod.PLAINTEXT
 
 
@@ -88,6 +89,9 @@ def build_parser():
     p.add_argument("--registry-poll-ms", type=float, default=500.0, help="registry watch period, ms")
     p.add_argument("--coder", default=None, help="host:port of a parm.v1.Coder service (default: in-process coding_ext)")
     p.add_argument("--coder-timeout-ms", type=float, default=1000.0, help="timeout of coder service calls, ms")
+    p.add_argument("--coder-fallback", choices=("local", "none"), default="local",
+                   help="when the --coder service is down or slow: code in process (local) or leave the "
+                        "group uncoded (none)")
     p.add_argument("--inline-coding-max-bytes", type=int, default=1 << 20,
                    help="encode/decode on the event loop up to this many bytes, else in the executor")
     p.add_argument("--coding-threads", type=int, default=1, help="executor threads for large encodes/decodes")
@@ -169,7 +173,7 @@ def parse_config(argv):
         hedge_delay_ms=a.hedge_delay_ms, hedge_initial_delay_ms=a.hedge_initial_delay_ms,
         host=a.host, port=a.port, ready_file=a.ready_file, metrics_port=a.metrics_port,
         records_dir=a.records_dir, grace_s=a.grace_s, log_level=a.log_level,
-        max_message_bytes=a.max_message_bytes, tls=tls)
+        max_message_bytes=a.max_message_bytes, tls=tls, coder_fallback=a.coder_fallback)
 
 
 def parse_or_exit(argv):

@@ -16,7 +16,7 @@ def _args(**kw):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("scenario", ["kill-two", "hang", "registry"])
+@pytest.mark.parametrize("scenario", ["kill-two", "hang", "registry", "coder"])
 def test_scenario_loses_nothing_and_resumes(scenario, tiny_artifacts, tmp_path):
     [out] = chaos.run_scenarios(tiny_artifacts, [scenario], _args(), tmp_path)
     assert out.sent >= 150
@@ -28,6 +28,11 @@ def test_scenario_loses_nothing_and_resumes(scenario, tiny_artifacts, tmp_path):
         # the coded deployment answers through the fault: reconstructions or re-dispatch, no errors
         assert out.errors == {}, out
         assert out.counters["reconstructions"] + out.counters["redispatches"] > 0
+    if scenario == "coder":
+        # the frontend codes in process while the coder service is gone: no group goes uncoded
+        assert out.errors == {}, out
+        assert out.counters["coder_fallbacks"] > 0 and out.counters["encode_errors"] == 0, out.counters
+        assert any("fell back to in-process coding" in n for n in out.notes), out.notes
     if scenario == "registry":
         assert out.errors == {}, out  # the last membership stands; the restart empties nothing
         assert any("join after restart seen: yes" in n for n in out.notes), out.notes
