@@ -15,7 +15,7 @@ at least one transfer touches an instance, every request to it gets
 - an extra queueing delay drawn from ``delay`` (default exponential, mean
   6 ms): a bulk TCP flow keeps the bottleneck queue of the shared link full,
   so a small request waits behind it; the wait varies with the queue's fill;
-- with probability ``stall_probability`` (default 3 %) an extra ``stall_ms``
+- with probability ``stall_probability`` (default 1 %) an extra ``stall_ms``
   (default 200 ms): a request packet dropped at the full queue is recovered
   only by a retransmission timeout, and Linux's minimum RTO is 200 ms. These
   stalls are what make the tail: the paper's Figure 9 tails sit hundreds of
@@ -55,7 +55,7 @@ class BackgroundModel:
     bandwidth_mbps: float = 2000.0
     size_mb: tuple = (128.0, 256.0)
     delay: dict = field(default_factory=lambda: {"kind": "exponential", "params": {"mean_ms": 6.0}})
-    stall_probability: float = 0.03
+    stall_probability: float = 0.01
     stall_ms: float = 200.0
 
     @classmethod

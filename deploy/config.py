@@ -23,7 +23,7 @@ Local fields (all optional, defaults below): ``warmup_queries``, ``seed``,
         "bandwidth_mbps": 2000,        # per-host link rate of a shuffle
         "size_mb": [128, 256],         # uniform size of one transfer
         "delay": {"kind": "exponential", "params": {"mean_ms": 6}},
-        "stall_probability": 0.03,     # per query on a touched instance
+        "stall_probability": 0.01,     # per query on a touched instance
         "stall_ms": 200                # Linux's minimum retransmission timeout
       },
       "clipper": {"rate": 20, "num_models": 2}
@@ -48,7 +48,7 @@ DEFAULT_BACKGROUND = {
     "bandwidth_mbps": 2000.0,
     "size_mb": [128.0, 256.0],
     "delay": {"kind": "exponential", "params": {"mean_ms": 6.0}},
-    "stall_probability": 0.03,
+    "stall_probability": 0.01,
     "stall_ms": 200.0,
 }
 DEFAULT_CLIPPER = {"rate": 20.0, "num_models": 2}
