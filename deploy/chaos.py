@@ -32,6 +32,7 @@ code, lost, duplicated, p99.9 latency of the queries sent during the fault,
 whether serving resumed, and a note (what the frontend did).
 """
 
+import abc
 import argparse
 import asyncio
 import collections
@@ -158,7 +159,7 @@ async def _wait_for(predicate, timeout_s, period_s=0.2):
     return False
 
 
-class Fault:
+class Fault(abc.ABC):
     """inject() at the fault time, heal() after ``fault_s``; ``notes`` for the table."""
 
     #: extra load time after the fault for the heal itself (a restart)
@@ -169,8 +170,9 @@ class Fault:
         self.args = args
         self.notes = []
 
+    @abc.abstractmethod
     async def inject(self):
-        raise NotImplementedError
+        """Starts the fault."""
 
     async def heal(self):
         pass

@@ -7,21 +7,23 @@ time moves only when the test calls ``advance``, which fires due timers in
 deadline order, so timeouts are tested without sleeping.
 """
 
+import abc
 import asyncio
 import heapq
 import itertools
 import time
 
 
-class Clock:
+class Clock(abc.ABC):
     """Interface: ``now()`` in seconds (monotonic) and ``call_later``."""
 
+    @abc.abstractmethod
     def now(self):
-        raise NotImplementedError
+        """Seconds, monotonic."""
 
+    @abc.abstractmethod
     def call_later(self, delay_s, callback, *args):
         """Runs ``callback(*args)`` after ``delay_s``; returns a handle with ``cancel()``."""
-        raise NotImplementedError
 
 
 class LoopClock(Clock):

@@ -12,6 +12,8 @@ to ``MAX_BACKOFF_S``); a success clears it. A down instance is given no work
 costs one failed call per backoff period, not one per batch.
 """
 
+import abc
+
 import numpy as np
 
 from parm.v1 import model_server_pb2, model_server_pb2_grpc
@@ -23,9 +25,10 @@ BASE_BACKOFF_S = 0.1
 MAX_BACKOFF_S = 5.0
 
 
-class InstanceClient:
+class InstanceClient(abc.ABC):
     """Transport to one model instance."""
 
+    @abc.abstractmethod
     async def infer(self, batch, timeout_s):
         """Runs ``batch`` (``Batch``: ``payload()`` proto, ``inputs`` ndarray).
 
@@ -34,7 +37,6 @@ class InstanceClient:
         Raises:
             Any exception: the call failed (an erasure for the engine).
         """
-        raise NotImplementedError
 
     async def close(self):
         """Releases the transport."""
