@@ -5,8 +5,8 @@ wraparound, None and initialisation checks on; the kernel tests run against
 both builds.
 """
 
-from coding_ext import reference
-from coding_ext._kernels_debug import (
+from coding_ext import BufferPool, PoolExhausted, __all__, reference  # noqa: F401
+from coding_ext._kernels_debug import (  # noqa: F401
     BUILD,
     MAX_K,
     NOGIL_MIN_BYTES,
@@ -14,16 +14,3 @@ from coding_ext._kernels_debug import (
     subtract_decode,
     sum_encode,
 )
-from coding_ext.pool import BufferPool, PoolExhausted
-
-__all__ = [
-    "BUILD",
-    "BufferPool",
-    "MAX_K",
-    "NOGIL_MIN_BYTES",
-    "PoolExhausted",
-    "concat_encode",
-    "reference",
-    "subtract_decode",
-    "sum_encode",
-]

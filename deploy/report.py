@@ -96,7 +96,7 @@ def _targets(rows, modes):
 
 def _side_by_side(rows, network, twin, modes, root):
     """The same sweep on two networks: each one's comparison, then the ratios."""
-    from deploy.local import comparison, format_comparison
+    from deploy.local import _f as _fmt, comparison, format_comparison
 
     twin_results, twin_network, twin_dir = twin
     twin_rows = comparison(twin_results)
@@ -123,7 +123,3 @@ def _side_by_side(rows, network, twin, modes, root):
             _fmt(row.get("coded_vs_equal_med"), 2), _fmt(o.get("coded_vs_equal_med"), 2),
             _fmt(row.get("equal_p999"), 1), _fmt(o.get("equal_p999"), 1)]) + " |")
     return out + [""]
-
-
-def _fmt(value, digits):
-    return "-" if value is None else f"{value:.{digits}f}"

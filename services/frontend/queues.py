@@ -12,7 +12,21 @@ instance that has a free slot.
 from collections import deque
 
 
-class SingleQueue:
+class _BatchQueues:
+    """What both policies share: a queued batch records its deque in
+    ``batch.queue`` (None when not queued), so removal is per batch."""
+
+    def remove(self, batch):
+        """Removes exactly ``batch`` if it is queued; True if it was."""
+        q = batch.queue
+        if q is None:
+            return False
+        q.remove(batch)
+        batch.queue = None
+        return True
+
+
+class SingleQueue(_BatchQueues):
     """``single_queue``: one FIFO per role; idle instances pull.
 
     Algorithm: ``push`` appends to the role's FIFO (``front=True`` puts a
@@ -59,15 +73,6 @@ class SingleQueue:
                 break
         return None
 
-    def remove(self, batch):
-        """Removes exactly ``batch`` if it is queued; True if it was."""
-        q = batch.queue
-        if q is None:
-            return False
-        q.remove(batch)
-        batch.queue = None
-        return True
-
     def drain_instance(self, instance):
         """Batches held for ``instance`` alone (none in this policy)."""
         return []
@@ -90,7 +95,7 @@ class SingleQueue:
         return list(self._queues.get(role, ()))
 
 
-class RoundRobinQueues:
+class RoundRobinQueues(_BatchQueues):
     """``rr``: one FIFO per instance, filled round robin.
 
     Algorithm: ``push`` walks the role's instances in a fixed rotation,
@@ -144,14 +149,6 @@ class RoundRobinQueues:
         batch = q.popleft()
         batch.queue = None
         return batch
-
-    def remove(self, batch):
-        q = batch.queue
-        if q is None:
-            return False
-        q.remove(batch)
-        batch.queue = None
-        return True
 
     def drain_instance(self, instance):
         q = self._queues.pop(instance.instance_id, None)
