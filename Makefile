@@ -30,10 +30,10 @@ models: build
 	$(PY) -m models.build --out $(ARTIFACTS)
 
 local: build
-	$(PY) -m deploy.local $(CONFIG) $(if $(NETWORK),--network $(NETWORK),)
+	$(PY) -m deploy.runner.local $(CONFIG) $(if $(NETWORK),--network $(NETWORK),)
 
 serve: build
-	$(PY) -m deploy.serve $(CONFIG)
+	$(PY) -m deploy.runner.serve $(CONFIG)
 
 bench: build
 	$(PY) -m coding_ext.bench --json results/bench/coding_ext.json
@@ -52,7 +52,7 @@ aws-terminate: build
 	$(PY) -m deploy.aws terminate $(CONFIG) $(if $(STOP),--stop,) $(AWS_ARGS)
 
 chaos: build
-	$(PY) -m deploy.chaos
+	$(PY) -m deploy.reliability.chaos
 
 clean:
 	rm -rf build parm *.egg-info .pytest_cache .hypothesis

@@ -24,7 +24,7 @@ import sys
 import tempfile
 import time
 
-from deploy import config as config_mod
+from deploy.runner import config as config_mod
 from deploy.aws import iam, instances, network, plan as plan_mod, settings as settings_mod, storage, userdata
 from deploy.aws.session import AwsError, Clients
 

@@ -15,7 +15,7 @@ yet it
    speeds);
 3. runs the sweep command (the request's ``command``, from
    ``AwsSettings.runner_command``; by default
-   ``python -m deploy.local CONFIG --agents hosts.json --out OUT ...``),
+   ``python -m deploy.runner.local CONFIG --agents hosts.json --out OUT ...``),
    which drives the model servers, shuffle agents and load generators
    through the agents;
 4. uploads ``OUT`` and the runner's log to ``EXPERIMENT/results/<id>/``
@@ -49,7 +49,7 @@ def now_iso():
 
 def wait_for_agents(addresses, timeout_s, poll_s=2.0, stop=None):
     """Waits until every agent answers ``Status`` -> list of those that never did."""
-    from deploy.agent import AgentError, AgentLauncher
+    from deploy.remote.agent import AgentError, AgentLauncher
 
     pending = list(addresses)
     deadline = time.monotonic() + timeout_s
@@ -71,7 +71,7 @@ def wait_for_agents(addresses, timeout_s, poll_s=2.0, stop=None):
 
 
 def hosts_from_fleet(fleet):
-    """``hosts.json`` for ``deploy.local --agents`` from ``fleet.json``."""
+    """``hosts.json`` for ``deploy.runner.local --agents`` from ``fleet.json``."""
     port = fleet["agent_port"]
     by_role = {role: [f"{ip}:{port}" for ip in fleet["roles"].get(role, [])] for role in ("frontend", "worker", "client")}
     if len(by_role["frontend"]) != 1:

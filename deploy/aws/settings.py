@@ -16,7 +16,7 @@ DEFAULT_REGION = "us-east-1"
 DEFAULT_AGENT_PORT = 7070
 DEFAULT_REDIS_PORT = 6379
 DEFAULT_RUNNER_COMMAND = (
-    "{python} -m deploy.local {config} --agents {hosts} --out {out} --artifacts {artifacts} --no-build --no-progress"
+    "{python} -m deploy.runner.local {config} --agents {hosts} --out {out} --artifacts {artifacts} --no-build --no-progress"
 )
 MARKETS = ("on-demand", "spot")
 

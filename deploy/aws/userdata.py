@@ -11,7 +11,7 @@ back up with the current release. ``boot.sh``:
    the wheel with the role's ONNX Runtime extra (``gpu`` on GPU types, else
    ``cpu``) — and, if the wheel does not fit this node's Python, builds the
    project from the source archive instead;
-2. starts the node agent (``python -m deploy.agent``, a systemd unit bound
+2. starts the node agent (``python -m deploy.remote.agent``, a systemd unit bound
    to the instance's private address) on every role: the runner starts the
    registry and the frontend (frontend node), the model servers and shuffle
    agents (workers), and the load generators' control services
@@ -82,7 +82,7 @@ Wants=network-online.target
 [Service]
 WorkingDirectory=$PARM_HOME
 Environment=AWS_DEFAULT_REGION=$REGION
-ExecStart=$PY -m deploy.agent --host $PRIVATE_IP --port $AGENT_PORT --log-dir $PARM_LOG_DIR/agent
+ExecStart=$PY -m deploy.remote.agent --host $PRIVATE_IP --port $AGENT_PORT --log-dir $PARM_LOG_DIR/agent
 Restart=always
 RestartSec=2
 LimitNOFILE=65536

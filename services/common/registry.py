@@ -202,7 +202,7 @@ class RedisRegistry(Registry):
         try:
             return await coro
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
-            raise RegistryError(f"registry at {_redact(self.url)}: {exc}") from None
+            raise RegistryError(f"registry at {redact_url(self.url)}: {exc}") from None
 
     async def register(self, instance, ttl_s=DEFAULT_TTL_S):
         ttl_ms = max(1, int(round(ttl_s * 1000)))
@@ -312,7 +312,8 @@ def url_with_env_password(url, environ=None):
     return f"{scheme}://:{password}@{rest}"
 
 
-def _redact(url):
+def redact_url(url):
+    """``url`` with its password (if any) replaced by ``***``, for logs and errors."""
     if "@" in url:
         scheme, rest = url.split("://", 1)
         return f"{scheme}://***@{rest.split('@', 1)[1]}"
@@ -535,7 +536,7 @@ async def serve(cfg):
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        log.info("registry server %s pid %d on %s", server.binary, server.proc.pid, _redact(server.url))
+        log.info("registry server %s pid %d on %s", server.binary, server.proc.pid, redact_url(server.url))
         write_ready_file(cfg.ready_file, server.port, url=server.url, server_pid=server.proc.pid)
         waiter = asyncio.create_task(stop.wait())
         try:

@@ -9,8 +9,8 @@ import psutil
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from deploy.agent import AgentError, AgentLauncher, module_allowed
-from deploy.launcher import Launcher
+from deploy.remote.agent import AgentError, AgentLauncher, module_allowed
+from deploy.runner.launcher import Launcher
 from services.common.procs import ServiceProcess, ServiceStartError
 
 FAKE = "tests.aws.fake_service"
@@ -22,7 +22,7 @@ def agents(tmp_path):
     try:
         for i in range(2):
             procs.append(ServiceProcess.python_module(
-                "deploy.agent",
+                "deploy.remote.agent",
                 ["--host", "127.0.0.1", "--port", "0", "--log-dir", tmp_path / f"agent{i}",
                  "--allow-module", FAKE, "--grace-s", "2"],
                 name=f"agent{i}", ready_timeout_s=60,
@@ -47,10 +47,10 @@ def _gone(pid):
 
 
 def test_module_allowlist():
-    allowed = ("services", "loadgen", "deploy.shuffle")
+    allowed = ("services", "loadgen", "deploy.network.shuffle")
     assert module_allowed("services.model_server", allowed)
     assert module_allowed("loadgen", allowed)
-    assert module_allowed("deploy.shuffle", allowed)
+    assert module_allowed("deploy.network.shuffle", allowed)
     assert not module_allowed("deploy.shufflex", allowed)
     assert not module_allowed("servicesx", allowed)
     assert not module_allowed("os", allowed)
@@ -134,9 +134,9 @@ def test_agent_sigterm_stops_its_children(agents):
 
 
 def test_agent_usage_error_is_one_line():
-    proc = subprocess.run([sys.executable, "-m", "deploy.agent", "--port", "x"],
+    proc = subprocess.run([sys.executable, "-m", "deploy.remote.agent", "--port", "x"],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
-    assert proc.stderr.startswith("deploy.agent: argument --port")
+    assert proc.stderr.startswith("deploy.remote.agent: argument --port")
     assert "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1

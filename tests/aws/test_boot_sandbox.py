@@ -139,7 +139,7 @@ def test_user_data_boots_the_node(role, gpu, aws, tmp_path):
             assert f"systemctl enable {unit}" in shim_log
         assert ("systemctl restart parm-runner.service" in shim_log) == (role == "frontend")
         agent_unit = (units / "parm-agent.service").read_text()
-        assert f"-m deploy.agent --host 127.0.0.1 --port {port} --log-dir {logs}/agent" in agent_unit
+        assert f"-m deploy.remote.agent --host 127.0.0.1 --port {port} --log-dir {logs}/agent" in agent_unit
         assert json.loads((home / "artifacts" / "m" / "model.json").read_text()) == {"name": "m"}
         assert json.loads((home / "release.json").read_text())["wheel"] == f"{home}/dist/{wheel.name}"
         ready = read_json_object(clients.s3, BUCKET, "sbx/ready/i-sandbox.json")

@@ -117,7 +117,7 @@ def test_launch_tags_secures_uploads_and_requests_the_sweep(aws, release):
     assert fleet_json["roles"]["frontend"] == [roles["frontend"][0]["PrivateIpAddress"]]
     request = read_json_object(s3, bucket, "simple/control/request.json")
     assert request["config"]["experiment_id"] == "simple"
-    assert "-m deploy.local {config} --agents {hosts}" in request["command"]
+    assert "-m deploy.runner.local {config} --agents {hosts}" in request["command"]
     assert "requested sweep" in out
     public = s3.get_public_access_block(Bucket=bucket)["PublicAccessBlockConfiguration"]
     assert public["BlockPublicAcls"] and public["RestrictPublicBuckets"]

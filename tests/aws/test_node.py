@@ -23,7 +23,7 @@ def clients(aws):
 
 @pytest.fixture
 def agent(tmp_path):
-    proc = ServiceProcess.python_module("deploy.agent", ["--host", "127.0.0.1", "--port", "0", "--log-dir",
+    proc = ServiceProcess.python_module("deploy.remote.agent", ["--host", "127.0.0.1", "--port", "0", "--log-dir",
                                                          tmp_path / "agent"], name="agent", ready_timeout_s=60)
     try:
         yield proc

@@ -4,7 +4,7 @@ import argparse
 
 import pytest
 
-from deploy import config as config_mod
+from deploy.runner import config as config_mod
 from deploy.aws import plan as plan_mod, settings as settings_mod
 from deploy.aws.prices import ON_DEMAND_USD_PER_HOUR, hourly_usd
 from deploy.aws.settings import AwsSettings

@@ -47,7 +47,7 @@ def test_boot_script_starts_the_services_of_its_role(role):
     assert "EXPERIMENT=fig9a\n" in boot and "BUCKET=parm-123-us-east-1\n" in boot
     assert f"ORT_EXTRA={'gpu' if gpu else 'cpu'}\n" in boot
     # Every role runs the node agent, bound to the private address only.
-    assert "-m deploy.agent --host $PRIVATE_IP --port $AGENT_PORT" in boot
+    assert "-m deploy.remote.agent --host $PRIVATE_IP --port $AGENT_PORT" in boot
     assert "systemctl restart parm-agent.service" in boot
     assert "0.0.0.0" not in boot
     # IMDSv2 only (token first).

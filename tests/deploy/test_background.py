@@ -4,7 +4,7 @@ import asyncio
 
 import pytest
 
-from deploy.background import BackgroundModel, EmulatedBackground
+from deploy.network.background import BackgroundModel, EmulatedBackground
 
 
 class FakeClock:

@@ -5,7 +5,7 @@ import pathlib
 
 import pytest
 
-from deploy import config
+from deploy.runner import config
 
 CONFIGS = sorted(pathlib.Path(__file__).resolve().parents[2].glob("configs/*.json"))
 BASE = {"experiment_id": "t", "redundancy_modes": ["equal", "coded"], "send_rates": [10, 20], "num_queries": 50}

@@ -1,4 +1,4 @@
-"""``python -m deploy.local`` end to end: real processes, tiny real models.
+"""``python -m deploy.runner.local`` end to end: real processes, tiny real models.
 
 Every child the runner starts inherits ``PARM_TEST_MARK``; after the runner
 exits — normally, on Ctrl-C, or after a failed step — no process carrying
@@ -70,7 +70,7 @@ def write_config(path, **changes):
 
 def runner(args, mark, **kwargs):
     env = dict(os.environ, PARM_TEST_MARK=mark, PYTHONUNBUFFERED="1")
-    return subprocess.Popen([sys.executable, "-m", "deploy.local", *map(str, args), "--no-progress"],
+    return subprocess.Popen([sys.executable, "-m", "deploy.runner.local", *map(str, args), "--no-progress"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, **kwargs)
 
 
@@ -179,7 +179,7 @@ def test_clipper_background_runs_a_second_deployment(tmp_path, tiny_artifacts):
 def test_serve_keeps_a_deployment_up_until_sigterm(tmp_path, tiny_artifacts):
     mark = uuid.uuid4().hex
     env = dict(os.environ, PARM_TEST_MARK=mark, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen([sys.executable, "-m", "deploy.serve", "configs/serve.json", "--port", "0",
+    proc = subprocess.Popen([sys.executable, "-m", "deploy.runner.serve", "configs/serve.json", "--port", "0",
                              "--artifacts", tiny_artifacts, "--logs", str(tmp_path / "serve")],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:

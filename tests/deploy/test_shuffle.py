@@ -4,13 +4,13 @@ import asyncio
 
 import pytest
 
-from deploy.shuffle import ShuffleAgent, ShuffleCoordinator
+from deploy.network.shuffle import ShuffleAgent, ShuffleCoordinator
 from services.common.procs import ServiceProcess
 
 
 @pytest.fixture
 def agents():
-    procs = [ServiceProcess.python_module("deploy.shuffle", ["agent", "--port", "0"], name=f"agent{i}")
+    procs = [ServiceProcess.python_module("deploy.network.shuffle", ["agent", "--port", "0"], name=f"agent{i}")
              for i in range(3)]
     yield [p.address for p in procs]
     for p in procs:

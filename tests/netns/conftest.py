@@ -7,7 +7,7 @@ import subprocess
 import psutil
 import pytest
 
-from deploy.netns import TestbedUnavailable, require_netns
+from deploy.network.netns import TestbedUnavailable, require_netns
 
 # What a testbed creates in the root namespace's view: namespaces
 # parm-<pid>-<n>-{br,h<i>} (parm-probe-<pid> for the preflight) and control links pm<pid>c<n>.

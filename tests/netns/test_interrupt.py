@@ -12,9 +12,9 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
 
 RUNNER = """
 import sys, time
-from deploy.netns import NetnsLauncher, Testbed, TestbedSpec
+from deploy.network.netns import NetnsLauncher, Testbed, TestbedSpec
 with Testbed(TestbedSpec(2)) as tb, NetnsLauncher(tb) as launcher:
-    agent = launcher.start("deploy.shuffle", ["agent", "--host", launcher.bind_address(1)], name="agent", host=1)
+    agent = launcher.start("deploy.network.shuffle", ["agent", "--host", launcher.bind_address(1)], name="agent", host=1)
     print(tb.prefix, tb.control_link, agent.pid, flush=True)
     time.sleep(120)
 """
@@ -58,7 +58,7 @@ def test_cleanup_after_kill_9_removes_namespaces_and_processes(netns):
     proc.wait(timeout=10)
     # The runner had no chance to clean up: its testbed and agent are still there.
     assert len(leftovers(prefix, control_link)) == 4 and psutil.pid_exists(agent_pid)
-    out = subprocess.run([sys.executable, "-m", "deploy.netns", "cleanup"], cwd=REPO,
+    out = subprocess.run([sys.executable, "-m", "deploy.network.netns", "cleanup"], cwd=REPO,
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and out.stdout.strip() == "removed 3 stale namespace(s)", out
     assert wait_gone(agent_pid)
@@ -71,7 +71,7 @@ def test_cleanup_after_kill_9_removes_namespaces_and_processes(netns):
 
 def test_a_testbed_left_up_is_removed_at_interpreter_exit(netns):
     script = (
-        "from deploy.netns import Testbed, TestbedSpec\n"
+        "from deploy.network.netns import Testbed, TestbedSpec\n"
         "tb = Testbed(TestbedSpec(2)).up()\n"
         "print(tb.prefix, tb.control_link, flush=True)\n"
         "raise SystemExit(3)  # no down(), no context manager\n"

@@ -8,14 +8,14 @@ import sys
 
 import pytest
 
-from deploy.netns import Testbed, TestbedSpec, TestbedUnavailable, require_netns
+from deploy.network.netns import Testbed, TestbedSpec, TestbedUnavailable, require_netns
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
 def cli(*args, env=None, prefix=()):
     return subprocess.run(
-        [*prefix, sys.executable, "-m", "deploy.netns", *args],
+        [*prefix, sys.executable, "-m", "deploy.network.netns", *args],
         capture_output=True, text=True, cwd=REPO, env=env, timeout=60,
     )
 

@@ -6,9 +6,9 @@ import time
 
 import pytest
 
-from deploy.launcher import Started
-from deploy.netns import NetnsLauncher, Testbed, TestbedSpec
-from deploy.shuffle import ShuffleCoordinator
+from deploy.runner.launcher import Started
+from deploy.network.netns import NetnsLauncher, Testbed, TestbedSpec
+from deploy.network.shuffle import ShuffleCoordinator
 from services.common.procs import ServiceStartError
 
 RATE_MBIT = 100.0
@@ -19,7 +19,7 @@ def agents(netns):
     """A 3-host testbed with a shuffle agent on every host (addresses in host order)."""
     with Testbed(TestbedSpec(3, rate_mbit=RATE_MBIT)) as tb, NetnsLauncher(tb) as launcher:
         started = [
-            launcher.start("deploy.shuffle", ["agent", "--host", launcher.bind_address(i)], name=f"agent{i}", host=i)
+            launcher.start("deploy.network.shuffle", ["agent", "--host", launcher.bind_address(i)], name=f"agent{i}", host=i)
             for i in range(3)
         ]
         yield tb, launcher, started
@@ -106,8 +106,8 @@ def test_a_small_request_waits_behind_a_shuffle_into_its_host(agents):
 def test_a_failed_start_raises_and_leaves_nothing(netns):
     with Testbed(TestbedSpec(1)) as tb, NetnsLauncher(tb) as launcher:
         with pytest.raises(ServiceStartError, match="exited"):
-            launcher.start("deploy.shuffle", ["no-such-command"], name="bad", host=0)
-        started = launcher.start("deploy.shuffle", ["agent", "--host", launcher.bind_address(0)], name="ok", host=0)
+            launcher.start("deploy.network.shuffle", ["no-such-command"], name="bad", host=0)
+        started = launcher.start("deploy.network.shuffle", ["agent", "--host", launcher.bind_address(0)], name="ok", host=0)
         assert isinstance(started, Started)
         started.kill()
         assert not started.alive()

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from deploy.netns import (
+from deploy.network.netns import (
     DEFAULT_SHUFFLE_BYTES,
     Testbed,
     TestbedError,

@@ -14,8 +14,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from deploy.netns import NetnsLauncher, Testbed, TestbedSpec
-from deploy.shuffle import ShuffleCoordinator
+from deploy.network.netns import NetnsLauncher, Testbed, TestbedSpec
+from deploy.network.shuffle import ShuffleCoordinator
 from services.common.manifest import Manifest
 
 INPUT_SHAPE = (784,)  # MNIST-sized float32 query: 3136 bytes
@@ -73,7 +73,7 @@ def test_queries_are_answered_correctly_across_the_testbed_during_a_shuffle(netn
             )
             instances.append(f"{role}={started.address}")
             agents.append(launcher.start(
-                "deploy.shuffle", ["agent", "--host", launcher.bind_address(host)],
+                "deploy.network.shuffle", ["agent", "--host", launcher.bind_address(host)],
                 name=f"agent{host}", host=host, log_path=logs / f"agent{host}.log",
             ).address)
         frontend = launcher.start(

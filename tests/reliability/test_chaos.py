@@ -1,11 +1,11 @@
-"""``deploy.chaos`` scenarios, short: every query answered or failed explicitly
+"""``deploy.reliability.chaos`` scenarios, short: every query answered or failed explicitly
 before its deadline, none lost or duplicated, serving resumes."""
 
 import argparse
 
 import pytest
 
-from deploy import chaos
+from deploy.reliability import chaos
 
 
 def _args(**kw):

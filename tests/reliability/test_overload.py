@@ -3,7 +3,7 @@ answers what it admits within the deadline, and recovers at once."""
 
 import pytest
 
-from deploy import overload
+from deploy.reliability import overload
 
 
 @pytest.mark.slow

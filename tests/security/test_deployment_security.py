@@ -10,7 +10,7 @@ import psutil
 import pytest
 
 from deploy import certs as certs_mod
-from deploy import chaos
+from deploy.reliability import rig as rig_mod
 
 pytestmark = pytest.mark.slow
 
@@ -25,8 +25,8 @@ def _registry_reply(address, payload):
 def test_mtls_deployment_serves_only_certified_clients_and_leaks_no_password(tiny_artifacts, tmp_path):
     certs = certs_mod.make_certs(tmp_path / "certs", ["127.0.0.1"])
     node = certs.node_tls(client_auth=True)
-    spec = chaos.run_spec(mode="coded", num_models=2, compute_ms=1.0)
-    rig = chaos.start_rig(tiny_artifacts, spec, tmp_path / "run", with_coder=True, tls=node)
+    spec = rig_mod.run_spec(mode="coded", num_models=2, compute_ms=1.0)
+    rig = rig_mod.start_rig(tiny_artifacts, spec, tmp_path / "run", with_coder=True, tls=node)
     password = rig.dep.registry_url.split("://:", 1)[1].split("@", 1)[0]
     outputs = []
     try:
@@ -86,10 +86,10 @@ async def _status(address, tls):
 
 
 def test_registry_password_is_redacted_in_errors():
-    from services.common.registry import _redact
+    from services.common.registry import redact_url
 
-    assert _redact("redis://:s3cret@10.0.0.1:6379/0") == "redis://***@10.0.0.1:6379/0"
-    assert _redact("redis://10.0.0.1:6379/0") == "redis://10.0.0.1:6379/0"
+    assert redact_url("redis://:s3cret@10.0.0.1:6379/0") == "redis://***@10.0.0.1:6379/0"
+    assert redact_url("redis://10.0.0.1:6379/0") == "redis://10.0.0.1:6379/0"
 
 
 def test_registry_password_moves_between_url_and_environment():

@@ -1,13 +1,13 @@
 """Malformed requests against a real frontend process: always a status code with a
 message, never a crash or a hang; the frontend keeps serving. (The 10,000-case
-run is ``python -m deploy.fuzz``.)"""
+run is ``python -m deploy.reliability.fuzz``.)"""
 
 import grpc
 import numpy as np
 import psutil
 import pytest
 
-from deploy import chaos, fuzz
+from deploy.reliability import fuzz, rig as rig_mod
 from services.common import manifest as manifest_mod
 
 LIMIT = 64 * 1024
@@ -15,7 +15,7 @@ LIMIT = 64 * 1024
 
 @pytest.fixture(scope="module")
 def target(tiny_artifacts, tmp_path_factory):
-    rig = chaos.start_rig(tiny_artifacts, chaos.run_spec(mode="none", num_models=1, compute_ms=0),
+    rig = rig_mod.start_rig(tiny_artifacts, rig_mod.run_spec(mode="none", num_models=1, compute_ms=0),
                           tmp_path_factory.mktemp("fuzz"), frontend_extra_args=["--max-message-bytes", str(LIMIT)])
     base = manifest_mod.load(rig.models.base)
     t = fuzz.Target(rig.dep.frontend_address, base.input_shape, base.output_shape, base.name,

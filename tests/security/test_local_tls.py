@@ -1,4 +1,4 @@
-"""``python -m deploy.local --tls-dir DIR``: a sweep with mutual TLS on every hop."""
+"""``python -m deploy.runner.local --tls-dir DIR``: a sweep with mutual TLS on every hop."""
 
 import json
 import subprocess
@@ -17,7 +17,7 @@ def test_local_sweep_runs_under_mutual_tls(tiny_artifacts, tmp_path):
         "emulation": {"compute": {"kind": "constant", "params": {"value_ms": 2}},
                       "background": {"bandwidth_mbps": 4000, "size_mb": [32, 64], "stall_probability": 0.05,
                                      "stall_ms": 150}}}))
-    proc = subprocess.run([sys.executable, "-m", "deploy.local", str(cfg), "--artifacts", tiny_artifacts,
+    proc = subprocess.run([sys.executable, "-m", "deploy.runner.local", str(cfg), "--artifacts", tiny_artifacts,
                            "--out", str(tmp_path / "results"), "--no-build", "--no-progress",
                            "--tls-dir", str(tmp_path / "certs")], capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr

@@ -106,7 +106,7 @@ def test_plaintext_is_the_default_and_is_logged(caplog):
 ])
 def test_tls_flag_mistakes_are_one_line(module, extra, flags, words, tmp_path, request):
     if "BASE" in extra:  # the frontend reads its manifest before anything else
-        from deploy.deployment import resolve_models
+        from deploy.runner.deployment import resolve_models
 
         base = resolve_models(request.getfixturevalue("tiny_artifacts"), "default", "none", 2, "sum").base
         extra = [base if a == "BASE" else a for a in extra]

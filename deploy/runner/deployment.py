@@ -19,6 +19,8 @@ import json
 import logging
 import pathlib
 import secrets
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -54,6 +56,24 @@ class Models:
     base: str
     parity: str | None = None
     backup: str | None = None
+
+
+def ensure_models(artifacts, sweep, *, build=True):
+    """Resolves every run's manifests; trains the default set (``models.build``) if missing and ``build``."""
+    def check():
+        for run in sweep.runs():
+            resolve_models(artifacts, sweep.model, run.redundancy_mode, run.k, run.encoder)
+    try:
+        check()
+        return
+    except DeploymentError:
+        if not build:
+            raise
+    print(f"building the default models into {artifacts}/ (python -m models.build) ...", flush=True)
+    rc = subprocess.call([sys.executable, "-m", "models.build", "--out", str(artifacts)])
+    if rc != 0:
+        raise DeploymentError(f"python -m models.build failed with exit code {rc}")
+    check()
 
 
 def resolve_models(artifacts, model, mode, k, encoder):
@@ -142,7 +162,8 @@ class Deployment:
                     log.warning("stopping %s: %s", started.name, exc)
 
 
-def _frontend_args(spec, models, registry_url, namespace, records_dir, metrics_port, host):
+def frontend_args(spec, models, registry_url, namespace, records_dir, metrics_port, host):
+    """The frontend's command-line arguments for a run (the registry URL without its password)."""
     args = [
         "--mode", spec.redundancy_mode,
         "--queue-mode", spec.queue_mode,
@@ -210,7 +231,7 @@ def start_deployment(spec, launcher, placement, models, *, namespace, log_dir, r
             dep.instances.append((role, started))
         dep.frontend = launcher.start(
             "services.frontend",
-            _frontend_args(spec, models, public_url, namespace, records_dir, metrics_port,
+            frontend_args(spec, models, public_url, namespace, records_dir, metrics_port,
                            launcher.bind_address(placement.frontend))
             + list(frontend_extra_args) + tls_args,
             name=f"{namespace}-frontend", host=placement.frontend, log_path=log_dir / "frontend.log",

@@ -6,7 +6,7 @@ to start ``python -m MODULE ARGS`` on one of its hosts and gets back a
 
 - ``LocalLauncher``: every host is this machine; processes are children of the
   runner (``services.common.procs.ServiceProcess``).
-- ``deploy.agent.AgentLauncher``: every host runs a node agent that starts
+- ``deploy.remote.agent.AgentLauncher``: every host runs a node agent that starts
   and stops processes on request (AWS runs).
 
 Contract: ``start`` returns only once the process is serving (ready-file
@@ -35,14 +35,14 @@ class Started:
     _launcher: object = field(repr=False, default=None)
 
     def stop(self, grace_s=5.0):
-        self._launcher._stop(self, grace_s)
+        self._launcher.stop_process(self, grace_s)
 
     def kill(self):
         """``kill -9``: the process dies without any cleanup."""
-        self._launcher._signal(self, signal.SIGKILL)
+        self._launcher.signal_process(self, signal.SIGKILL)
 
     def alive(self):
-        return self._launcher._alive(self)
+        return self._launcher.process_alive(self)
 
 
 class Launcher(abc.ABC):
@@ -60,13 +60,16 @@ class Launcher(abc.ABC):
         """Starts ``python -m module *args --port 0 --ready-file F`` on ``host``."""
 
     @abc.abstractmethod
-    def _stop(self, started, grace_s): ...
+    def stop_process(self, started, grace_s):
+        """Stops one process this launcher started (SIGTERM, ``grace_s``, SIGKILL)."""
 
     @abc.abstractmethod
-    def _signal(self, started, sig): ...
+    def signal_process(self, started, sig):
+        """Sends ``sig`` to one process this launcher started."""
 
     @abc.abstractmethod
-    def _alive(self, started): ...
+    def process_alive(self, started):
+        """Whether one process this launcher started is still running."""
 
     @abc.abstractmethod
     def stop_all(self, grace_s=5.0):
@@ -97,13 +100,13 @@ class LocalLauncher(Launcher):
         self._started.append(started)
         return started
 
-    def _stop(self, started, grace_s):
+    def stop_process(self, started, grace_s):
         started._handle.stop(grace_s)
 
-    def _signal(self, started, sig):
+    def signal_process(self, started, sig):
         started._handle.kill(sig)
 
-    def _alive(self, started):
+    def process_alive(self, started):
         return started._handle.alive()
 
     def stop_all(self, grace_s=5.0):

@@ -1,6 +1,6 @@
 """``make chaos``: fault scenarios against a local coded deployment under load.
 
-Each scenario starts a fresh local deployment (``deploy.deployment``; coded
+Each scenario starts a fresh local deployment (``deploy.runner.deployment``; coded
 mode, k = 2, ``--num-models`` data instances plus N/k parity instances,
 emulated compute), puts steady open-loop load on it in process
 (``loadgen.run_async``, per-query deadline ``--deadline-s``), injects one
@@ -47,6 +47,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from deploy.reliability.rig import frontend_status, run_spec, secret_env, set_hang, start_rig
 from services.common.registry import PASSWORD_ENV, split_password
 
 log = logging.getLogger(__name__)
@@ -56,95 +57,7 @@ GRACE_S = 1.0
 RECOVERY_S = 1.0
 
 
-def run_spec(*, mode="coded", num_models=2, k=2, compute_ms=5.0, batch_size=1, encoder="sum",
-             deadline_s=5.0, queue_mode="single_queue"):
-    """A ``deploy.config.RunSpec`` for a local benchmark deployment."""
-    from deploy import config as config_mod
-
-    return config_mod.RunSpec(
-        experiment_id="chaos", model="default", redundancy_mode=mode, queue_mode=queue_mode,
-        num_models=num_models, k=k, batch_size=batch_size, num_clients=1, send_rate=1.0,
-        background=0, num_queries=0, trial=0, warmup_queries=0, seed=0, encoder=encoder,
-        deadline_s=deadline_s, batch_timeout_ms=5.0, network="emulated",
-        compute={"kind": "constant", "params": {"value_ms": compute_ms}} if compute_ms else {"kind": "none"},
-        background_model={}, clipper={})
-
-
-@dataclass
-class Rig:
-    """A started local deployment and what is needed to restart parts of it."""
-
-    launcher: object
-    dep: object
-    models: object
-    log_dir: pathlib.Path
-    frontend_args: list = field(default_factory=list)
-    coder: object = None
-    tls: object = None
-
-    def instance(self, role, index=0):
-        return [s for r, s in self.dep.instances if r == role][index]
-
-    def stop(self):
-        self.dep.stop(grace_s=2)
-        self.launcher.stop_all(grace_s=2)
-
-
-def start_rig(artifacts, spec, work_dir, *, with_coder=False, frontend_extra_args=(), tls=None,
-              server_extra_args=()):
-    """Starts a deployment of ``spec`` (and a coder service) on this machine."""
-    from deploy import deployment
-    from deploy.launcher import LocalLauncher
-
-    work_dir = pathlib.Path(work_dir)
-    models = deployment.resolve_models(artifacts, "default", spec.redundancy_mode, spec.k, spec.encoder)
-    launcher = LocalLauncher()
-    extra = list(frontend_extra_args)
-    coder = None
-    try:
-        if with_coder:
-            coder = launcher.start("services.coder", (tls.argv() if tls else []), name="chaos-coder",
-                                   log_path=work_dir / "logs" / "coder.log")
-            extra += ["--coder", coder.address]
-        dep = deployment.start_deployment(
-            spec, launcher, deployment.Placement(), models, namespace=f"chaos{int(time.time() * 1e3) % 10**8}",
-            log_dir=work_dir / "logs", records_dir=work_dir / "frontend", frontend_extra_args=extra,
-            server_extra_args=server_extra_args, tls=tls)
-    except BaseException:
-        launcher.stop_all(grace_s=1)
-        raise
-    args = deployment._frontend_args(spec, models, split_password(dep.registry_url)[0], dep.namespace,
-                                     dep.records_dir, 0,
-                                     launcher.bind_address(0)) + extra + (tls.argv() if tls else [])
-    return Rig(launcher, dep, models, work_dir / "logs", args, coder, tls)
-
-
-def _secret_env(rig):
-    password = split_password(rig.dep.registry_url)[1]
-    return {PASSWORD_ENV: password} if password else None
-
-
 # --- faults -------------------------------------------------------------------
-
-
-async def set_hang(address, hang, timeout_s=5.0):
-    """``SetPerturbation(hang=...)`` on a model server."""
-    from parm.v1 import model_server_pb2 as pb
-    from parm.v1 import model_server_pb2_grpc as pb_grpc
-    from services.common.server import open_channel
-
-    async with open_channel(address) as ch:
-        await pb_grpc.ModelServerStub(ch).SetPerturbation(
-            pb.SetPerturbationRequest(perturbation=pb.Perturbation(hang=hang)), timeout=timeout_s)
-
-
-async def frontend_status(address, timeout_s=2.0):
-    from parm.v1 import frontend_pb2, frontend_pb2_grpc
-    from services.common.server import open_channel
-
-    async with open_channel(address) as ch:
-        return await frontend_pb2_grpc.FrontendStub(ch).GetStatus(frontend_pb2.GetStatusRequest(),
-                                                                   timeout=timeout_s)
 
 
 async def _wait_for(predicate, timeout_s, period_s=0.2):
@@ -225,7 +138,7 @@ class RegistryOutage(Fault):
 
     async def after(self):
         # A change after the restart must reach the frontend: a new instance joins.
-        from services.common.registry import _redact
+        from services.common.registry import redact_url
 
         dep, launcher = self.rig.dep, self.rig.launcher
         public_url, password = split_password(dep.registry_url)
@@ -245,7 +158,7 @@ class RegistryOutage(Fault):
         ok = await _wait_for(joined, 15.0)
         self.notes.append(f"join after restart seen: {'yes' if ok else 'NO'} ({before} -> {before + 1})")
         self.joined_seen = ok
-        log.info("registry %s restarted", _redact(dep.registry_url))
+        log.info("registry %s restarted", redact_url(dep.registry_url))
 
 
 class CoderKill(Fault):
@@ -264,7 +177,7 @@ class FrontendRestart(Fault):
         launcher = self.rig.launcher
         self.rig.dep.frontend = await asyncio.to_thread(
             launcher.start, "services.frontend", self.rig.frontend_args, name="chaos-frontend-restarted",
-            log_path=self.rig.log_dir / "frontend-restarted.log", port=self.port, env=_secret_env(self.rig))
+            log_path=self.rig.log_dir / "frontend-restarted.log", port=self.port, env=secret_env(self.rig))
 
 
 FAULTS = {"kill-data": KillData, "kill-parity": KillParity, "kill-two": KillTwo, "hang": Hang,
@@ -418,7 +331,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def parse_args(argv):
-    p = _Parser(prog="python -m deploy.chaos", description=__doc__.split("\n\n")[0],
+    p = _Parser(prog="python -m deploy.reliability.chaos", description=__doc__.split("\n\n")[0],
                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--artifacts", default="artifacts", help="model artifacts (make models)")
     p.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated subset of " + ", ".join(SCENARIOS))
@@ -451,7 +364,7 @@ def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if not pathlib.Path(args.artifacts, "index.json").exists():
-        print(f"deploy.chaos: error: no models in {args.artifacts}/; build them with `make models`",
+        print(f"deploy.reliability.chaos: error: no models in {args.artifacts}/; build them with `make models`",
               file=sys.stderr)
         return 1
     out = pathlib.Path(args.out)

@@ -8,6 +8,7 @@ by source), and every run's tables in the original's format.
 """
 
 import json
+import math
 import pathlib
 
 from loadgen import plots, stats
@@ -21,8 +22,6 @@ def write_report(root, sweep, results, network, twin=None):
     other network (the emulated model beside a testbed run), shown side by
     side with this one.
     """
-    from deploy.local import comparison, format_comparison
-
     root = pathlib.Path(root)
     plot_dir = root / "plots"
     plot_dir.mkdir(parents=True, exist_ok=True)
@@ -96,8 +95,6 @@ def _targets(rows, modes):
 
 def _side_by_side(rows, network, twin, modes, root):
     """The same sweep on two networks: each one's comparison, then the ratios."""
-    from deploy.local import _f as _fmt, comparison, format_comparison
-
     twin_results, twin_network, twin_dir = twin
     twin_rows = comparison(twin_results)
     rel = pathlib.Path(twin_dir).relative_to(root) if pathlib.Path(twin_dir).is_relative_to(root) else twin_dir
@@ -119,7 +116,68 @@ def _side_by_side(rows, network, twin, modes, root):
         o = other.get(key(row), {})
         out.append("| " + " | ".join([
             f"{row['rate']:g}", str(row["k"]),
-            _fmt(row.get("coded_vs_equal_p999"), 2), _fmt(o.get("coded_vs_equal_p999"), 2),
-            _fmt(row.get("coded_vs_equal_med"), 2), _fmt(o.get("coded_vs_equal_med"), 2),
-            _fmt(row.get("equal_p999"), 1), _fmt(o.get("equal_p999"), 1)]) + " |")
+            fmt(row.get("coded_vs_equal_p999"), 2), fmt(o.get("coded_vs_equal_p999"), 2),
+            fmt(row.get("coded_vs_equal_med"), 2), fmt(o.get("coded_vs_equal_med"), 2),
+            fmt(row.get("equal_p999"), 1), fmt(o.get("equal_p999"), 1)]) + " |")
     return out + [""]
+
+
+def comparison(results):
+    """Rows comparing modes at equal settings: medians, p99.9 and ratios."""
+    keyed = {}
+    for res in results:
+        run = res["run"]
+        key = (run.queue_mode, run.num_models, run.k, run.batch_size, run.send_rate, str(run.background),
+               run.num_clients, run.num_queries)
+        overall = res["summary"]["overall"]
+        keyed.setdefault(key, {}).setdefault(run.redundancy_mode, []).append(overall)
+    rows = []
+    for key, modes in keyed.items():
+        row = {"queue_mode": key[0], "num_models": key[1], "k": key[2], "batch_size": key[3],
+               "rate": key[4], "background": key[5]}
+        for mode, overalls in modes.items():
+            row[f"{mode}_med"] = _mean([o["med"] for o in overalls])
+            row[f"{mode}_p999"] = _mean([o["p999"] for o in overalls])
+        for mode in modes:
+            if mode != "equal" and "equal" in modes:
+                row[f"{mode}_vs_equal_p999"] = _ratio(row[f"{mode}_p999"], row["equal_p999"])
+                row[f"{mode}_vs_equal_med"] = _ratio(row[f"{mode}_med"], row["equal_med"])
+        rows.append(row)
+    return rows
+
+
+def _mean(values):
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def _ratio(a, b):
+    return None if a is None or not b else a / b
+
+
+def format_comparison(rows, modes):
+    """The rows of ``comparison`` as a Markdown table (latency in ms)."""
+    cols = ["rate", "k", "batch_size", "background"]
+    header = ["RATE", "K", "BS", "BG"]
+    for m in modes:
+        header += [f"{m.upper()} MED", f"{m.upper()} P99.9"]
+    others = [m for m in modes if m != "equal"]
+    if "equal" in modes:
+        header += [f"{m.upper()}/EQUAL P99.9" for m in others] + [f"{m.upper()}/EQUAL MED" for m in others]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        cells = [f"{row['rate']:g}", str(row["k"]), str(row["batch_size"]), str(row["background"])]
+        for m in modes:
+            cells += [fmt(row.get(f"{m}_med")), fmt(row.get(f"{m}_p999"))]
+        if "equal" in modes:
+            cells += [fmt(row.get(f"{m}_vs_equal_p999"), 2) for m in others]
+            cells += [fmt(row.get(f"{m}_vs_equal_med"), 2) for m in others]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def fmt(value, digits=1):
+    """``value`` with ``digits`` decimals, or ``-`` for None/NaN (table cells)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.{digits}f}"

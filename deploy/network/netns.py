@@ -37,7 +37,7 @@ a partial ``up()`` (which calls it itself before raising), and also runs at
 interpreter exit. Deleting a namespace deletes the veth ends inside it, and
 with them their peers.
 
-``NetnsLauncher`` implements ``deploy.launcher.Launcher`` on a testbed:
+``NetnsLauncher`` implements ``deploy.runner.launcher.Launcher`` on a testbed:
 launcher host ``i`` is testbed host ``i``; ``bind_address(i)`` is the address
 a service on it must listen on (pass it as ``--host``).
 """
@@ -58,7 +58,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 
-from deploy.launcher import LocalLauncher
+from deploy.runner.launcher import LocalLauncher
 
 #: Defaults scaled from the paper's cluster (docs/netns.md has the numbers).
 DEFAULT_RATE_MBIT = 50.0
@@ -475,7 +475,7 @@ def stale_testbeds(run=_run):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(
-        prog="python -m deploy.netns",
+        prog="python -m deploy.network.netns",
         description="The namespace testbed: check that it can run here, or remove what a killed run left.",
     )
     sub = parser.add_subparsers(dest="command", required=True)

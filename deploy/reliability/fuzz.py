@@ -1,6 +1,6 @@
 """Property-based fuzzing of ``Predict`` and ``ModelInfer`` against a real frontend.
 
-``python -m deploy.fuzz --cases 10000`` starts a local deployment (registry,
+``python -m deploy.reliability.fuzz --cases 10000`` starts a local deployment (registry,
 one data instance, the frontend with ``--max-message-bytes``; real processes
 over real gRPC), then sends hypothesis-generated requests, split over four
 kinds:
@@ -236,7 +236,7 @@ def valid_query(target):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m deploy.fuzz", description="Fuzz Predict and ModelInfer.",
+    p = argparse.ArgumentParser(prog="python -m deploy.reliability.fuzz", description="Fuzz Predict and ModelInfer.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--artifacts", default="artifacts", help="model artifacts (make models)")
     p.add_argument("--cases", type=int, default=10000, help="hypothesis cases in all")
@@ -244,12 +244,12 @@ def main(argv=None):
     p.add_argument("--out", default="results/fuzz", help="logs and fuzz.json go here")
     a = p.parse_args(argv)
     if a.cases < 10:
-        print("deploy.fuzz: error: --cases must be >= 10", file=sys.stderr)
+        print("deploy.reliability.fuzz: error: --cases must be >= 10", file=sys.stderr)
         return 2
     if not pathlib.Path(a.artifacts, "index.json").exists():
-        print(f"deploy.fuzz: error: no models in {a.artifacts}/; build them with `make models`", file=sys.stderr)
+        print(f"deploy.reliability.fuzz: error: no models in {a.artifacts}/; build them with `make models`", file=sys.stderr)
         return 1
-    from deploy.chaos import run_spec, start_rig
+    from deploy.reliability.rig import run_spec, start_rig
     from services.common import manifest as manifest_mod
 
     out = pathlib.Path(a.out)

@@ -1,6 +1,6 @@
 """The node agent and the launcher that drives it (remote hosts, AWS runs).
 
-``python -m deploy.agent --host ADDR --port P`` runs on every worker and
+``python -m deploy.remote.agent --host ADDR --port P`` runs on every worker and
 client node (started at boot by the node's user data, see ``deploy.aws``).
 It serves the ``parm.v1.NodeAgent`` gRPC service: start a project service
 process following the ready-file protocol (``--port 0 --ready-file F`` are
@@ -10,7 +10,7 @@ What it will do is deliberately narrow, because its port is reachable by
 every host of the security group:
 
 - it runs ``<python> -m MODULE ARGS`` only for a MODULE on its allowlist
-  (default ``services``, ``loadgen``, ``deploy.shuffle`` and their
+  (default ``services``, ``loadgen``, ``deploy.network.shuffle`` and their
   submodules; ``--allow-module`` adds one, which is how tests add theirs).
   Arguments are passed as argv, never through a shell;
 - environment variables a caller may set are limited to ``PARM_*``,
@@ -24,7 +24,7 @@ every host of the security group:
 Ownership: the agent owns its children (``ServiceProcess``); on SIGTERM it
 stops serving and then stops every child, newest first.
 
-``AgentLauncher`` is the ``deploy.launcher.Launcher`` over a list of agents:
+``AgentLauncher`` is the ``deploy.runner.launcher.Launcher`` over a list of agents:
 host i is agent i; ``start`` returns a ``Started`` whose address is host i's
 address and the port the process reported.
 """
@@ -40,13 +40,13 @@ import sys
 import threading
 from dataclasses import dataclass
 
-from deploy.launcher import Launcher, Started
+from deploy.runner.launcher import Launcher, Started
 from services.common.errors import InstanceFailed, InvalidInput, NotFound
 from services.common.procs import ServiceProcess, ServiceStartError
 
-log = logging.getLogger("deploy.agent")
+log = logging.getLogger("deploy.remote.agent")
 
-DEFAULT_ALLOWED_MODULES = ("services", "loadgen", "deploy.shuffle")
+DEFAULT_ALLOWED_MODULES = ("services", "loadgen", "deploy.network.shuffle")
 ENV_ALLOWED = re.compile(r"^(PARM_[A-Z0-9_]*|OMP_[A-Z0-9_]*|ORT_[A-Z0-9_]*|CUDA_VISIBLE_DEVICES)$")
 SIGNALS_ALLOWED = frozenset({
     signal.SIGTERM, signal.SIGKILL, signal.SIGINT, signal.SIGSTOP, signal.SIGCONT,
@@ -206,7 +206,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def parse_config(argv):
-    p = _Parser(prog="python -m deploy.agent", description=__doc__.split("\n\n")[1],
+    p = _Parser(prog="python -m deploy.remote.agent", description=__doc__.split("\n\n")[1],
                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (only this one)")
     p.add_argument("--port", type=int, default=0, help="port to listen on (0 = a free port)")
@@ -267,13 +267,13 @@ def main(argv=None):
     try:
         cfg = parse_config(sys.argv[1:] if argv is None else argv)
     except UsageError as exc:
-        print(f"deploy.agent: {exc}", file=sys.stderr)
+        print(f"deploy.remote.agent: {exc}", file=sys.stderr)
         return 2
     setup_logging(cfg.log_level)
     try:
         asyncio.run(serve(cfg))
     except OSError as exc:
-        print(f"deploy.agent: {exc}", file=sys.stderr)
+        print(f"deploy.remote.agent: {exc}", file=sys.stderr)
         return 1
     return 0
 
@@ -338,19 +338,19 @@ class AgentLauncher(Launcher):
         self._started.append(started)
         return started
 
-    def _stop(self, started, grace_s):
+    def stop_process(self, started, grace_s):
         from parm.v1 import agent_pb2
 
         host, pid, _ = started._handle
         self._call(host, "Stop", agent_pb2.AgentStopRequest(pid=pid, grace_s=grace_s), grace_s + RPC_MARGIN_S)
 
-    def _signal(self, started, sig):
+    def signal_process(self, started, sig):
         from parm.v1 import agent_pb2
 
         host, pid, _ = started._handle
         self._call(host, "Signal", agent_pb2.AgentSignalRequest(pid=pid, signal=int(sig)))
 
-    def _alive(self, started):
+    def process_alive(self, started):
         from parm.v1 import agent_pb2
 
         host, pid, _ = started._handle

@@ -4,7 +4,7 @@ On one machine the instances share loopback, so a real 128-256 MB shuffle
 between two of them does not congest anything the queries cross. This module
 stands in for it, explicitly and reproducibly (seeded):
 
-**What is drawn** (the same as the real shuffles of ``deploy.shuffle``):
+**What is drawn** (the same as the real shuffles of ``deploy.network.shuffle``):
 ``n`` concurrent shuffles in a loop; each picks a random ordered pair of
 distinct instances and a size uniform in ``size_mb``; it lasts
 ``2 * size * 8 / bandwidth_mbps`` seconds (there and back at the link rate).

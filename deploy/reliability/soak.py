@@ -1,6 +1,6 @@
 """Soak benchmark: a steady rate for a long time; nothing may grow.
 
-``python -m deploy.soak --duration-s 1800`` starts a local coded deployment
+``python -m deploy.reliability.soak --duration-s 1800`` starts a local coded deployment
 (k = 2, ``--num-models`` data instances plus parity, emulated compute),
 sends ``--rate`` queries/s open-loop from this process, and every
 ``--sample-s`` seconds records, for the frontend and every instance, RSS
@@ -35,7 +35,7 @@ def _proc_sample(pid):
 
 
 async def _sample(rig):
-    from deploy.chaos import frontend_status
+    from deploy.reliability.rig import frontend_status
 
     st = await frontend_status(rig.dep.frontend_address)
     procs = {"frontend": _proc_sample(rig.dep.frontend.pid)}
@@ -95,7 +95,7 @@ async def soak(rig, rate, duration_s, sample_s, deadline_s, on_sample):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m deploy.soak", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m deploy.reliability.soak", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--artifacts", default="artifacts")
     p.add_argument("--duration-s", type=float, default=1800.0)
@@ -111,9 +111,9 @@ def main(argv=None):
     if a.duration_s <= a.warmup_s + 2 * a.sample_s:
         p.error("--duration-s must exceed --warmup-s by at least two samples")
     if not pathlib.Path(a.artifacts, "index.json").exists():
-        print(f"deploy.soak: error: no models in {a.artifacts}/; build them with `make models`", file=sys.stderr)
+        print(f"deploy.reliability.soak: error: no models in {a.artifacts}/; build them with `make models`", file=sys.stderr)
         return 1
-    from deploy.chaos import run_spec, start_rig
+    from deploy.reliability.rig import run_spec, start_rig
 
     out = pathlib.Path(a.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,13 +1,13 @@
-"""``python -m deploy.local CONFIG``: run an experiment sweep (``make local``).
+"""``python -m deploy.runner.local CONFIG``: run an experiment sweep (``make local``).
 
-For every run of the sweep (``deploy.config``), in order:
+For every run of the sweep (``deploy.runner.config``), in order:
 
-1. start a deployment (``deploy.deployment``): registry, the instances of
+1. start a deployment (``deploy.runner.deployment``): registry, the instances of
    the run's redundancy mode, the frontend (which writes its per-query and
    per-group records into the run's folder);
-2. start the background traffic: emulated (``deploy.background``, through
+2. start the background traffic: emulated (``deploy.network.background``, through
    the model servers' perturbation RPC) on one machine, or real shuffles
-   between shuffle agents (``deploy.shuffle``) on the namespace testbed or an
+   between shuffle agents (``deploy.network.shuffle``) on the namespace testbed or an
    AWS fleet; ``"clipper"`` starts a second, independent deployment beside
    the first, under its own modest load;
 3. run the load: ``num_clients`` load-generator control services
@@ -31,21 +31,19 @@ import asyncio
 import dataclasses
 import json
 import logging
-import math
 import pathlib
 import shutil
 import signal
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
 
-from deploy import config as config_mod
-from deploy.deployment import DeploymentError, Placement, resolve_models, start_deployment
-from deploy.launcher import LocalLauncher
-from deploy.report import write_report
+from deploy.runner import config as config_mod
+from deploy.runner.deployment import DeploymentError, Placement, ensure_models, resolve_models, start_deployment
+from deploy.runner.launcher import LocalLauncher
+from deploy.runner.report import comparison, format_comparison, write_report
 
-log = logging.getLogger("deploy.local")
+log = logging.getLogger("deploy.runner.local")
 
 
 @dataclass(frozen=True)
@@ -71,7 +69,7 @@ class _Parser(argparse.ArgumentParser):
 
 def parse_config(argv):
     p = _Parser(
-        prog="python -m deploy.local",
+        prog="python -m deploy.runner.local",
         description="Run an experiment sweep (a JSON config) on this machine and report it.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -101,24 +99,6 @@ def parse_config(argv):
 
 def _sigterm(signum, frame):
     raise KeyboardInterrupt
-
-
-def ensure_models(cfg, sweep):
-    """Resolves every run's manifests; trains the default set if missing."""
-    def check():
-        for run in sweep.runs():
-            resolve_models(cfg.artifacts, sweep.model, run.redundancy_mode, run.k, run.encoder)
-    try:
-        check()
-        return
-    except DeploymentError:
-        if not cfg.build_models:
-            raise
-    print(f"building the default models into {cfg.artifacts}/ (python -m models.build) ...", flush=True)
-    rc = subprocess.call([sys.executable, "-m", "models.build", "--out", cfg.artifacts])
-    if rc != 0:
-        raise DeploymentError(f"python -m models.build failed with exit code {rc}")
-    check()
 
 
 class Sweep:
@@ -233,8 +213,8 @@ class Sweep:
 
     async def _start_background(self, run, dep, run_dir, namespace, extra):
         """Starts the run's background; returns an async ``stop() -> info dict``."""
-        from deploy.background import BackgroundModel, EmulatedBackground
-        from deploy.shuffle import ShuffleCoordinator
+        from deploy.network.background import BackgroundModel, EmulatedBackground
+        from deploy.network.shuffle import ShuffleCoordinator
 
         bg = run.background
         if bg == 0:
@@ -256,7 +236,7 @@ class Sweep:
             return stop
         # Real shuffles between agents on the worker hosts.
         hosts = sorted({self.placement.worker(i) for i in range(len(dep.instances))})
-        agents = [self.launcher.start("deploy.shuffle", ["agent", "--host", self._bind(h)],
+        agents = [self.launcher.start("deploy.network.shuffle", ["agent", "--host", self._bind(h)],
                                       name=f"{namespace}-shuffle-{h}", host=h,
                                       log_path=run_dir / "logs" / f"shuffle-{h}.log") for h in hosts]
         extra.extend(agents)
@@ -313,7 +293,7 @@ class Sweep:
             return {"kind": "netns", **self.testbed.describe()}
         if self.cfg.agents:
             return {"kind": "hosts", "agents": self.cfg.agents}
-        return {"kind": "emulated", "note": "loopback; background load emulated (deploy.background)"}
+        return {"kind": "emulated", "note": "loopback; background load emulated (deploy.network.background)"}
 
     def format_run(self, result):
         from loadgen import stats
@@ -338,65 +318,6 @@ def _frontend_rows(queries, groups):
         "encoding_us": latency_row(enc),
         "decoding_us": latency_row(dec),
     }
-
-
-def comparison(results):
-    """Rows comparing modes at equal settings: medians, p99.9 and ratios."""
-    keyed = {}
-    for res in results:
-        run = res["run"]
-        key = (run.queue_mode, run.num_models, run.k, run.batch_size, run.send_rate, str(run.background),
-               run.num_clients, run.num_queries)
-        overall = res["summary"]["overall"]
-        keyed.setdefault(key, {}).setdefault(run.redundancy_mode, []).append(overall)
-    rows = []
-    for key, modes in keyed.items():
-        row = {"queue_mode": key[0], "num_models": key[1], "k": key[2], "batch_size": key[3],
-               "rate": key[4], "background": key[5]}
-        for mode, overalls in modes.items():
-            row[f"{mode}_med"] = _mean([o["med"] for o in overalls])
-            row[f"{mode}_p999"] = _mean([o["p999"] for o in overalls])
-        for mode in modes:
-            if mode != "equal" and "equal" in modes:
-                row[f"{mode}_vs_equal_p999"] = _ratio(row[f"{mode}_p999"], row["equal_p999"])
-                row[f"{mode}_vs_equal_med"] = _ratio(row[f"{mode}_med"], row["equal_med"])
-        rows.append(row)
-    return rows
-
-
-def _mean(values):
-    values = [v for v in values if v is not None]
-    return sum(values) / len(values) if values else None
-
-
-def _ratio(a, b):
-    return None if a is None or not b else a / b
-
-
-def format_comparison(rows, modes):
-    cols = ["rate", "k", "batch_size", "background"]
-    header = ["RATE", "K", "BS", "BG"]
-    for m in modes:
-        header += [f"{m.upper()} MED", f"{m.upper()} P99.9"]
-    others = [m for m in modes if m != "equal"]
-    if "equal" in modes:
-        header += [f"{m.upper()}/EQUAL P99.9" for m in others] + [f"{m.upper()}/EQUAL MED" for m in others]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for row in rows:
-        cells = [f"{row['rate']:g}", str(row["k"]), str(row["batch_size"]), str(row["background"])]
-        for m in modes:
-            cells += [_f(row.get(f"{m}_med")), _f(row.get(f"{m}_p999"))]
-        if "equal" in modes:
-            cells += [_f(row.get(f"{m}_vs_equal_p999"), 2) for m in others]
-            cells += [_f(row.get(f"{m}_vs_equal_med"), 2) for m in others]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def _f(value, digits=1):
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    return f"{value:.{digits}f}"
 
 
 def _install_tls(tls_dir, host_addresses):
@@ -426,7 +347,7 @@ def build_launcher(cfg, sweep):
     """(launcher, placement, testbed) for the sweep's network."""
     network = cfg.network or sweep.network
     if cfg.agents:
-        from deploy.agent import AgentLauncher
+        from deploy.remote.agent import AgentLauncher
 
         hosts = json.loads(pathlib.Path(cfg.agents).read_text())
         agents = [hosts["frontend"], *hosts["workers"], *hosts["clients"]]
@@ -434,7 +355,7 @@ def build_launcher(cfg, sweep):
         w, c = len(hosts["workers"]), len(hosts["clients"])
         return launcher, Placement(0, tuple(range(1, 1 + w)), tuple(range(1 + w, 1 + w + c))), None
     if network == "netns":
-        from deploy import netns
+        from deploy.network import netns
 
         most = max(sum(r.num_instances) for r in sweep.runs())
         clients = max(sweep.num_clients)
@@ -457,18 +378,18 @@ def main(argv=None):
             sweep = sweep.with_overrides(num_queries=(cfg.num_queries,))
         if cfg.network:
             sweep = sweep.with_overrides(network=cfg.network)
-        ensure_models(cfg, sweep)
+        ensure_models(cfg.artifacts, sweep, build=cfg.build_models)
     except (config_mod.ConfigError, DeploymentError) as exc:
-        print(f"deploy.local: {exc}", file=sys.stderr)
+        print(f"deploy.runner.local: {exc}", file=sys.stderr)
         return 2
     testbed_run = sweep.network == "netns" and not cfg.agents
     if testbed_run:
-        from deploy import netns
+        from deploy.network import netns
 
         try:
             netns.require_netns()
         except netns.TestbedUnavailable as exc:
-            print(f"deploy.local: {exc}", file=sys.stderr)
+            print(f"deploy.runner.local: {exc}", file=sys.stderr)
             return 2
         # Testbed results go beside (not over) the emulated ones of the same config.
         sweep = sweep.with_overrides(experiment_id=f"{sweep.experiment_id}-netns")
@@ -504,11 +425,11 @@ def main(argv=None):
         print(f"\nresults: {runner.root}/  report: {report}")
         return 0
     except KeyboardInterrupt:
-        print("\ndeploy.local: interrupted; stopped every process", file=sys.stderr)
+        print("\ndeploy.runner.local: interrupted; stopped every process", file=sys.stderr)
         return 130
     except Exception as exc:  # noqa: BLE001 - one line for the user, details in the log
         log.debug("sweep failed", exc_info=True)
-        print(f"deploy.local: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(f"deploy.runner.local: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     finally:
         if launcher is not None:

@@ -1,6 +1,6 @@
 """Real background shuffles: bulk TCP transfers between instance hosts.
 
-One *agent* runs on every instance host (``python -m deploy.shuffle agent``).
+One *agent* runs on every instance host (``python -m deploy.network.shuffle agent``).
 An agent listens on one TCP port and speaks a line protocol:
 
 - ``SHUFFLE <peer_host:port> <nbytes>\\n`` (from a coordinator): the agent
@@ -189,7 +189,7 @@ class ShuffleCoordinator:
 
 def parse_config(argv):
     parser = argparse.ArgumentParser(
-        prog="python -m deploy.shuffle",
+        prog="python -m deploy.network.shuffle",
         description="Background-traffic shuffle agent (one per instance host).",
     )
     sub = parser.add_subparsers(dest="command", required=True)

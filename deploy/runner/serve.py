@@ -1,4 +1,4 @@
-"""``python -m deploy.serve [CONFIG]``: one deployment, kept up (``make serve``).
+"""``python -m deploy.runner.serve [CONFIG]``: one deployment, kept up (``make serve``).
 
 Takes the first run of the config (default ``configs/serve.json``: coded,
 k=2), starts it on this machine with the frontend on ``--port`` (default
@@ -13,10 +13,9 @@ import signal
 import sys
 import threading
 
-from deploy import config as config_mod
-from deploy.deployment import DeploymentError, Placement, describe, resolve_models, start_deployment
-from deploy.launcher import LocalLauncher
-from deploy.local import RunnerConfig, ensure_models
+from deploy.runner import config as config_mod
+from deploy.runner.deployment import DeploymentError, Placement, describe, ensure_models, resolve_models, start_deployment
+from deploy.runner.launcher import LocalLauncher
 
 DEFAULT_PORT = 50051
 
@@ -27,7 +26,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def parse_config(argv):
-    p = _Parser(prog="python -m deploy.serve", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    p = _Parser(prog="python -m deploy.runner.serve", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                 description="Start one deployment (the first run of a config) and keep it up.")
     p.add_argument("config", nargs="?", default="configs/serve.json", help="sweep config")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help="frontend port (0 = any free port)")
@@ -44,11 +43,11 @@ def main(argv=None):
     a = parse_config(sys.argv[1:] if argv is None else argv)
     try:
         sweep = config_mod.load(a.config)
-        ensure_models(RunnerConfig(config=a.config, artifacts=a.artifacts), sweep)
+        ensure_models(a.artifacts, sweep)
         run = sweep.runs()[0]
         models = resolve_models(a.artifacts, sweep.model, run.redundancy_mode, run.k, run.encoder)
     except (config_mod.ConfigError, DeploymentError) as exc:
-        print(f"deploy.serve: {exc}", file=sys.stderr)
+        print(f"deploy.runner.serve: {exc}", file=sys.stderr)
         return 2
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -71,7 +70,7 @@ def main(argv=None):
             pass
         return 0
     except (DeploymentError, OSError, RuntimeError) as exc:
-        print(f"deploy.serve: {exc}", file=sys.stderr)
+        print(f"deploy.runner.serve: {exc}", file=sys.stderr)
         return 1
     finally:
         launcher.stop_all()

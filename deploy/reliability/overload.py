@@ -1,6 +1,6 @@
 """Overload benchmark: three times the sustainable rate, then back down.
 
-``python -m deploy.overload`` starts a local deployment (mode none,
+``python -m deploy.reliability.overload`` starts a local deployment (mode none,
 ``--num-models`` instances with a constant emulated compute time, so the
 sustainable rate is ``num_models * 1000 / compute_ms`` queries/s at batch
 size 1) whose frontend admits at most ``--max-in-system`` queries
@@ -139,7 +139,7 @@ def format_table(phases, peak_rss, base_rss, deadline_s):
 def run(artifacts, *, num_models=1, compute_ms=20.0, deadline_s=1.0, max_in_system=None, factor=3.0,
         base_fraction=0.8, base_s=5.0, overload_s=10.0, recovery_s=5.0, work_dir=None):
     """Starts the deployment, runs the phases; returns (phases, peak_rss, base_rss, sustainable)."""
-    from deploy.chaos import run_spec, start_rig
+    from deploy.reliability.rig import run_spec, start_rig
 
     sustainable = num_models * 1000.0 / compute_ms
     if max_in_system is None:
@@ -162,7 +162,7 @@ def run(artifacts, *, num_models=1, compute_ms=20.0, deadline_s=1.0, max_in_syst
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m deploy.overload", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m deploy.reliability.overload", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--artifacts", default="artifacts")
     p.add_argument("--num-models", type=int, default=1)
@@ -178,7 +178,7 @@ def main(argv=None):
     p.add_argument("--out", default="results/overload")
     a = p.parse_args(argv)
     if not pathlib.Path(a.artifacts, "index.json").exists():
-        print(f"deploy.overload: error: no models in {a.artifacts}/; build them with `make models`",
+        print(f"deploy.reliability.overload: error: no models in {a.artifacts}/; build them with `make models`",
               file=sys.stderr)
         return 1
     out = pathlib.Path(a.out)

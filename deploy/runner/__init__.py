@@ -1,0 +1,2 @@
+"""The experiment runner: a sweep's config, its deployments, the launcher
+that starts their processes, ``make local`` / ``make serve``, and the report."""
