@@ -17,6 +17,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from services.common import tls as tls_mod
+from services.common.cli import setup_logging  # noqa: F401 - re-exported for the services
 from services.common.errors import ErrorMappingInterceptor
 
 log = logging.getLogger(__name__)
@@ -143,10 +144,3 @@ async def run_until_signal(built, *, grace_s=5.0, on_shutdown=None):
             await on_shutdown()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
-
-
-def setup_logging(level="INFO"):
-    logging.basicConfig(
-        level=getattr(logging, str(level).upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
