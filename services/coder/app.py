@@ -89,8 +89,8 @@ class CoderApp:
 
     async def run(self):
         await self.start()
-        print(f"coder on {self.cfg.host}:{self.port} kernels={self.core.kernels.__name__}", flush=True)
-        write_ready_file(self.cfg.ready_file, self.port, kernels=self.core.kernels.__name__)
+        print(f"coder on {self.cfg.host}:{self.port} kernels={self.core.kernels.module}", flush=True)
+        write_ready_file(self.cfg.ready_file, self.port, kernels=self.core.kernels.module)
         await run_until_signal(self.built, grace_s=self.cfg.grace_s, on_shutdown=self.shutdown)
 
 
