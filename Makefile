@@ -37,6 +37,7 @@ serve: build
 
 bench: build
 	$(PY) -m coding_ext.bench --json results/bench/coding_ext.json
+	$(PY) -m services.coder.bench --json results/bench/coder.json
 	$(PY) -m services.frontend.bench --json results/bench/frontend.json
 
 deploy-aws: build
