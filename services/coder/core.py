@@ -47,7 +47,7 @@ from services.common.errors import InvalidInput, Overloaded
 
 __all__ = ["DEFAULT_POOL_BUFFER_BYTES", "ENCODERS", "CoderCore", "load_kernels"]
 
-DEFAULT_POOL_BUFFER_BYTES = 8 << 20  # a (4, 3, 224, 224) float32 batch is 2.4 MB
+DEFAULT_POOL_BUFFER_BYTES = 4 << 20  # a (6, 3, 224, 224) float32 batch is 3.6 MB; 2 workers lock 8 MiB (a common RLIMIT_MEMLOCK)
 
 
 def _same_layout(arrays, what):
