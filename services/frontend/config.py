@@ -8,7 +8,7 @@ from services.common import manifest as manifest_mod
 from services.common import tls as tls_mod
 from services.common.registry import url_with_env_password
 from services.common.server import MAX_MESSAGE_BYTES
-from services.frontend.engine import MODES
+from services.frontend.redundancy import MODES
 from services.frontend.instances import parse_static_instances
 
 

@@ -39,6 +39,12 @@ Concurrency model and invariants
   every query is done; then its record is written and it is dropped. A sweep
   every ``gc_interval_s`` drops groups older than ``gc_horizon_s`` as
   abandoned, so no group outlives its timeouts.
+* The policy boundary: the engine owns queries, batches, calls, instances and
+  the group table; the redundancy policy (injected, ``redundancy/``) decides
+  what a formed batch becomes and what a reply or an erasure means, and acts
+  only through the public ``PolicyHost`` methods (``redundancy/host.py``).
+  State only one policy needs (the hedge latency window, the forming group)
+  lives in that policy.
 * Nothing waits forever: a forming batch is flushed after ``batch_timeout_s``;
   a forming group is sealed after ``group_timeout_s``; a query without a
   client deadline gets ``query_timeout_s``; a failed call is retried at most
@@ -46,24 +52,18 @@ Concurrency model and invariants
 """
 
 import asyncio
-import collections
 import itertools
 import logging
-import time
 
 import numpy as np
 
-from parm.v1 import tensor_pb2
 from services.common import tensors
 from services.common.errors import DeadlineExceeded, InstanceFailed, InvalidInput, NoInstance, Overloaded
+from services.frontend.batcher import Batcher
 from services.frontend.instances import Instance, check_rows
-from services.frontend.redundancy import make_redundancy_policy
+from services.frontend.records import BACKUP, ORIGINAL, RECONSTRUCTED, Answer, Batch, Call, Query
 
 log = logging.getLogger(__name__)
-
-ORIGINAL, RECONSTRUCTED, BACKUP, DEFAULT = 1, 2, 3, 4
-SOURCE_NAMES = {ORIGINAL: "ORIGINAL", RECONSTRUCTED: "RECONSTRUCTED", BACKUP: "BACKUP", DEFAULT: "DEFAULT"}
-MODES = ("none", "equal", "coded", "cheap", "hedged")
 
 COUNTERS = (
     "admitted", "answered", "answered_original", "answered_reconstructed", "answered_backup",
@@ -73,172 +73,6 @@ COUNTERS = (
     "reconstructions", "redispatches", "hedges", "removed_from_queue", "calls", "call_errors",
     "call_timeouts", "late_originals", "instances_joined", "instances_left",
 )
-
-
-class Query:
-    """One client query (one example)."""
-
-    __slots__ = ("qid", "request_id", "input", "received_s", "received_wall_s", "deadline_s",
-                 "future", "done", "batch", "row", "source", "answered_s", "deadline_handle",
-                 "instance_id", "status")
-
-    def __init__(self, qid, request_id, array, received_s, deadline_s, future):
-        self.qid = qid
-        self.request_id = request_id
-        self.input = array
-        self.received_s = received_s
-        self.received_wall_s = time.time()
-        self.deadline_s = deadline_s
-        self.future = future
-        self.done = False
-        self.batch = None
-        self.row = 0
-        self.source = 0
-        self.answered_s = None
-        self.deadline_handle = None
-        self.instance_id = ""
-        self.status = ""
-
-
-class Answer:
-    """What a query's future resolves to."""
-
-    __slots__ = ("output", "source", "batch_id", "group_id", "latency_ms")
-
-    def __init__(self, output, source, batch_id, group_id, latency_ms):
-        self.output = output
-        self.source = source
-        self.batch_id = batch_id
-        self.group_id = group_id
-        self.latency_ms = latency_ms
-
-
-class Batch:
-    """A unit of dispatch: data, parity or backup rows for one instance call."""
-
-    __slots__ = ("batch_id", "group_id", "role", "queries", "inputs", "rows", "group", "index",
-                 "queue", "calls", "exclude", "attempts", "output", "created_s", "dispatched_s",
-                 "answered_s", "reconstruction", "reconstructed_s", "twin", "hedge_handle",
-                 "_payload", "closed", "encode_us")
-
-    def __init__(self, batch_id, role, queries, inputs, created_s):
-        self.batch_id = batch_id
-        self.group_id = batch_id
-        self.role = role
-        self.queries = queries
-        self.inputs = inputs
-        self.rows = len(queries)
-        self.group = None
-        self.index = 0
-        self.queue = None
-        self.calls = 0
-        self.exclude = set()
-        self.attempts = 0
-        self.output = None
-        self.created_s = created_s
-        self.dispatched_s = None
-        self.answered_s = None
-        self.reconstruction = None
-        self.reconstructed_s = None
-        self.twin = None
-        self.hedge_handle = None
-        self._payload = None
-        self.closed = False
-        self.encode_us = None
-
-    def payload(self):
-        """The ``Tensor`` proto of ``inputs``, serialised once (reused by retries)."""
-        p = self._payload
-        if p is None:
-            x = self.inputs
-            p = self._payload = tensor_pb2.Tensor(
-                dtype=tensors.dtype_code(x.dtype), shape=x.shape, data=x.tobytes())
-        return p
-
-    def needed(self):
-        """True while some query of the batch still waits for an answer."""
-        for q in self.queries:
-            if not q.done:
-                return True
-        return False
-
-
-class Coalesced:
-    """Several queued batches of one role sent as one instance call (rows concatenated)."""
-
-    __slots__ = ("batches", "inputs", "batch_id", "role", "_payload")
-
-    def __init__(self, batches):
-        self.batches = batches
-        self.inputs = np.concatenate([b.inputs for b in batches])
-        self.batch_id = batches[0].batch_id
-        self.role = batches[0].role
-        self._payload = None
-
-    payload = Batch.payload
-
-
-class Call:
-    """One outstanding instance call (one batch, or several coalesced); ends exactly once."""
-
-    __slots__ = ("batches", "unit", "instance", "started_s", "timer", "task", "finished")
-
-    def __init__(self, batches, instance, started_s):
-        self.batches = batches
-        self.unit = batches[0] if len(batches) == 1 else Coalesced(batches)
-        self.instance = instance
-        self.started_s = started_s
-        self.timer = None
-        self.task = None
-        self.finished = False
-
-
-class Group:
-    """A coding group: k data batches + one parity batch."""
-
-    __slots__ = ("group_id", "k", "members", "outputs", "n_outputs", "parity", "parity_output",
-                 "sealed", "coded", "formed_s", "timer", "missing", "encode_us", "decode_us",
-                 "late", "finished", "encoding", "decoding")
-
-    def __init__(self, group_id, k, formed_s):
-        self.group_id = group_id
-        self.k = k
-        self.members = []
-        self.outputs = [None] * k
-        self.n_outputs = 0
-        self.parity = None
-        self.parity_output = None
-        self.sealed = False
-        self.coded = False
-        self.formed_s = formed_s
-        self.timer = None
-        self.missing = None
-        self.encode_us = None
-        self.decode_us = None
-        self.late = None
-        self.finished = False
-        self.encoding = False
-        self.decoding = False
-
-
-class LatencyWindow:
-    """Recent call latencies; ``p95()`` recomputed every ``every`` samples."""
-
-    def __init__(self, size=1000, every=50, min_samples=20):
-        self._values = collections.deque(maxlen=size)
-        self._every = every
-        self._min = min_samples
-        self._count = 0
-        self._p95 = None
-
-    def add(self, value_s):
-        self._values.append(value_s)
-        self._count += 1
-        if self._count % self._every == 0 or (self._p95 is None and len(self._values) >= self._min):
-            self._p95 = float(np.percentile(np.fromiter(self._values, float), 95))
-
-    def p95(self):
-        return self._p95
 
 
 class NullObserver:
@@ -252,89 +86,43 @@ class NullObserver:
     def dispatched(self, batch, queue_s): ...
 
 
-class Batcher:
-    """Forms batches of ``batch_size`` queries, flushed after ``timeout_s``.
-
-    Algorithm: queries are appended to the forming list; the first one starts
-    a timer; the list is flushed (``on_batch(queries)``) when it is full or
-    the timer fires, whichever is first. ``batch_size == 1`` flushes at once
-    with no timer.
-    """
-
-    def __init__(self, batch_size, timeout_s, clock, on_batch):
-        self.batch_size = batch_size
-        self.timeout_s = timeout_s
-        self.clock = clock
-        self.on_batch = on_batch
-        self._forming = []
-        self._timer = None
-
-    def add(self, query):
-        if self.batch_size == 1:
-            self.on_batch([query])
-            return
-        forming = self._forming
-        forming.append(query)
-        if len(forming) == 1:
-            self._timer = self.clock.call_later(self.timeout_s, self._expire)
-        if len(forming) >= self.batch_size:
-            self.flush()
-
-    def _expire(self):
-        self._timer = None
-        self.flush()
-
-    def flush(self):
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        if self._forming:
-            queries, self._forming = self._forming, []
-            self.on_batch(queries)
-
-    def forming(self):
-        return len(self._forming)
-
-
 class Engine:
     """Admission, batching, dispatch and recovery for one deployment.
 
+    Implements ``redundancy.host.PolicyHost`` (the public methods a policy
+    may call); everything whose name starts with ``_`` is the engine's own.
+
     Args:
         base: ``Manifest`` of the deployed model (validation, output shape).
-        mode: redundancy mode, one of ``MODES``.
+        policy: the redundancy policy (``redundancy.make_policy``), built by
+            the caller; the engine attaches itself to it as its host.
         queue: a queue policy (``queues.SingleQueue`` / ``RoundRobinQueues``).
         clock: ``Clock``.
-        client_factory: ``address -> InstanceClient``.
-        coder: ``LocalCoder``/``RemoteCoder`` (coded mode).
-        k, batch_size: coding group size and batch size.
+        client_factory: ``address -> InstanceClient`` (a class with a
+            ``prepare(batch)`` classmethod serialises parity batches at encode time).
+        batch_size: queries per batch.
         *_s: timeouts in seconds (see the module docstring).
         max_in_system: admission bound (queries admitted and not yet done).
         max_in_flight: concurrent calls per instance.
         max_coalesce: queued batches an instance may take in one call (1 = off;
-            not in coded mode, where a group's batches must stay on separate calls).
+            refused by policies whose batches must stay apart, e.g. coded).
         max_attempts: calls per batch before its queries fail.
-        hedge_delay_s: fixed hedge delay, or None for the recent p95.
         observer: receives records and metric events.
     """
 
-    def __init__(self, *, base, mode="none", queue, clock, client_factory, coder=None,
-                 k=2, batch_size=1, batch_timeout_s=0.005, group_timeout_s=1.0,
+    def __init__(self, *, base, policy, queue, clock, client_factory,
+                 batch_size=1, batch_timeout_s=0.005, group_timeout_s=1.0,
                  instance_timeout_s=2.0, query_timeout_s=30.0, max_in_system=10000,
-                 max_in_flight=1, max_coalesce=1, max_attempts=3, hedge_delay_s=None, hedge_initial_delay_s=0.05,
+                 max_in_flight=1, max_coalesce=1, max_attempts=3,
                  parity_output_shape=None, backup_output_shape=None, observer=None,
                  gc_interval_s=1.0):
-        if mode not in MODES:
-            raise ValueError(f"unknown mode {mode!r} ({'|'.join(MODES)})")
-        if mode == "coded" and coder is None:
-            raise ValueError("coded mode needs a coder")
         self.base = base
-        self.mode = mode
-        self.k = int(k)
+        self.policy = policy
+        self.mode = policy.mode
         self.batch_size = int(batch_size)
         self.queue = queue
         self.clock = clock
         self.client_factory = client_factory
-        self.coder = coder
         self.batch_timeout_s = batch_timeout_s
         self.group_timeout_s = group_timeout_s
         self.instance_timeout_s = instance_timeout_s
@@ -342,12 +130,11 @@ class Engine:
         self.max_in_system = max_in_system
         self.max_in_flight = max_in_flight
         self.max_coalesce = max(1, int(max_coalesce))
-        if mode == "coded" and self.max_coalesce > 1:
-            raise ValueError("coalescing is not available in coded mode (a group's batches must stay apart)")
+        if not policy.coalescing and self.max_coalesce > 1:
+            raise ValueError(f"coalescing is not available in {policy.mode} mode "
+                             "(a group's batches must stay apart)")
         self.max_attempts = max_attempts
-        self.hedge_delay_s = hedge_delay_s
-        self.hedge_initial_delay_s = hedge_initial_delay_s
-        self.obs = observer or NullObserver()
+        self.observer = observer or NullObserver()
         self.input_shape = tuple(base.input_shape)
         self.input_dtype = np.dtype(base.input_dtype)
         self.output_shapes = {
@@ -361,7 +148,6 @@ class Engine:
         self.by_role = {"data": [], "parity": [], "backup": []}
         self._rotation = {"data": 0, "parity": 0, "backup": 0}
         self.groups = {}                            # group_id -> Group (unfinished)
-        self.latencies = LatencyWindow()
         self._qids = itertools.count()
         self._batch_ids = itertools.count()
         self._tasks = set()
@@ -371,7 +157,8 @@ class Engine:
         self._gc_handle = None
         self._closed = False
         self.batcher = Batcher(self.batch_size, batch_timeout_s, clock, self._on_batch_formed)
-        self.policy = make_redundancy_policy(mode, self)
+        self._prepare = getattr(client_factory, "prepare", None)
+        policy.attach(self)
 
     # ------------------------------------------------------------ lifecycle
     def start(self):
@@ -407,7 +194,7 @@ class Engine:
         self.by_role[role].append(inst)
         if old is not None:     # after the new one is in, so the old one's erasures can go to it
             self._detach(old, "changed")
-            self._spawn(self._close_client(old))
+            self.spawn(self._close_client(old))
         self.counters["instances_joined"] += 1
         log.info("instance joined: %s %s %s", role, instance_id, address)
         self._pump(role)
@@ -433,7 +220,7 @@ class Engine:
                 call.task.cancel()
             self._end_call_failed(call, InstanceFailed(f"instance {instance_id} {reason}"), timeout=False)
         for batch in self.queue.drain_instance(inst):
-            self._enqueue(batch, front=True)
+            self.enqueue(batch, front=True)
         if not self.by_role[inst.role]:
             self._role_gone(inst.role)
             return
@@ -519,9 +306,9 @@ class Engine:
         if self._finish_query(query, "CANCELLED"):
             query.future.cancel()
             self.counters["abandoned"] += 1
-            self.obs.query_done(query, query.batch, query.batch.group_id if query.batch else 0)
+            self.observer.query_done(query, query.batch, query.batch.group_id if query.batch else 0)
             if query.batch is not None:
-                self._release_if_unneeded(query.batch)
+                self.release(query.batch)
 
     def _deadline(self, query):
         query.deadline_handle = None
@@ -531,7 +318,7 @@ class Engine:
         self._fail_query(query, DeadlineExceeded("deadline exceeded before an answer arrived"),
                          "DEADLINE_EXCEEDED")
         if query.batch is not None:
-            self._release_if_unneeded(query.batch)
+            self.release(query.batch)
 
     # ------------------------------------------------------------ queries
     def _finish_query(self, q, status):
@@ -563,7 +350,7 @@ class Engine:
         if not q.future.done():
             q.future.set_result(Answer(output, source, batch.batch_id, batch.group_id,
                                        (q.answered_s - q.received_s) * 1e3))
-        self.obs.query_done(q, batch, batch.group_id)
+        self.observer.query_done(q, batch, batch.group_id)
         return True
 
     def _fail_query(self, q, exc, status):
@@ -573,7 +360,7 @@ class Engine:
             self.counters["failed"] += 1
         if not q.future.done():
             q.future.set_exception(exc)
-        self.obs.query_done(q, q.batch, q.batch.group_id if q.batch else 0)
+        self.observer.query_done(q, q.batch, q.batch.group_id if q.batch else 0)
         return True
 
     def answer_batch(self, batch, output, source, instance_id=""):
@@ -589,12 +376,12 @@ class Engine:
         status = "UNAVAILABLE"
         for q in batch.queries:
             self._fail_query(q, exc, status)
-        self._release_if_unneeded(batch)
+        self.release(batch)
 
     # ------------------------------------------------------------ batching
     def _on_batch_formed(self, queries):
         n = len(queries)
-        rows = self.batch_size if self.mode == "coded" else n
+        rows = self.batch_size if self.policy.pads_batches else n
         if n == 1 and rows == 1:
             inputs = queries[0].input.reshape((1,) + self.input_shape)
         else:
@@ -614,8 +401,22 @@ class Engine:
     def new_batch_id(self):
         return next(self._batch_ids)
 
+    def open_group(self, group):
+        self.groups[group.group_id] = group
+        self.counters["groups"] += 1
+
+    def can_copy(self, batch):
+        return any(i.instance_id not in batch.exclude for i in self.by_role[batch.role])
+
+    def prepare(self, batch):
+        if self._prepare is not None:
+            self._prepare(batch)
+
+    def fail_batch(self, batch, exc):
+        self._fail_batch(batch, exc)
+
     # ------------------------------------------------------------ dispatch
-    def _enqueue(self, batch, front=False):
+    def enqueue(self, batch, front=False):
         """Queues ``batch`` for its role and starts calls on free instances."""
         if batch.queue is not None:
             return
@@ -677,13 +478,13 @@ class Engine:
             batch.exclude.add(inst.instance_id)
             if batch.dispatched_s is None:
                 batch.dispatched_s = now
-                self.obs.dispatched(batch, now - batch.created_s)
+                self.observer.dispatched(batch, now - batch.created_s)
         call.timer = self.clock.call_later(timeout, self._call_timed_out, call)
-        call.task = self._spawn(self._run_call(call, timeout))
+        call.task = self.spawn(self._run_call(call, timeout))
         for batch in batches:
             self.policy.on_dispatched(batch, inst)
 
-    def _spawn(self, coro):
+    def spawn(self, coro):
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -730,18 +531,17 @@ class Engine:
         inst.mark_ok()
         now = self.clock.now()
         batches = call.batches
-        if batches[0].role == "data":
-            self.latencies.add(now - call.started_s)
+        self.policy.on_call_done(batches[0].role, now - call.started_s)
         if len(batches) == 1:
             self.policy.on_result(batches[0], output, inst)
-            self._release_if_unneeded(batches[0])
+            self.release(batches[0])
         else:
             offset = 0
             for batch in batches:
                 rows = batch.inputs.shape[0]
                 self.policy.on_result(batch, output[offset:offset + rows], inst)
                 offset += rows
-                self._release_if_unneeded(batch)
+                self.release(batch)
         if not inst.removed:
             self._pump(inst.role)
 
@@ -781,9 +581,9 @@ class Engine:
         if not others:
             batch.exclude.clear()       # every instance tried: allow them again
         self.counters["redispatches"] += 1
-        self._enqueue(batch, front=True)
+        self.enqueue(batch, front=True)
 
-    def _release_if_unneeded(self, batch):
+    def release(self, batch):
         """A queued batch (or cheap-mode twin) that can no longer help is removed."""
         for b in (batch, batch.twin):
             if b is not None and b.queue is not None and not self.policy.needed(b):
@@ -807,7 +607,7 @@ class Engine:
         if batch.group is not None:
             batch.group.late = {"batch_id": batch.batch_id, "delay_ms": delay_ms,
                                 "max_abs_error": max_abs_error, "argmax_agreement": agree}
-        self.obs.late_original(batch, delay_ms, max_abs_error, agree)
+        self.observer.late_original(batch, delay_ms, max_abs_error, agree)
 
     # ------------------------------------------------------------ groups
     def maybe_finish_group(self, g):
@@ -837,7 +637,7 @@ class Engine:
             self.counters["groups_abandoned"] += 1
             for b in g.members + ([g.parity] if g.parity is not None else []):
                 self.remove_from_queue(b)
-        self.obs.group_done(g, reason)
+        self.observer.group_done(g, reason)
 
     def _gc(self):
         self._gc_handle = None
@@ -850,12 +650,6 @@ class Engine:
         self._gc_handle = self.clock.call_later(self._gc_interval_s, self._gc)
 
     # ------------------------------------------------------------ status
-    def hedge_delay(self):
-        if self.hedge_delay_s is not None:
-            return self.hedge_delay_s
-        p95 = self.latencies.p95()
-        return self.hedge_initial_delay_s if p95 is None else p95
-
     def queue_depths(self):
         return self.queue.depths()
 

@@ -17,7 +17,7 @@ import numpy as np
 from parm.inference import grpc_service_pb2 as pb
 from parm.inference import grpc_service_pb2_grpc as pb_grpc
 from services.common.errors import InvalidInput, NotFound
-from services.frontend.engine import SOURCE_NAMES
+from services.frontend.records import source_name
 
 _V2_DTYPES = {"float32": "FP32", "float16": "FP16", "uint8": "UINT8", "int64": "INT64"}
 _CONTENTS_FIELD = {"FP32": "fp32_contents", "INT64": "int64_contents", "UINT8": "uint_contents"}
@@ -108,6 +108,6 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         reply = pb.ModelInferResponse(model_name=self.model, model_version=VERSION, id=request.id)
         reply.outputs.add(name="output", datatype=_V2_DTYPES[out.dtype.name], shape=out.shape)
         reply.raw_output_contents.append(np.ascontiguousarray(out, dtype=out.dtype.newbyteorder("<")).tobytes())
-        reply.parameters["parm_sources"].string_param = ",".join(SOURCE_NAMES[a.source] for a in answers)
+        reply.parameters["parm_sources"].string_param = ",".join(source_name(a.source) for a in answers)
         reply.parameters["parm_batch_ids"].string_param = ",".join(str(a.batch_id) for a in answers)
         return reply

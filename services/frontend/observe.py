@@ -25,7 +25,8 @@ import time
 from prometheus_client import CollectorRegistry, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from services.frontend.engine import SOURCE_NAMES, NullObserver
+from services.frontend.engine import NullObserver
+from services.frontend.records import Source, source_name
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,7 @@ class Metrics(NullObserver):
         self.registry = CollectorRegistry()
         self.e2e = Histogram("parm_frontend_e2e_latency_seconds", "E2E_LATENCY: admission to answer",
                              ["source"], buckets=_LAT_BUCKETS, registry=self.registry)
-        self._e2e_by_source = {code: self.e2e.labels(name) for code, name in SOURCE_NAMES.items()}
+        self._e2e_by_source = {s.value: self.e2e.labels(s.name) for s in Source if s.value}
         self.queue = Histogram("parm_frontend_queue_latency_seconds",
                                "QUEUE_LATENCY: batch formed to first dispatch", ["role"],
                                buckets=_LAT_BUCKETS, registry=self.registry)
@@ -137,7 +138,7 @@ class Records(NullObserver):
             "batch_id": b.batch_id if b is not None else None,
             "group_id": group_id if b is not None else None,
             "row": q.row, "status": q.status,
-            "source": SOURCE_NAMES.get(q.source, "NONE"),
+            "source": source_name(q.source),
             "received_s": q.received_s + off, "answered_s": q.answered_s + off,
             "e2e_latency_ms": (q.answered_s - q.received_s) * 1e3,
             "queue_latency_ms": ((b.dispatched_s - b.created_s) * 1e3

@@ -13,7 +13,7 @@ import random
 import numpy as np
 import pytest
 
-from services.frontend.engine import BACKUP, ORIGINAL, RECONSTRUCTED
+from services.frontend.records import BACKUP, ORIGINAL, RECONSTRUCTED
 from tests.frontend.fakes import linear, settle
 from tests.frontend.test_engine import make_engine
 

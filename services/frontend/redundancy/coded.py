@@ -1,0 +1,224 @@
+"""``coded``: k data batches + 1 parity batch per group; subtraction decoding."""
+
+import logging
+import time
+
+import numpy as np
+
+from services.frontend.records import ORIGINAL, RECONSTRUCTED, Batch, Group
+from services.frontend.redundancy.replication import Replication
+
+log = logging.getLogger(__name__)
+
+
+class Coded(Replication):
+    """``coded``: k data batches + 1 parity batch per group; subtraction decoding.
+
+    Algorithm (see the engine docstring for the group invariants):
+    * ``on_batch``: the batch joins the forming group g as member i, gets id
+      g(k+1)+i, and is queued for data instances at once. The first member
+      starts the group timer. With k members the group is sealed: the parity
+      batch (row r encodes row r of each member) is encoded, serialised and
+      queued for parity instances. A group sealed by its timer with fewer than
+      k members is partial: it gets no parity batch.
+    * ``on_result`` (data): answers ``ORIGINAL``; the output is kept for
+      decoding; with all k outputs in, a still-queued parity batch is removed.
+      (parity): the parity output is kept. Either way, when exactly k-1 data
+      outputs and the parity output are in, the missing member is decoded,
+      removed from its queue if still queued, and its unanswered queries get
+      ``RECONSTRUCTED``. A late original is recorded against the reconstruction.
+    * ``on_failure``: an erasure. Decoding happens as soon as the group allows;
+      meanwhile a needed batch with no copy left is re-dispatched.
+
+    Args:
+        k: data batches per group.
+        coder: ``coding.LocalCoder`` / ``coding.RemoteCoder``.
+    """
+
+    mode = "coded"
+    roles = ("data", "parity")
+    pads_batches = True
+    coalescing = False      # a group's batches must stay on separate calls
+
+    def __init__(self, k, coder):
+        super().__init__()
+        if coder is None:
+            raise ValueError("coded mode needs a coder")
+        self.k = int(k)
+        self.coder = coder
+        self.current = None
+        self._group_ids = 0
+
+    # --- grouping
+    def on_batch(self, batch):
+        h = self.host
+        g = self.current
+        if g is None:
+            g = self.current = Group(self._group_ids, self.k, h.clock.now())
+            self._group_ids += 1
+            h.open_group(g)
+            g.timer = h.clock.call_later(h.group_timeout_s, self._expire, g)
+        i = len(g.members)
+        batch.group = g
+        batch.index = i
+        batch.group_id = g.group_id
+        batch.batch_id = g.group_id * (self.k + 1) + i
+        g.members.append(batch)
+        h.enqueue(batch)
+        if len(g.members) == self.k:
+            self._seal(g, full=True)
+
+    def _expire(self, g):
+        g.timer = None
+        if self.current is g:
+            self._seal(g, full=False)
+
+    def _seal(self, g, full):
+        h = self.host
+        if g.timer is not None:
+            g.timer.cancel()
+            g.timer = None
+        if self.current is g:
+            self.current = None
+        g.sealed = True
+        if not full:
+            h.counters["partial_groups"] += 1
+        elif h.has_role("parity") and any(m.needed() for m in g.members):
+            self._encode(g)
+        h.maybe_finish_group(g)
+
+    # --- encoding
+    def _encode(self, g):
+        h = self.host
+        coder = self.coder
+        t0 = time.perf_counter()        # ENCODING_LATENCY: gather + kernel + serialisation
+        inputs = [m.inputs for m in g.members]
+        nbytes = sum(x.nbytes for x in inputs)
+        if coder.inline(nbytes):
+            try:
+                parity_in = coder.encode_now(inputs)
+                parity = self._parity_batch(g, parity_in)
+            except Exception:  # noqa: BLE001 - a failed encode leaves the group uncoded
+                h.counters["encode_errors"] += 1
+                log.exception("encoding group %d failed", g.group_id)
+                return
+            self._encoded(g, parity, time.perf_counter() - t0)
+        else:
+            g.encoding = True
+            h.spawn(self._encode_async(g, inputs, t0))
+
+    async def _encode_async(self, g, inputs, t0):
+        h = self.host
+        try:
+            parity_in = await self.coder.encode(inputs)
+            parity = self._parity_batch(g, parity_in)
+        except Exception:  # noqa: BLE001 - a failed encode leaves the group uncoded
+            h.counters["encode_errors"] += 1
+            log.exception("encoding group %d failed", g.group_id)
+            g.encoding = False
+            h.maybe_finish_group(g)
+            return
+        g.encoding = False
+        self._encoded(g, parity, time.perf_counter() - t0)
+        h.maybe_finish_group(g)
+
+    def _parity_batch(self, g, parity_in):
+        parity = Batch(g.group_id * (self.k + 1) + self.k, "parity", [], np.asarray(parity_in),
+                       self.host.clock.now())
+        parity.group = g
+        parity.group_id = g.group_id
+        parity.index = self.k
+        self.host.prepare(parity)  # serialisation is part of the encode step
+        return parity
+
+    def _encoded(self, g, parity, seconds):
+        h = self.host
+        g.encode_us = seconds * 1e6
+        g.parity = parity
+        g.coded = True
+        h.counters["encodes"] += 1
+        h.observer.encoded(seconds)
+        if self.needed(parity):
+            h.enqueue(parity)
+
+    # --- replies
+    def on_result(self, batch, output, instance):
+        h = self.host
+        g = batch.group
+        if batch.role == "parity":
+            if g.parity_output is None:
+                batch.output = output
+                batch.answered_s = h.clock.now()
+                g.parity_output = output
+                self._try_decode(g)
+            return
+        if batch.output is not None:
+            return
+        batch.output = output
+        batch.answered_s = h.clock.now()
+        g.outputs[batch.index] = output
+        g.n_outputs += 1
+        answered = h.answer_batch(batch, output, ORIGINAL, instance.instance_id)
+        if batch.reconstruction is not None and answered < len(batch.queries):
+            h.late_original(batch, batch.reconstruction, batch.reconstructed_s)
+        if g.n_outputs == self.k and g.parity is not None:
+            h.remove_from_queue(g.parity)
+        self._try_decode(g)
+
+    def needed(self, batch):
+        if batch.role == "parity":
+            return any(m.output is None and m.needed() for m in batch.group.members)
+        return batch.needed()
+
+    # --- decoding
+    def _try_decode(self, g):
+        if (not g.coded or g.parity_output is None or g.n_outputs != self.k - 1
+                or g.missing is not None or g.decoding):
+            return
+        j = next(i for i, o in enumerate(g.outputs) if o is None)
+        if j >= len(g.members) or not g.members[j].needed():
+            return
+        t0 = time.perf_counter()        # DECODING_LATENCY: gather + kernel
+        available = [o for o in g.outputs if o is not None]
+        h = self.host
+        coder = self.coder
+        if coder.inline(g.parity_output.nbytes * self.k):
+            try:
+                rec = coder.decode_now(g.parity_output, available)
+            except Exception:  # noqa: BLE001 - a failed decode leaves re-dispatch to work
+                h.counters["decode_errors"] += 1
+                log.exception("decoding group %d failed", g.group_id)
+                return
+            self._decoded(g, j, rec, time.perf_counter() - t0)
+        else:
+            g.decoding = True
+            h.spawn(self._decode_async(g, j, available, t0))
+
+    async def _decode_async(self, g, j, available, t0):
+        h = self.host
+        try:
+            rec = await self.coder.decode(g.parity_output, available)
+        except Exception:  # noqa: BLE001 - a failed decode leaves re-dispatch to work
+            h.counters["decode_errors"] += 1
+            log.exception("decoding group %d failed", g.group_id)
+            g.decoding = False
+            h.maybe_finish_group(g)
+            return
+        g.decoding = False
+        self._decoded(g, j, rec, time.perf_counter() - t0)
+        h.maybe_finish_group(g)
+
+    def _decoded(self, g, j, rec, seconds):
+        h = self.host
+        g.decode_us = seconds * 1e6
+        h.counters["decodes"] += 1
+        h.observer.decoded(seconds)
+        member = g.members[j]
+        if member.output is not None:
+            return  # the original won the race with an off-loop decode
+        g.missing = j
+        member.reconstruction = rec
+        member.reconstructed_s = h.clock.now()
+        h.remove_from_queue(member)
+        if h.answer_batch(member, rec, RECONSTRUCTED):
+            h.counters["reconstructions"] += 1
