@@ -72,6 +72,7 @@ COUNTERS = (
     "groups_finished", "groups_abandoned", "encodes", "encode_errors", "decodes", "decode_errors",
     "reconstructions", "redispatches", "hedges", "removed_from_queue", "calls", "call_errors",
     "call_timeouts", "late_originals", "instances_joined", "instances_left",
+    "call_deadline_expired", "expired_forming", "skipped_unneeded", "dropped", "awaiting_decode",
 )
 
 
@@ -84,6 +85,7 @@ class NullObserver:
     def encoded(self, seconds): ...
     def decoded(self, seconds): ...
     def dispatched(self, batch, queue_s): ...
+    def call_failed(self, call, exc, timeout, health): ...
 
 
 class Engine:
@@ -150,6 +152,7 @@ class Engine:
         self.groups = {}                            # group_id -> Group (unfinished)
         self._qids = itertools.count()
         self._batch_ids = itertools.count()
+        self._seqs = itertools.count()             # formation order of data batches (age)
         self._tasks = set()
         self._gc_interval_s = gc_interval_s
         self.gc_horizon_s = (group_timeout_s + query_timeout_s
@@ -215,12 +218,12 @@ class Engine:
         self.by_role[inst.role].remove(inst)
         self.counters["instances_left"] += 1
         log.info("instance left (%s): %s %s", reason, inst.role, instance_id)
+        # Its queue moves first (by age), then its calls are erased (retried at the front).
+        self._requeue(self.queue.drain_instance(inst))
         for call in list(inst.calls):
             if call.task is not None:
                 call.task.cancel()
             self._end_call_failed(call, InstanceFailed(f"instance {instance_id} {reason}"), timeout=False)
-        for batch in self.queue.drain_instance(inst):
-            self.enqueue(batch, front=True)
         if not self.by_role[inst.role]:
             self._role_gone(inst.role)
             return
@@ -242,12 +245,22 @@ class Engine:
             log.debug("closing client of %s", inst.instance_id, exc_info=True)
 
     def _role_gone(self, role):
-        """No instance of ``role`` is left: fail (data) or drop (others) its queued batches."""
+        """No instance of ``role`` is left: its queued batches are dropped (the policy decides
+        what that means: a data batch fails UNAVAILABLE, a parity batch leaves its group uncoded)."""
         for batch in self.queue.drain_role(role):
-            if role == "data":
-                self._fail_batch(batch, NoInstance("no data instance is available"))
-            else:
-                self._after_batch_event(batch)
+            self._drop(batch, NoInstance(f"no {role} instance is available"))
+
+    def _requeue(self, batches):
+        """Pushes ``batches`` (a drained queue, oldest first) again, oldest first, each into
+        its new queue by age (so they are not served after younger batches, nor reversed)."""
+        for batch in batches:
+            self.enqueue(batch, where="age")
+
+    def _drop(self, batch, exc):
+        """``batch`` cannot be queued (no instance of its role, or shutting down)."""
+        self.counters["dropped"] += 1
+        self.policy.on_dropped(batch, exc)
+        self._after_batch_event(batch)
 
     def has_role(self, role):
         return bool(self.by_role[role])
@@ -380,6 +393,17 @@ class Engine:
 
     # ------------------------------------------------------------ batching
     def _on_batch_formed(self, queries):
+        # A query that expired or was abandoned while its batch was forming is left out;
+        # a batch with no live query is not formed at all (nothing to dispatch).
+        live = [q for q in queries if not q.done]
+        if len(live) < len(queries):
+            self.counters["expired_forming"] += len(queries) - len(live)
+            for q in queries:
+                if q.done:
+                    q.batch = None
+            queries = live
+            if not queries:
+                return
         n = len(queries)
         rows = self.batch_size if self.policy.pads_batches else n
         if n == 1 and rows == 1:
@@ -391,6 +415,7 @@ class Engine:
         for i, q in enumerate(queries):
             q.row = i
         batch = Batch(0, "data", queries, inputs, self.clock.now())
+        batch.seq = next(self._seqs)
         for q in queries:
             q.batch = batch
         self.counters["batches"] += 1
@@ -415,21 +440,35 @@ class Engine:
     def fail_batch(self, batch, exc):
         self._fail_batch(batch, exc)
 
+    def snapshot(self):
+        """Plain values of the engine's state (taken on the loop; safe to read from any thread)."""
+        by_role = self.by_role
+        return {
+            "counters": dict(self.counters),
+            "in_system": self.in_system,
+            "open_groups": len(self.groups),
+            "queue_depths": dict(self.queue.depths()),
+            "in_flight": {role: sum(i.in_flight for i in insts) for role, insts in by_role.items()},
+            "instances": {role: len(insts) for role, insts in by_role.items()},
+            "gauges": dict(self.policy.gauges()),
+        }
+
     # ------------------------------------------------------------ dispatch
-    def enqueue(self, batch, front=False):
+    def enqueue(self, batch, front=False, where=None):
         """Queues ``batch`` for its role and starts calls on free instances."""
         if batch.queue is not None:
             return
         if self._closed:
-            if batch.role != "parity":
-                self._fail_batch(batch, NoInstance("the frontend is shutting down"))
+            self._drop(batch, NoInstance("the frontend is shutting down"))
             return
         role = batch.role
         if not self.by_role[role]:
-            if role == "data":
-                self._fail_batch(batch, NoInstance("no data instance is available"))
+            self._drop(batch, NoInstance(f"no {role} instance is available"))
             return
-        if self.queue.push(batch, front, self.by_role[role]):
+        if not self.policy.needed(batch):
+            self._after_batch_event(batch)      # e.g. re-queued after its queries went
+            return
+        if self.queue.push(batch, front, self.by_role[role], where):
             self._pump(role)
 
     def remove_from_queue(self, batch):
@@ -449,26 +488,38 @@ class Engine:
         for j in range(n):
             inst = insts[(start + j) % n]
             while inst.in_flight < self.max_in_flight and now >= inst.down_until_s:
-                batch = self.queue.take(inst)
+                batch = self._take(inst)
                 if batch is None:
                     break
                 batches = [batch]
                 while len(batches) < self.max_coalesce:
-                    more = self.queue.take(inst)
+                    more = self._take(inst)
                     if more is None:
                         break
                     batches.append(more)
                 self._rotation[role] = (start + j + 1) % n
                 self._start_call(inst, batches)
 
+    def _take(self, inst):
+        """The next queued batch for ``inst`` that someone still needs; the others are dropped."""
+        while True:
+            batch = self.queue.take(inst)
+            if batch is None or self.policy.needed(batch):
+                return batch
+            self.counters["skipped_unneeded"] += 1
+            self._after_batch_event(batch)
+
     def _start_call(self, inst, batches):
         now = self.clock.now()
         timeout = self.instance_timeout_s
+        capped = False
         for batch in batches:
-            if batch.queries:
-                latest = max(q.deadline_s for q in batch.queries)
-                timeout = max(0.001, min(timeout, latest - now))
+            latest = self.policy.deadline_s(batch)
+            if latest is not None and latest - now < timeout:
+                timeout = max(0.001, latest - now)
+                capped = True
         call = Call(batches, inst, now)
+        call.capped = capped
         inst.in_flight += 1
         inst.calls.add(call)
         self.counters["calls"] += 1
@@ -520,6 +571,17 @@ class Engine:
             return
         if call.task is not None:
             call.task.cancel()
+        if call.capped:
+            # The call reached its queries' deadline, not the instance timeout: the
+            # queries end (DEADLINE_EXCEEDED), the instance's health is untouched.
+            now = self.clock.now()
+            for batch in call.batches:
+                for q in batch.queries:
+                    if not q.done and q.deadline_s <= now + 1e-3:
+                        self._deadline(q)
+            self._end_call_failed(call, DeadlineExceeded("instance call reached its queries' deadline"),
+                                  timeout=True, health=False)
+            return
         self._end_call_failed(call, DeadlineExceeded("instance call timed out"), timeout=True)
 
     def _end_call_ok(self, call, output):
@@ -545,20 +607,29 @@ class Engine:
         if not inst.removed:
             self._pump(inst.role)
 
-    def _end_call_failed(self, call, exc, *, timeout):
+    def _end_call_failed(self, call, exc, *, timeout, health=True):
+        """An erasure of every batch of ``call``. ``health``: the instance is to blame
+        (an error, its own timeout): it goes into backoff and its rr queue moves to the
+        live instances of its role, oldest first. A call that only reached its queries'
+        deadline (``health=False``) leaves the instance as it was."""
         if call.finished:
             return
         self._release_call(call)
         inst = call.instance
-        inst.errors += 1
-        self.counters["call_errors"] += 1
-        if timeout:
-            inst.timeouts += 1
-            self.counters["call_timeouts"] += 1
+        if health:
+            inst.errors += 1
+            self.counters["call_errors"] += 1
+            if timeout:
+                inst.timeouts += 1
+                self.counters["call_timeouts"] += 1
+        else:
+            self.counters["call_deadline_expired"] += 1
+        self.observer.call_failed(call, exc, timeout, health)
         log.debug("call of batch %d on %s failed: %r", call.unit.batch_id, inst.instance_id, exc)
-        if not inst.removed:
+        if health and not inst.removed:
             backoff = inst.mark_failed()
             self.clock.call_later(backoff, self._pump, inst.role)
+            self._requeue(self.queue.drain_instance(inst))
         for batch in reversed(call.batches):    # re-queued at the front: keep their order
             self.policy.on_failure(batch, inst, exc)
             self._after_batch_event(batch)
@@ -584,9 +655,10 @@ class Engine:
         self.enqueue(batch, front=True)
 
     def release(self, batch):
-        """A queued batch (or cheap-mode twin) that can no longer help is removed."""
-        for b in (batch, batch.twin):
-            if b is not None and b.queue is not None and not self.policy.needed(b):
+        """A queued batch related to ``batch`` (itself, its twin, its group) that can no
+        longer help is removed (only it)."""
+        for b in self.policy.related(batch):
+            if b.queue is not None and not self.policy.needed(b):
                 self.remove_from_queue(b)
         self._after_batch_event(batch)
 

@@ -80,7 +80,7 @@ class Batch:
     __slots__ = ("batch_id", "group_id", "role", "queries", "inputs", "rows", "group", "index",
                  "queue", "calls", "exclude", "attempts", "output", "created_s", "dispatched_s",
                  "answered_s", "reconstruction", "reconstructed_s", "twin", "hedge_handle",
-                 "wire", "closed", "encode_us")
+                 "wire", "closed", "encode_us", "error", "seq")
 
     def __init__(self, batch_id, role, queries, inputs, created_s):
         self.batch_id = batch_id
@@ -106,6 +106,8 @@ class Batch:
         self.wire = None
         self.closed = False
         self.encode_us = None
+        self.error = None       # the last erasure, kept while the batch waits for a decode
+        self.seq = 0            # formation order (age); twins and parity take their group's
 
     def needed(self):
         """True while some query of the batch still waits for an answer."""
@@ -131,7 +133,7 @@ class Coalesced:
 class Call:
     """One outstanding instance call (one batch, or several coalesced); ends exactly once."""
 
-    __slots__ = ("batches", "unit", "instance", "started_s", "timer", "task", "finished")
+    __slots__ = ("batches", "unit", "instance", "started_s", "timer", "task", "finished", "capped")
 
     def __init__(self, batches, instance, started_s):
         self.batches = batches
@@ -141,6 +143,7 @@ class Call:
         self.timer = None
         self.task = None
         self.finished = False
+        self.capped = False     # its timeout is its queries' deadline, not the instance timeout
 
 
 class Group:
@@ -148,7 +151,7 @@ class Group:
 
     __slots__ = ("group_id", "k", "members", "outputs", "n_outputs", "parity", "parity_output",
                  "sealed", "coded", "formed_s", "timer", "missing", "encode_us", "decode_us",
-                 "late", "finished", "encoding", "decoding")
+                 "late", "finished", "encoding", "decoding", "encode_failed")
 
     def __init__(self, group_id, k, formed_s):
         self.group_id = group_id
@@ -169,3 +172,4 @@ class Group:
         self.finished = False
         self.encoding = False
         self.decoding = False
+        self.encode_failed = False

@@ -15,7 +15,8 @@ class Cheap(Replication):
     answered). The other twin, if still queued, is removed (only it); if in
     flight it runs on, and a late original is recorded against the backup
     answer. Erasures are re-dispatched; a batch fails only when both twins
-    have exhausted their attempts.
+    have exhausted their attempts; when one twin is dropped (its last instance
+    left) while the other has spent its attempts, the queries fail at once.
     """
 
     mode = "cheap"
@@ -28,6 +29,7 @@ class Cheap(Replication):
         if h.has_role("backup") and batch.needed():
             twin = Batch(batch.batch_id, "backup", batch.queries, batch.inputs, batch.created_s)
             twin.wire = batch.wire
+            twin.seq = batch.seq
             twin.twin, batch.twin = batch, twin
             h.enqueue(twin)
 
@@ -45,3 +47,12 @@ class Cheap(Replication):
         if batch.role == "data" and not answered and twin.output is not None:
             h.late_original(batch, twin.output, twin.answered_s)
         h.release(twin)
+
+    def on_dropped(self, batch, exc):
+        twin = batch.twin
+        if batch.role == "data" or twin is None:
+            super().on_dropped(batch, exc)
+            return
+        # The backup twin cannot run: if the data twin has nothing left either, fail now.
+        if twin.needed() and not twin.calls and twin.queue is None and twin.output is None:
+            self.host.retry(twin, exc)

@@ -28,7 +28,18 @@ class Coded(Replication):
       removed from its queue if still queued, and its unanswered queries get
       ``RECONSTRUCTED``. A late original is recorded against the reconstruction.
     * ``on_failure``: an erasure. Decoding happens as soon as the group allows;
-      meanwhile a needed batch with no copy left is re-dispatched.
+      meanwhile a needed batch with no copy left is re-dispatched. A data batch
+      whose attempts are spent waits for its decode while the decode is still
+      possible (the parity and every other member answered or may answer),
+      bounded by its queries' deadlines; once it is not (the parity or a second
+      member is lost, the group sealed partial, the encode failed), it fails
+      UNAVAILABLE at once.
+    * ``needed``: a data batch is needed while one of its queries waits, or
+      while a sibling's decode may still need its output (so cancelling a
+      member's queries does not drop what its sibling needs). A parity batch
+      is needed while some member without an output has a waiting query.
+    * ``deadline_s``: a call of any batch of the group serves up to the latest
+      deadline of the group's queries.
 
     Args:
         k: data batches per group.
@@ -85,6 +96,7 @@ class Coded(Replication):
             h.counters["partial_groups"] += 1
         elif h.has_role("parity") and any(m.needed() for m in g.members):
             self._encode(g)
+        self._recheck(g)
         h.maybe_finish_group(g)
 
     # --- encoding
@@ -101,6 +113,7 @@ class Coded(Replication):
             except Exception:  # noqa: BLE001 - a failed encode leaves the group uncoded
                 h.counters["encode_errors"] += 1
                 log.exception("encoding group %d failed", g.group_id)
+                g.encode_failed = True
                 return
             self._encoded(g, parity, time.perf_counter() - t0)
         else:
@@ -116,10 +129,13 @@ class Coded(Replication):
             h.counters["encode_errors"] += 1
             log.exception("encoding group %d failed", g.group_id)
             g.encoding = False
+            g.encode_failed = True
+            self._recheck(g)
             h.maybe_finish_group(g)
             return
         g.encoding = False
         self._encoded(g, parity, time.perf_counter() - t0)
+        self._recheck(g)
         h.maybe_finish_group(g)
 
     def _parity_batch(self, g, parity_in):
@@ -128,6 +144,7 @@ class Coded(Replication):
         parity.group = g
         parity.group_id = g.group_id
         parity.index = self.k
+        parity.seq = g.members[-1].seq
         self.host.prepare(parity)  # serialisation is part of the encode step
         return parity
 
@@ -166,9 +183,80 @@ class Coded(Replication):
         self._try_decode(g)
 
     def needed(self, batch):
+        g = batch.group
         if batch.role == "parity":
-            return any(m.output is None and m.needed() for m in batch.group.members)
-        return batch.needed()
+            return any(m.output is None and m.needed() for m in g.members)
+        if batch.needed():
+            return True
+        # kept while a sibling's decode may still need this batch's output
+        return (g is not None and batch.output is None and g.missing is None and self._parity_possible(g)
+                and any(m is not batch and m.output is None and m.needed() for m in g.members))
+
+    def deadline_s(self, batch):
+        g = batch.group
+        if g is None:
+            return super().deadline_s(batch)
+        qs = [q for m in g.members for q in m.queries]
+        return max(q.deadline_s for q in qs) if qs else None
+
+    def related(self, batch):
+        g = batch.group
+        if g is None:
+            return (batch,)
+        return tuple(g.members) + ((g.parity,) if g.parity is not None else ())
+
+    def on_failure(self, batch, instance, exc):
+        g = batch.group
+        if batch.calls or batch.queue is not None:
+            return                              # another copy is on its way
+        if self.needed(batch):
+            if batch.attempts < self.host.max_attempts:
+                self.host.retry(batch, exc)
+                return
+            batch.error = exc
+            if batch.role == "data" and batch.needed() and self._decode_possible(g, batch):
+                self.host.counters["awaiting_decode"] += 1     # bounded by its deadlines
+            elif batch.role == "data":
+                self.host.retry(batch, exc)     # spent: fails UNAVAILABLE
+        self._recheck(g)
+
+    def on_dropped(self, batch, exc):
+        if batch.role == "data":
+            super().on_dropped(batch, exc)
+        batch.error = exc
+        self._recheck(batch.group)
+
+    # --- can a decode still happen?
+    @staticmethod
+    def _alive(b):
+        return b.output is not None or b.calls > 0 or b.queue is not None
+
+    def _parity_possible(self, g):
+        if not g.sealed:
+            return True                         # may still fill up and be encoded
+        if g.encoding:
+            return True
+        if g.parity_output is not None:
+            return True
+        return g.parity is not None and self._alive(g.parity)
+
+    def _decode_possible(self, g, member):
+        """Can ``member`` still be reconstructed (parity and every other member alive)?"""
+        if g is None or g.missing is not None or not self._parity_possible(g):
+            return False
+        if g.sealed and len(g.members) < self.k:
+            return False
+        return all(self._alive(m) for m in g.members if m is not member)
+
+    def _recheck(self, g):
+        """Fails the spent members of ``g`` whose decode is no longer possible."""
+        if g is None:
+            return
+        for m in g.members:
+            if (m.output is None and m.error is not None and m.needed() and not m.calls
+                    and m.queue is None and m.attempts >= self.host.max_attempts
+                    and not self._decode_possible(g, m)):
+                self.host.retry(m, m.error)     # attempts spent: fails UNAVAILABLE
 
     # --- decoding
     def _try_decode(self, g):

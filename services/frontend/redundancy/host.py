@@ -111,8 +111,20 @@ class RedundancyPolicy(Protocol):
     def on_call_done(self, role: str, seconds: float) -> None:
         """A call of ``role`` answered after ``seconds`` (once per call)."""
 
+    def on_dropped(self, batch, exc: BaseException) -> None:
+        """``batch`` cannot be queued: no instance of its role is left, or the
+        frontend is shutting down (``exc`` says which)."""
+
     def needed(self, batch) -> bool:
-        """May a queued ``batch`` still help? (the engine unqueues it when not)."""
+        """May ``batch`` still help? A queued batch that is not is unqueued, and one
+        taken from a queue is dropped instead of dispatched."""
+
+    def deadline_s(self, batch) -> float | None:
+        """The latest deadline a call of ``batch`` can still serve (None: no cap); a
+        call is capped by it, and reaching it ends the call without blaming the instance."""
+
+    def related(self, batch) -> tuple:
+        """``batch`` and the batches whose usefulness changes with it (twin, group)."""
 
     def gauges(self) -> dict:
         """Policy state worth exporting (name -> float), e.g. the hedge delay."""

@@ -47,11 +47,22 @@ class Replication:
         if self.needed(batch) and not batch.calls and batch.queue is None:
             self.host.retry(batch, exc)
 
+    def on_dropped(self, batch, exc):
+        if batch.role == "data":
+            self.host.fail_batch(batch, exc)
+
     def on_call_done(self, role, seconds):
         pass
 
     def needed(self, batch):
         return batch.needed()
+
+    def deadline_s(self, batch):
+        qs = batch.queries
+        return max(q.deadline_s for q in qs) if qs else None
+
+    def related(self, batch):
+        return (batch,) if batch.twin is None else (batch, batch.twin)
 
     def gauges(self):
         return {}
