@@ -120,6 +120,45 @@ def build_parser():
     return p
 
 
+def check_models(mode, base, parity, backup, encoder, k):
+    """Refuses a deployment whose models do not fit together; ConfigError naming the mismatch.
+
+    A parity model must have been trained for this base model, with this
+    encoder (a parity model trained for ``sum`` fed ``concat`` parities serves
+    wrong reconstructions without any error), and give outputs of the base
+    model's shape (the decoder subtracts them). A backup model answers in the
+    base model's place, so its output shape must match too. In coded mode the
+    ``concat`` encoder needs per-example inputs (C, H, W) it can tile: k = 2
+    halves the width (W even), k = 4 both sides (H and W even).
+    """
+    if parity is not None:
+        if parity.base_model and parity.base_model != base.name:
+            raise ConfigError(f"--parity-model {parity.name!r} was trained for base model "
+                              f"{parity.base_model!r}, not {base.name!r}")
+        if tuple(parity.output_shape) != tuple(base.output_shape):
+            raise ConfigError(f"--parity-model {parity.name!r} outputs shape {list(parity.output_shape)}, "
+                              f"but the base model {base.name!r} outputs {list(base.output_shape)}")
+        if parity.encoder and encoder != parity.encoder:
+            raise ConfigError(f"--encoder {encoder} differs from the encoder the parity model "
+                              f"{parity.name!r} was trained with ({parity.encoder})")
+    if backup is not None and tuple(backup.output_shape) != tuple(base.output_shape):
+        raise ConfigError(f"--backup-model {backup.name!r} outputs shape {list(backup.output_shape)}, "
+                          f"but the base model {base.name!r} outputs {list(base.output_shape)}")
+    if encoder == "concat":
+        if k not in (2, 4):
+            raise ConfigError(f"the concat encoder needs k in (2, 4), got {k}")
+        shape = tuple(base.input_shape)
+        if mode == "coded":
+            if len(shape) != 3:
+                raise ConfigError(f"the concat encoder needs per-example inputs (C, H, W); model "
+                                  f"{base.name!r} takes {list(shape)} (use --encoder sum)")
+            _, h, w = shape
+            if w % 2 or (k == 4 and h % 2):
+                need = "an even width" if k == 2 else "an even height and width"
+                raise ConfigError(f"the concat encoder with k={k} needs {need}; model {base.name!r} "
+                                  f"takes {list(shape)} (use --encoder sum)")
+
+
 def parse_config(argv):
     """Parses and checks flags; raises ConfigError with a one-line message."""
     a = build_parser().parse_args(argv)
@@ -135,8 +174,7 @@ def parse_config(argv):
     if parity is not None and parity.k != k:
         raise ConfigError(f"--k {k} differs from the parity model's k {parity.k}")
     encoder = a.encoder or (parity.encoder if parity else "sum")
-    if encoder == "concat" and k not in (2, 4):
-        raise ConfigError(f"the concat encoder needs k in (2, 4), got {k}")
+    check_models(a.mode, base, parity, backup, encoder, k)
     if a.max_coalesce > 1 and a.mode == "coded":
         raise ConfigError("--max-coalesce > 1 is not available in coded mode")
     for name in ("batch_size", "max_in_system", "max_in_flight", "max_coalesce", "max_attempts",
