@@ -229,7 +229,8 @@ def load_frontend_records(path):
         ``latency_us``, ``status`` ("OK" when absent), ``source`` (lower
         case), ``batch_id``, ``group_id``. Group: ``group_id``,
         ``encode_us`` and ``decode_us`` (None when absent, e.g. a group that
-        needed no decoding), ``missing`` (the reconstructed member or None).
+        needed no decoding), ``missing`` (the reconstructed member or None),
+        ``full`` (False for a group sealed partial, None when not recorded).
     """
     path = pathlib.Path(path)
     files = sorted(p for p in path.iterdir() if p.suffix in (".jsonl", ".json", ".csv")) \
@@ -244,11 +245,15 @@ def load_frontend_records(path):
             dec = _duration_us(row, ("decode", "decoding"))
             if kind == "group" or (kind is None and (enc is not None or dec is not None)):
                 missing = row.get("missing_index", row.get("missing", row.get("missing_member")))
+                full = row.get("full")
+                if isinstance(full, str):
+                    full = {"true": True, "false": False}.get(full.strip().lower())
                 groups.append({
                     "group_id": row.get("group_id"),
                     "encode_us": enc,
                     "decode_us": dec,
                     "missing": None if missing in ("", None) else missing,
+                    "full": full,
                 })
                 continue
             if kind not in (None, "query"):
@@ -266,14 +271,25 @@ def load_frontend_records(path):
     return queries, groups
 
 
+def partial_groups(groups):
+    """``{num, sealed_partial, share}`` of coding groups: how many were sealed with
+    fewer than k batches (no parity, so unprotected); None values without groups."""
+    known = [g for g in groups if g.get("full") is not None]
+    partial = sum(1 for g in known if g["full"] is False)
+    return {"num": len(known), "sealed_partial": partial,
+            "share": partial / len(known) if known else None}
+
+
 def frontend_summary(queries, groups):
     """Latency rows of the frontend's records: ``frontend_latency_ms``
     (answered queries), ``encoding_latency_us`` (groups with an encoding
-    duration), ``decoding_latency_us`` (groups that were decoded)."""
+    duration), ``decoding_latency_us`` (groups that were decoded); and
+    ``groups`` (``partial_groups``)."""
     return {
         "frontend_latency_ms": latency_row([q["latency_us"] / 1e3 for q in queries if q["status"] == "OK"]),
         "encoding_latency_us": latency_row([g["encode_us"] for g in groups if g["encode_us"] is not None]),
         "decoding_latency_us": latency_row([g["decode_us"] for g in groups if g["decode_us"] is not None]),
+        "groups": partial_groups(groups),
     }
 
 
@@ -286,8 +302,12 @@ def frontend_tables(queries, groups):
     """Text of the frontend's latency (ms) and coding (us) tables, from
     ``frontend_summary``; empty tables are left out."""
     rows = frontend_summary(queries, groups)
-    return "\n\n".join(format_table(title, rows[key]) for key, title in _FRONTEND_TITLES
-                        if rows[key]["num"])
+    parts = [format_table(title, rows[key]) for key, title in _FRONTEND_TITLES if rows[key]["num"]]
+    g = rows["groups"]
+    if g["num"]:
+        parts.append(f"GROUPS SEALED PARTIAL (fewer than k batches: no parity, unprotected): "
+                     f"{g['sealed_partial']} of {g['num']} ({g['share'] * 100:.1f} %)")
+    return "\n\n".join(parts)
 
 
 class _Parser(argparse.ArgumentParser):

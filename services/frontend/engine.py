@@ -511,11 +511,13 @@ class Engine:
 
     def _start_call(self, inst, batches):
         now = self.clock.now()
+        # The call serves until the latest deadline any of its batches can still serve.
         timeout = self.instance_timeout_s
         capped = False
-        for batch in batches:
-            latest = self.policy.deadline_s(batch)
-            if latest is not None and latest - now < timeout:
+        deadlines = [self.policy.deadline_s(batch) for batch in batches]
+        if None not in deadlines:
+            latest = max(deadlines)
+            if latest - now < timeout:
                 timeout = max(0.001, latest - now)
                 capped = True
         call = Call(batches, inst, now)
@@ -577,7 +579,7 @@ class Engine:
             now = self.clock.now()
             for batch in call.batches:
                 for q in batch.queries:
-                    if not q.done and q.deadline_s <= now + 1e-3:
+                    if not q.done and q.deadline_s <= now:
                         self._deadline(q)
             self._end_call_failed(call, DeadlineExceeded("instance call reached its queries' deadline"),
                                   timeout=True, health=False)

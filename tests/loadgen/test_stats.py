@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from loadgen.records import SOURCE_NAMES, Record, read_csv, write_csv
-from loadgen.stats import (format_table, frontend_tables, latency_row, load_frontend_records,
+from loadgen.stats import (format_table, frontend_summary, frontend_tables, latency_row, load_frontend_records,
                            percentile, summarize)
 from parm.v1 import frontend_pb2
 
@@ -127,6 +127,19 @@ def test_frontend_record_adapter_reads_the_frontends_records_dir(tmp_path):
     assert "FRONTEND_LATENCY (ms)\nNUM   MED   MEAN  P99     P99.5   P99.9\n1     6.70" in text
     assert "ENCODING_LATENCY (us)\nNUM   MED   MEAN  P99     P99.5   P99.9\n2     19.20" in text
     assert "DECODING_LATENCY (us)\nNUM   MED   MEAN  P99     P99.5   P99.9\n1     9.10" in text
+    assert "GROUPS SEALED PARTIAL (fewer than k batches: no parity, unprotected): 0 of 2 (0.0 %)" in text
+
+
+def test_frontend_records_count_groups_sealed_partial(tmp_path):
+    rows = [{"type": "group", "group_id": i, "k": 2, "full": i % 4 != 0, "coded": i % 4 != 0,
+             "encoding_latency_us": 10.0 if i % 4 else None} for i in range(8)]
+    (tmp_path / "groups.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    (tmp_path / "g.csv").write_text("group_id,full,encode_latency_us\n9,False,4\n10,true,3\n")
+    queries, groups = load_frontend_records(tmp_path)
+    summary = frontend_summary(queries, groups)
+    assert summary["groups"] == {"num": 10, "sealed_partial": 3, "share": 0.3}
+    assert "GROUPS SEALED PARTIAL (fewer than k batches: no parity, unprotected): 3 of 10 (30.0 %)" in \
+        frontend_tables(queries, groups)
 
 
 from hypothesis import given, settings
