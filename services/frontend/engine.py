@@ -18,15 +18,28 @@ Concurrency model and invariants
   ``Call`` objects, each owning one slot of one instance). A batch may be both
   queued and in flight (a hedged copy, a re-dispatch after a timeout). A
   batch leaves a queue by being taken by an instance or by ``remove`` of
-  exactly that batch; never by range.
+  exactly that batch; never by range. A query that is done before its batch
+  forms leaves it; a batch with no live query is never formed.
+* What cancels what: a query's end (answer, deadline, abandon) calls
+  ``release`` on its batch, which unqueues every *related* batch (itself, its
+  twin, its group's members and parity: ``policy.related``) that the policy
+  no longer calls ``needed``. A batch taken from a queue that is not needed
+  is dropped, not dispatched; a batch that is not needed is not queued again
+  (retries, instances leaving). A call is never cancelled because its queries
+  ended: it runs to its reply or its timeout, so a late original can still be
+  recorded.
 * A call carries one batch, or with ``max_coalesce`` > 1 (not in coded mode)
   several batches of one role taken from the queue together by one free
   instance (dynamic batching under load); its reply is split back by rows in
   the order taken, and an error or timeout is an erasure of every batch in it.
 * A call ends exactly once (``Call.finished``): by its reply, its error, its
   timeout timer, or its instance leaving. The end releases the instance slot
-  and pumps the instance's queue. Every call has a timeout (the instance
-  timeout, capped by the latest client deadline among its queries).
+  and pumps the instance's queue. Every call has a timeout: the instance
+  timeout, capped (``Call.capped``) by the latest deadline its batches can
+  still serve (``policy.deadline_s``). Health: an error or the instance
+  timeout is the instance's fault (backoff; in ``rr`` its queue moves to the
+  live instances, oldest first); reaching the cap is the client's deadline,
+  which ends the queries and leaves the instance's health untouched.
 * Coding groups (coded mode): group g holds data batch ids g(k+1)..g(k+1)+k-1
   and parity id g(k+1)+k. A group is *sealed* when it has k data batches (then
   its parity batch is encoded and queued) or when its formation timer fires
@@ -34,11 +47,14 @@ Concurrency model and invariants
   and erasures are re-dispatched). When k of the k+1 batches have an original
   output and the missing one is data, the missing one is decoded at once and
   removed from its queue if still queued (only it). When all k data outputs are
-  in, a still-queued parity batch is removed. A group is *finished* when it is
-  sealed, every member and the parity are neither queued nor in flight, and
-  every query is done; then its record is written and it is dropped. A sweep
-  every ``gc_interval_s`` drops groups older than ``gc_horizon_s`` as
-  abandoned, so no group outlives its timeouts.
+  in, a still-queued parity batch is removed. A data batch with spent attempts
+  waits for its decode while the decode is still possible, else fails. A
+  group is *finished* when it is sealed, every member and the parity are
+  neither queued nor in flight, and every query is done; then its record is
+  written and it is dropped. Since nothing unneeded is dispatched and every
+  call is capped, a group outlives its last query by at most one instance
+  timeout. A sweep every ``gc_interval_s`` drops groups older than
+  ``gc_horizon_s`` as abandoned, as a backstop.
 * The policy boundary: the engine owns queries, batches, calls, instances and
   the group table; the redundancy policy (injected, ``redundancy/``) decides
   what a formed batch becomes and what a reply or an erasure means, and acts
