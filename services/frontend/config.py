@@ -8,7 +8,7 @@ from services.common import manifest as manifest_mod
 from services.common import tls as tls_mod
 from services.common.registry import url_with_env_password
 from services.common.server import MAX_MESSAGE_BYTES
-from services.frontend.redundancy import MODES
+from services.frontend.redundancy import DECODE_POLICIES, MODES
 from services.frontend.instances import parse_static_instances
 
 
@@ -59,6 +59,11 @@ class Config:
     max_message_bytes: int = MAX_MESSAGE_BYTES
     coder_fallback: str = "local"
     tls: tls_mod.TlsConfig = tls_mod.PLAINTEXT
+    decode_policy: str = "late"
+    late_quantile: float = 0.95
+    late_initial_ms: float = 50.0
+    late_window: int = 1000
+    late_deadline_margin_ms: float = 2.0
 
 
 def build_parser():
@@ -106,6 +111,20 @@ def build_parser():
                    help="hedged mode: delay before the second copy (default: recent p95 of instance latency)")
     p.add_argument("--hedge-initial-delay-ms", type=float, default=50.0,
                    help="hedged mode: delay used until enough latencies are known, ms")
+    p.add_argument("--decode-policy", choices=DECODE_POLICIES, default="late",
+                   help="coded and cheap mode: when a reconstruction (or backup answer) may answer for a "
+                        "data batch: at once (immediate, the paper's rule), or only once the batch is late "
+                        "(late: formed longer ago than --late-quantile of recent data-batch latencies; "
+                        "an original arriving first answers instead)")
+    p.add_argument("--late-quantile", type=float, default=0.95,
+                   help="late policy: the quantile of recent formed-to-answered data-batch latencies "
+                        "that makes a batch late, in (0, 1]")
+    p.add_argument("--late-initial-ms", type=float, default=50.0,
+                   help="late policy: the lateness threshold until 20 latencies are known, ms")
+    p.add_argument("--late-window", type=int, default=1000,
+                   help="late policy: how many recent data-batch latencies the quantile is taken over")
+    p.add_argument("--late-deadline-margin-ms", type=float, default=2.0,
+                   help="late policy: a held reconstruction answers this long before a query's deadline, ms")
     p.add_argument("--host", default="0.0.0.0", help="address to bind")
     p.add_argument("--port", type=int, default=0, help="gRPC port (0 = a free port)")
     p.add_argument("--ready-file", default=None, help="write {port, pid, metrics_port} JSON here once serving")
@@ -184,6 +203,12 @@ def parse_config(argv):
     for name in ("batch_timeout_ms", "group_timeout_ms", "instance_timeout_ms", "query_timeout_ms"):
         if getattr(a, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be > 0")
+    if not 0.0 < a.late_quantile <= 1.0:
+        raise ConfigError(f"--late-quantile must be in (0, 1], got {a.late_quantile}")
+    if a.late_window < 1:
+        raise ConfigError("--late-window must be >= 1")
+    if a.late_initial_ms < 0 or a.late_deadline_margin_ms < 0:
+        raise ConfigError("--late-initial-ms and --late-deadline-margin-ms must be >= 0")
     if a.max_message_bytes < 1024:
         raise ConfigError("--max-message-bytes must be >= 1024")
     try:
@@ -211,7 +236,9 @@ def parse_config(argv):
         hedge_delay_ms=a.hedge_delay_ms, hedge_initial_delay_ms=a.hedge_initial_delay_ms,
         host=a.host, port=a.port, ready_file=a.ready_file, metrics_port=a.metrics_port,
         records_dir=a.records_dir, grace_s=a.grace_s, log_level=a.log_level,
-        max_message_bytes=a.max_message_bytes, tls=tls, coder_fallback=a.coder_fallback)
+        max_message_bytes=a.max_message_bytes, tls=tls, coder_fallback=a.coder_fallback,
+        decode_policy=a.decode_policy, late_quantile=a.late_quantile, late_initial_ms=a.late_initial_ms,
+        late_window=a.late_window, late_deadline_margin_ms=a.late_deadline_margin_ms)
 
 
 def parse_or_exit(argv):

@@ -89,6 +89,7 @@ COUNTERS = (
     "reconstructions", "redispatches", "hedges", "removed_from_queue", "calls", "call_errors",
     "call_timeouts", "late_originals", "instances_joined", "instances_left",
     "call_deadline_expired", "expired_forming", "skipped_unneeded", "dropped", "awaiting_decode",
+    "held_for_lateness", "substitutes_discarded",
 )
 
 
@@ -363,10 +364,11 @@ class Engine:
             q.deadline_handle = None
         return True
 
-    def _answer(self, q, output, source, batch, instance_id=""):
+    def _answer(self, q, output, source, batch, instance_id="", waited_s=None):
         if not self._finish_query(q, "OK"):
             return False
         q.source = source
+        q.lateness_wait_s = waited_s
         q.instance_id = instance_id
         c = self.counters
         c["answered"] += 1
@@ -392,12 +394,12 @@ class Engine:
         self.observer.query_done(q, q.batch, q.batch.group_id if q.batch else 0)
         return True
 
-    def answer_batch(self, batch, output, source, instance_id=""):
+    def answer_batch(self, batch, output, source, instance_id="", waited_s=None):
         """Answers every not-yet-done query of ``batch`` from ``output`` rows."""
         n = 0
         for q in batch.queries:
             if not q.done:
-                self._answer(q, output[q.row], source, batch, instance_id)
+                self._answer(q, output[q.row], source, batch, instance_id, waited_s)
                 n += 1
         return n
 

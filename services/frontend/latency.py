@@ -25,7 +25,7 @@ class LatencyWindow:
     def add(self, value_s):
         self._values.append(value_s)
         self._count += 1
-        if self._count % self._every == 0 or (self._value is None and len(self._values) >= self._min):
+        if len(self._values) >= self._min and (self._value is None or self._count % self._every == 0):
             self._value = float(np.quantile(np.fromiter(self._values, float), self.quantile))
 
     def value(self):

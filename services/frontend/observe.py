@@ -103,8 +103,9 @@ class _EngineCollector:
         for role, n in snap["instances"].items():
             inst.add_metric([role], n)
         yield inst
-        for name, value in snap["gauges"].items():
-            yield GaugeMetricFamily(f"parm_frontend_{name}", f"redundancy policy: {name}", value=value)
+        for name, value in snap["gauges"].items():      # seconds: *_s -> *_seconds
+            metric = name[:-2] + "_seconds" if name.endswith("_s") else name
+            yield GaugeMetricFamily(f"parm_frontend_{metric}", f"redundancy policy: {name}", value=value)
         c = CounterMetricFamily("parm_frontend_events", "engine event counters", labels=["event"])
         for name, value in counters.items():
             c.add_metric([name], value)
@@ -206,6 +207,7 @@ class Records(NullObserver):
                                  if b is not None and b.dispatched_s is not None else None),
             "batch_wait_ms": (b.created_s - q.received_s) * 1e3 if b is not None else None,
             "instance_id": q.instance_id, "attempts": b.attempts if b is not None else 0,
+            "lateness_wait_ms": q.lateness_wait_s * 1e3 if q.lateness_wait_s is not None else None,
         }
         self._queries.write(self._dumps(rec) + "\n")
 
@@ -218,6 +220,8 @@ class Records(NullObserver):
             "parity_batch_id": g.parity.batch_id if g.parity is not None else None,
             "encoding_latency_us": g.encode_us, "decoding_latency_us": g.decode_us,
             "missing_index": g.missing,
+            "decoded_index": g.decoded,
+            "late_threshold_ms": g.late_threshold_s * 1e3 if g.late_threshold_s is not None else None,
             "missing_batch_id": g.members[g.missing].batch_id if g.missing is not None else None,
             "parity_answered": g.parity_output is not None,
             "originals_answered": g.n_outputs,

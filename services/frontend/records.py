@@ -36,7 +36,7 @@ class Query:
 
     __slots__ = ("qid", "request_id", "input", "received_s", "received_wall_s", "deadline_s",
                  "future", "done", "batch", "row", "source", "answered_s", "deadline_handle",
-                 "instance_id", "status")
+                 "instance_id", "status", "lateness_wait_s")
 
     def __init__(self, qid, request_id, array, received_s, deadline_s, future):
         self.qid = qid
@@ -54,6 +54,7 @@ class Query:
         self.deadline_handle = None
         self.instance_id = ""
         self.status = ""
+        self.lateness_wait_s = None  # a substitute's wait for its original to be late
 
 
 class Answer:
@@ -80,7 +81,7 @@ class Batch:
     __slots__ = ("batch_id", "group_id", "role", "queries", "inputs", "rows", "group", "index",
                  "queue", "calls", "exclude", "attempts", "output", "created_s", "dispatched_s",
                  "answered_s", "reconstruction", "reconstructed_s", "twin", "hedge_handle",
-                 "wire", "closed", "encode_us", "error", "seq")
+                 "wire", "closed", "encode_us", "error", "seq", "held", "hold_handle")
 
     def __init__(self, batch_id, role, queries, inputs, created_s):
         self.batch_id = batch_id
@@ -108,6 +109,8 @@ class Batch:
         self.encode_us = None
         self.error = None       # the last erasure, kept while the batch waits for a decode
         self.seq = 0            # formation order (age); twins and parity take their group's
+        self.held = None        # a substitute waiting for this data batch to be late (lateness.py)
+        self.hold_handle = None
 
     def needed(self):
         """True while some query of the batch still waits for an answer."""
@@ -151,7 +154,8 @@ class Group:
 
     __slots__ = ("group_id", "k", "members", "outputs", "n_outputs", "parity", "parity_output",
                  "sealed", "coded", "formed_s", "timer", "missing", "encode_us", "decode_us",
-                 "late", "finished", "encoding", "decoding", "encode_failed")
+                 "late", "finished", "encoding", "decoding", "encode_failed", "decoded",
+                 "late_threshold_s")
 
     def __init__(self, group_id, k, formed_s):
         self.group_id = group_id
@@ -173,3 +177,5 @@ class Group:
         self.encoding = False
         self.decoding = False
         self.encode_failed = False
+        self.decoded = None         # the member decoded (its reconstruction may still be held)
+        self.late_threshold_s = None    # the lateness threshold when the group was decoded/sealed

@@ -14,20 +14,24 @@ from services.frontend.coding import LocalCoder
 from services.frontend.engine import Engine
 from services.frontend.queues import make_queue_policy
 from services.frontend.records import BACKUP, ORIGINAL, RECONSTRUCTED
-from services.frontend.redundancy import make_policy
+from services.frontend.redundancy import Lateness, make_policy
 from tests.frontend.fakes import FakeFleet, base_manifest, linear, settle
 
 pytestmark = pytest.mark.timeout(30)
 
 
 def make_engine(mode="none", queue_mode="single_queue", *, data=2, parity=0, backup=0, modes=None,
-                fns=None, k=2, coder=None, hedge_delay_s=None, hedge_initial_delay_s=0.05, **kw):
+                fns=None, k=2, coder=None, hedge_delay_s=None, hedge_initial_delay_s=0.05,
+                decode_policy="immediate", lateness=None, **kw):
+    """An engine over fakes and a ManualClock. The decode policy defaults to
+    ``immediate`` here, so the tests written for the paper's rule run it unchanged."""
     clock = ManualClock()
     fleet = FakeFleet(modes=modes, fns=fns)
     if coder is None and mode == "coded":
         coder = LocalCoder("sum")
     policy = make_policy(mode, k=k, coder=coder, hedge_delay_s=hedge_delay_s,
-                         hedge_initial_delay_s=hedge_initial_delay_s)
+                         hedge_initial_delay_s=hedge_initial_delay_s,
+                         lateness=lateness or Lateness(decode_policy))
     kw.setdefault("gc_interval_s", 0)
     e = Engine(base=base_manifest(), policy=policy, queue=make_queue_policy(queue_mode), clock=clock,
                client_factory=fleet, **kw)
@@ -525,7 +529,8 @@ async def test_coded_through_the_executor_path():
     clock = ManualClock()
     fleet = FakeFleet()
     e = Engine(base=base_manifest(), policy=make_policy("coded", k=2, coder=LocalCoder(
-        "sum", executor=pool, inline_max_bytes=0)), queue=SingleQueue(), clock=clock, client_factory=fleet,
+        "sum", executor=pool, inline_max_bytes=0), lateness=Lateness("immediate")), queue=SingleQueue(),
+        clock=clock, client_factory=fleet,
         gc_interval_s=0)
     for name, role in (("d0", "data"), ("d1", "data"), ("p0", "parity")):
         e.add_instance(name, f"{name}:1", role)

@@ -1,10 +1,11 @@
 """Randomised event sequences against the engine's invariants (docstring of engine.py).
 
-Each seed drives one mode and queue mode through a random mix of arrivals,
-replies, failures, hangs, joins and leaves (the last parity or backup
-instance included), client cancellations and clock advances (which fire
-batch/group/hedge/call/query timers), with deadlines from near zero to
-seconds and ``max_attempts`` down to 1; then lets everything time out.
+Each seed drives one mode, queue mode and decode policy (``immediate``,
+``late``) through a random mix of arrivals, replies, failures, hangs, joins
+and leaves (the last parity or backup instance included), client
+cancellations and clock advances (which fire batch/group/hedge/lateness/
+call/query timers), with deadlines from near zero to seconds and
+``max_attempts`` down to 1; then lets everything time out.
 Afterwards:
 
 * every admitted query is done exactly once (one record), nothing is in the
@@ -60,12 +61,13 @@ def scenario(seed):
     rng = random.Random(seed)
     mode = MODES[seed % len(MODES)]
     queue_mode = ["single_queue", "rr"][(seed // len(MODES)) % 2]
-    return rng, mode, queue_mode
+    decode_policy = ["immediate", "late"][(seed // (2 * len(MODES))) % 2]
+    return rng, mode, queue_mode, decode_policy
 
 
 @pytest.mark.parametrize("seed", range(int(os.environ.get("PARM_INVARIANT_SEEDS", "32"))))
 async def test_random_events_keep_the_invariants(seed):
-    rng, mode, queue_mode = scenario(seed)
+    rng, mode, queue_mode, decode_policy = scenario(seed)
     k = rng.choice([2, 3])
     batch_size = rng.choice([1, 1, 2, 3])
     kw = dict(k=k, batch_size=batch_size, batch_timeout_s=0.005, group_timeout_s=0.05,
@@ -86,6 +88,7 @@ async def test_random_events_keep_the_invariants(seed):
 
     e, clock, fleet = make_engine(mode, queue_mode, data=n_data, parity=1 if mode == "coded" else 0,
                                   backup=1 if mode == "cheap" else 0, fns=fns, modes=modes,
+                                  decode_policy=decode_policy,
                                   observer=_LazyRecorder(clock_box), **kw)
     rec = Recorder(clock)
     clock_box["rec"] = rec

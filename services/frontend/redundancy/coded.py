@@ -6,6 +6,7 @@ import time
 import numpy as np
 
 from services.frontend.records import ORIGINAL, RECONSTRUCTED, Batch, Group
+from services.frontend.redundancy.lateness import Lateness
 from services.frontend.redundancy.replication import Replication
 
 log = logging.getLogger(__name__)
@@ -24,9 +25,17 @@ class Coded(Replication):
     * ``on_result`` (data): answers ``ORIGINAL``; the output is kept for
       decoding; with all k outputs in, a still-queued parity batch is removed.
       (parity): the parity output is kept. Either way, when exactly k-1 data
-      outputs and the parity output are in, the missing member is decoded,
-      removed from its queue if still queued, and its unanswered queries get
-      ``RECONSTRUCTED``. A late original is recorded against the reconstruction.
+      outputs and the parity output are in, the missing member is decoded at
+      once (it is cheap), and the reconstruction is offered to the decode
+      policy (``lateness.Lateness``): ``immediate`` answers at once (the
+      paper); ``late`` holds it until the member is late (formed longer ago
+      than the adaptive threshold), or just before a waiting query's deadline,
+      or until the member's original can no longer arrive. When it answers,
+      the member is removed from its queue if still queued (only it) and its
+      unanswered queries get ``RECONSTRUCTED``. If the original arrives while
+      the reconstruction is held, the original answers and the reconstruction
+      is discarded; an original arriving after the reconstruction answered is
+      recorded against it (``late_original``).
     * ``on_failure``: an erasure. Decoding happens as soon as the group allows;
       meanwhile a needed batch with no copy left is re-dispatched. A data batch
       whose attempts are spent waits for its decode while the decode is still
@@ -44,6 +53,7 @@ class Coded(Replication):
     Args:
         k: data batches per group.
         coder: ``coding.LocalCoder`` / ``coding.RemoteCoder``.
+        lateness: the decode policy (``lateness.Lateness``; default ``late``).
     """
 
     mode = "coded"
@@ -51,14 +61,22 @@ class Coded(Replication):
     pads_batches = True
     coalescing = False      # a group's batches must stay on separate calls
 
-    def __init__(self, k, coder):
+    def __init__(self, k, coder, lateness=None):
         super().__init__()
         if coder is None:
             raise ValueError("coded mode needs a coder")
         self.k = int(k)
         self.coder = coder
+        self.lateness = lateness if lateness is not None else Lateness()
         self.current = None
         self._group_ids = 0
+
+    def attach(self, host):
+        super().attach(host)
+        self.lateness.attach(host)
+
+    def gauges(self):
+        return self.lateness.gauges()
 
     # --- grouping
     def on_batch(self, batch):
@@ -92,6 +110,7 @@ class Coded(Replication):
         if self.current is g:
             self.current = None
         g.sealed = True
+        g.late_threshold_s = self.lateness.threshold_s()
         if not full:
             h.counters["partial_groups"] += 1
         elif h.has_role("parity") and any(m.needed() for m in g.members):
@@ -171,12 +190,15 @@ class Coded(Replication):
             return
         if batch.output is not None:
             return
+        now = h.clock.now()
         batch.output = output
-        batch.answered_s = h.clock.now()
+        batch.answered_s = now
         g.outputs[batch.index] = output
         g.n_outputs += 1
+        self.lateness.observe(batch, now)
+        self.lateness.cancel(batch)         # a held reconstruction is discarded: the original wins
         answered = h.answer_batch(batch, output, ORIGINAL, instance.instance_id)
-        if batch.reconstruction is not None and answered < len(batch.queries):
+        if g.missing == batch.index and answered < len(batch.queries):
             h.late_original(batch, batch.reconstruction, batch.reconstructed_s)
         if g.n_outputs == self.k and g.parity is not None:
             h.remove_from_queue(g.parity)
@@ -189,7 +211,7 @@ class Coded(Replication):
         if batch.needed():
             return True
         # kept while a sibling's decode may still need this batch's output
-        return (g is not None and batch.output is None and g.missing is None and self._parity_possible(g)
+        return (g is not None and batch.output is None and g.decoded is None and self._parity_possible(g)
                 and any(m is not batch and m.output is None and m.needed() for m in g.members))
 
     def deadline_s(self, batch):
@@ -206,6 +228,15 @@ class Coded(Replication):
         return tuple(g.members) + ((g.parity,) if g.parity is not None else ())
 
     def on_failure(self, batch, instance, exc):
+        if (batch.held is not None and not batch.calls and batch.queue is None
+                and batch.attempts >= self.host.max_attempts):
+            self.lateness.release(batch)        # the original cannot come: the reconstruction answers
+            self._recheck(batch.group)
+            return
+        self._failure(batch, exc)
+        self.lateness.orphaned(batch)           # a held reconstruction answers if the original cannot
+
+    def _failure(self, batch, exc):
         g = batch.group
         if batch.calls or batch.queue is not None:
             return                              # another copy is on its way
@@ -222,7 +253,10 @@ class Coded(Replication):
 
     def on_dropped(self, batch, exc):
         if batch.role == "data":
-            super().on_dropped(batch, exc)
+            if batch.held is not None:
+                self.lateness.orphaned(batch)   # its reconstruction answers instead
+            else:
+                super().on_dropped(batch, exc)
         batch.error = exc
         self._recheck(batch.group)
 
@@ -242,7 +276,7 @@ class Coded(Replication):
 
     def _decode_possible(self, g, member):
         """Can ``member`` still be reconstructed (parity and every other member alive)?"""
-        if g is None or g.missing is not None or not self._parity_possible(g):
+        if g is None or g.decoded is not None or not self._parity_possible(g):
             return False
         if g.sealed and len(g.members) < self.k:
             return False
@@ -261,7 +295,7 @@ class Coded(Replication):
     # --- decoding
     def _try_decode(self, g):
         if (not g.coded or g.parity_output is None or g.n_outputs != self.k - 1
-                or g.missing is not None or g.decoding):
+                or g.decoded is not None or g.decoding):
             return
         j = next(i for i, o in enumerate(g.outputs) if o is None)
         if j >= len(g.members) or not g.members[j].needed():
@@ -304,9 +338,17 @@ class Coded(Replication):
         member = g.members[j]
         if member.output is not None:
             return  # the original won the race with an off-loop decode
-        g.missing = j
+        g.decoded = j
+        g.late_threshold_s = self.lateness.threshold_s()
+        self.lateness.offer(member, lambda waited_s: self._answer_reconstructed(g, member, rec, waited_s))
+
+    def _answer_reconstructed(self, g, member, rec, waited_s):
+        """The decode policy lets ``member``'s reconstruction answer now."""
+        h = self.host
+        g.missing = member.index
         member.reconstruction = rec
         member.reconstructed_s = h.clock.now()
         h.remove_from_queue(member)
-        if h.answer_batch(member, rec, RECONSTRUCTED):
+        if h.answer_batch(member, rec, RECONSTRUCTED, waited_s=waited_s):
             h.counters["reconstructions"] += 1
+        h.release(member)

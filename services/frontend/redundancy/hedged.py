@@ -59,4 +59,4 @@ class Hedged(Replication):
         super().on_result(batch, output, instance)
 
     def gauges(self):
-        return {"hedge_delay_ms": self.delay() * 1e3}
+        return {"hedge_delay_s": self.delay()}

@@ -45,8 +45,9 @@ class PolicyHost(Protocol):
     def fail_batch(self, batch, exc: BaseException) -> None:
         """Fails every not-yet-done query of ``batch`` UNAVAILABLE with ``exc``."""
 
-    def answer_batch(self, batch, output, source, instance_id: str = "") -> int:
-        """Answers every not-yet-done query of ``batch`` from ``output`` rows; returns how many."""
+    def answer_batch(self, batch, output, source, instance_id: str = "", waited_s: float | None = None) -> int:
+        """Answers every not-yet-done query of ``batch`` from ``output`` rows; returns how many.
+        ``waited_s``: how long a substitute waited for the original to be late (records)."""
 
     def remove_from_queue(self, batch) -> bool:
         """Removes exactly ``batch`` from its queue; True if it was queued."""
