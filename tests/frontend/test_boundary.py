@@ -80,3 +80,16 @@ async def test_policies_only_use_the_host_interface(mode):
     assert all(q.future.done() for q in qs) and e.in_system == 0
     assert host.used                        # the strict host was really in the path
     await e.close()
+
+
+def test_grpc_client_serialises_a_batch_once_through_tensors_little_endian():
+    from services.common import tensors
+    from services.frontend.instances import GrpcInstanceClient
+    from services.frontend.records import Batch
+
+    big = np.arange(8, dtype=">f4").reshape(2, 4)
+    batch = Batch(7, "data", [], big, 0.0)
+    wire = GrpcInstanceClient.prepare(batch)
+    assert wire is batch.wire and GrpcInstanceClient.prepare(batch) is wire      # once, reused
+    assert wire.data == np.arange(8, dtype="<f4").tobytes() and list(wire.shape) == [2, 4]
+    np.testing.assert_array_equal(tensors.from_proto(wire), big)

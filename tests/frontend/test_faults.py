@@ -9,8 +9,8 @@ import threading
 import numpy as np
 import pytest
 
-from services.common.errors import DeadlineExceeded, InstanceFailed, NoInstance
-from services.frontend.records import BACKUP, ORIGINAL, RECONSTRUCTED
+from services.common.errors import DeadlineExceeded, InstanceFailed
+from services.frontend.records import ORIGINAL, RECONSTRUCTED
 from tests.frontend.fakes import linear, settle
 from tests.frontend.test_engine import make_engine, x
 

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 
 from parm.v1 import frontend_pb2
-from services.common.errors import InstanceFailed
 from services.frontend.records import BACKUP, ORIGINAL, RECONSTRUCTED
 from services.frontend.redundancy import Lateness
 from tests.frontend.fakes import linear, settle
