@@ -94,7 +94,8 @@ def summarize(records, meta=None):
     Returns:
         dict with ``overall`` (a latency row of answered measured queries, in
         ms, plus ``accuracy``), ``by_source`` (one such row per source in
-        ``SOURCES``), ``errors`` (status name -> count), ``send_lag_ms`` (a
+        ``SOURCES``), ``shares`` (source -> fraction of the answered queries
+        it served, None when none was answered), ``errors`` (status name -> count), ``send_lag_ms`` (a
         row over every measured query that was sent), counts and ``meta``.
     """
     records = list(records)
@@ -113,6 +114,9 @@ def summarize(records, meta=None):
         group = [r for r in ok if r.source == source]
         by_source[source] = {**latency_row([r.latency_ms for r in group]), "accuracy": _accuracy(group)}
     errors = Counter(r.status for r in measured if not r.ok)
+    # What share of the answered queries each source served: with the top-1 of
+    # the whole, the cost of a redundancy scheme in accuracy (issue 14).
+    shares = {source: (row["num"] / len(ok) if ok else None) for source, row in by_source.items()}
     return {
         "units": "ms",
         "percentile_method": "numpy linear (type 7)",
@@ -121,6 +125,7 @@ def summarize(records, meta=None):
         "num_warmup": len(records) - len(measured),
         "overall": overall,
         "by_source": by_source,
+        "shares": shares,
         "errors": dict(sorted(errors.items())),
         "send_lag_ms": latency_row([r.send_lag_ms for r in measured]),
         "meta": dict(meta or {}),
@@ -141,6 +146,11 @@ def format_report(summary):
         rows.append((source, *(_fmt(row[k]) for k in ROW_KEYS), _fmt_acc(row.get("accuracy"))))
     widths = [max(len(r[i]) for r in rows) + 2 for i in range(len(head))]
     lines += ["".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    shares = summary.get("shares") or {}
+    served = [f"{source} {share * 100:.1f} %" for source, share in shares.items()
+              if share is not None and source not in ("unspecified", "default")]
+    if served:
+        lines.append("served by: " + ", ".join(served) + "  (share of answered queries)")
     lines.append("")
     if summary["errors"]:
         lines.append("ERRORS (by status code)")

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from loadgen.records import SOURCE_NAMES, Record, read_csv, write_csv
-from loadgen.stats import (format_table, frontend_summary, frontend_tables, latency_row, load_frontend_records,
-                           percentile, summarize)
+from loadgen.stats import (format_report, format_table, frontend_summary, frontend_tables, latency_row,
+                           load_frontend_records, percentile, summarize)
 from parm.v1 import frontend_pb2
 
 
@@ -162,3 +162,15 @@ def test_summary_partitions_queries_and_matches_type7(latencies, kinds):
         for key, q in (("med", 50), ("p99", 99), ("p995", 99.5), ("p999", 99.9)):
             assert s["overall"][key] == pytest.approx(type7(ok, q), rel=1e-9, abs=1e-9)
         assert min(ok) <= s["overall"]["med"] <= s["overall"]["p99"] <= s["overall"]["p999"] <= max(ok)
+
+
+def test_report_gives_the_share_each_source_served():
+    recs = [Record(request_id=str(i), client_index=0, send_time_s=0.0, send_lag_ms=0.0, latency_ms=1.0 + i,
+                   status="OK", source="reconstructed" if i < 3 else "original", predicted=1,
+                   label=1 if i else 0, warmup=False)
+            for i in range(12)]
+    summary = summarize(recs)
+    assert summary["shares"]["reconstructed"] == 0.25 and summary["shares"]["original"] == 0.75
+    assert summary["shares"]["backup"] == 0.0
+    assert "served by: original 75.0 %, reconstructed 25.0 %, backup 0.0 %" in format_report(summary)
+    assert summarize([])["shares"]["original"] is None
