@@ -47,8 +47,9 @@ class Coded(Replication):
       while a sibling's decode may still need its output (so cancelling a
       member's queries does not drop what its sibling needs). A parity batch
       is needed while some member without an output has a waiting query.
-    * ``deadline_s``: a call of any batch of the group serves up to the latest
-      deadline of the group's queries.
+    * ``deadline_s``: a call of any batch of a group that is (or may become)
+      coded serves up to the latest deadline of the group's queries; in a
+      partial or uncoded group, up to its own queries'.
 
     Args:
         k: data batches per group.
@@ -216,8 +217,8 @@ class Coded(Replication):
 
     def deadline_s(self, batch):
         g = batch.group
-        if g is None:
-            return super().deadline_s(batch)
+        if g is None or (g.sealed and not g.coded and not g.encoding):
+            return super().deadline_s(batch)        # no decode will need it: its own queries
         qs = [q for m in g.members for q in m.queries]
         return max(q.deadline_s for q in qs) if qs else None
 
