@@ -154,7 +154,7 @@ class Group:
 
     __slots__ = ("group_id", "k", "members", "outputs", "n_outputs", "parity", "parity_output",
                  "sealed", "coded", "formed_s", "timer", "missing", "encode_us", "decode_us",
-                 "late", "finished", "encoding", "decoding", "encode_failed", "decoded",
+                 "late", "finished", "encoding", "decoding", "encode_failed", "decode_failed", "decoded",
                  "late_threshold_s")
 
     def __init__(self, group_id, k, formed_s):
@@ -177,5 +177,6 @@ class Group:
         self.encoding = False
         self.decoding = False
         self.encode_failed = False
+        self.decode_failed = False
         self.decoded = None         # the member decoded (its reconstruction may still be held)
         self.late_threshold_s = None    # the lateness threshold when the group was decoded/sealed

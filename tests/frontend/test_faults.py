@@ -309,3 +309,26 @@ async def test_09_requeued_parity_dropped_for_want_of_instances_closes_its_group
         await settle()
     assert [status_of(q) for q in qs[:2]] == [ORIGINAL, ORIGINAL]
     assert not e.groups, list(e.groups)
+
+
+async def test_03_spent_member_fails_at_once_when_the_decode_errors():
+    class BrokenDecoder:
+        def inline(self, nbytes):
+            return True
+
+        def encode_now(self, inputs):
+            return sum(np.asarray(x, np.float32) for x in inputs)
+
+        def decode_now(self, parity_output, available):
+            raise RuntimeError("decoder broke")
+
+    e, clock, fleet = make_engine("coded", data=2, parity=1, max_attempts=1, coder=BrokenDecoder())
+    qs = [e.submit(x(i), timeout_s=5.0) for i in range(2)]
+    await settle()
+    fleet["d0:1"].fail(0)
+    fleet["d1:1"].release(1)
+    fleet["p0:1"].release(2)
+    await settle()
+    assert e.counters["decode_errors"] == 1
+    assert isinstance(qs[0].future.exception(), InstanceFailed)     # at once, not at its deadline
+    assert qs[1].future.result().source == ORIGINAL and not e.groups

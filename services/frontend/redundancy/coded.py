@@ -267,6 +267,8 @@ class Coded(Replication):
         return b.output is not None or b.calls > 0 or b.queue is not None
 
     def _parity_possible(self, g):
+        if g.decode_failed:
+            return False                        # a decode error is final for the group
         if not g.sealed:
             return True                         # may still fill up and be encoded
         if g.encoding:
@@ -311,6 +313,8 @@ class Coded(Replication):
             except Exception:  # noqa: BLE001 - a failed decode leaves re-dispatch to work
                 h.counters["decode_errors"] += 1
                 log.exception("decoding group %d failed", g.group_id)
+                g.decode_failed = True
+                self._recheck(g)
                 return
             self._decoded(g, j, rec, time.perf_counter() - t0)
         else:
@@ -325,6 +329,8 @@ class Coded(Replication):
             h.counters["decode_errors"] += 1
             log.exception("decoding group %d failed", g.group_id)
             g.decoding = False
+            g.decode_failed = True
+            self._recheck(g)
             h.maybe_finish_group(g)
             return
         g.decoding = False
