@@ -120,7 +120,7 @@ class FrontendApp:
             reply.counters[name[:-2] + "_us" if name.endswith("_s") else name] = max(0, round(value * 1e6))
         if cfg.mode in ("coded", "cheap"):
             reply.counters["decode_policy_late"] = int(cfg.decode_policy == "late")
-        # leak watch (deploy.soak): unfinished coding groups and live asyncio tasks
+        # leak watch (deploy.reliability.soak): unfinished coding groups and live asyncio tasks
         reply.counters["open_groups"] = len(e.groups)
         reply.counters["asyncio_tasks"] = len(asyncio.all_tasks())
         if isinstance(self.coder, RemoteCoder):
