@@ -5,13 +5,12 @@
 ready file and serves until SIGTERM.
 """
 
-import argparse
-import asyncio
-import sys
 from dataclasses import dataclass
 
 from parm.v1 import coder_pb2_grpc as pb_grpc
+from services.common import cli
 from services.common import tls as tls_mod
+from services.common.cli import UsageError
 from services.common.procs import write_ready_file
 from services.common.server import MAX_MESSAGE_BYTES, create_server, run_until_signal, setup_logging
 from services.coder.core import CoderCore, load_kernels
@@ -31,18 +30,12 @@ class Config:
     tls: tls_mod.TlsConfig = tls_mod.PLAINTEXT
 
 
-class UsageError(ValueError):
-    """A command-line mistake (reported as one line, exit 2)."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise UsageError(message)
+PROG = "python -m services.coder"
 
 
 def parse_config(argv):
-    p = _Parser(prog="python -m services.coder", description="ParM encoder/decoder service.",
-                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    """``Config`` from the command line; raises ``UsageError`` (one line) on a mistake."""
+    p = cli.ArgumentParser(prog=PROG, description="ParM encoder/decoder service.")
     p.add_argument("--host", default="127.0.0.1", help="address to bind")
     p.add_argument("--port", type=int, default=0, help="port to bind (0 = a free port)")
     p.add_argument("--ready-file", default=None, help="write {port, pid} JSON here once serving")
@@ -102,16 +95,11 @@ async def serve(cfg):
     await build_server(cfg).run()
 
 
-def main(argv=None):
-    try:
-        cfg = parse_config(sys.argv[1:] if argv is None else argv)
-    except UsageError as exc:
-        print(f"coder: error: {exc}", file=sys.stderr)
-        return 2
+def _main(argv):
+    cfg = parse_config(argv)
     setup_logging(cfg.log_level)
-    try:
-        asyncio.run(serve(cfg))
-    except (ImportError, OSError) as exc:
-        print(f"coder: error: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    cli.run_async(serve(cfg))
+
+
+def main(argv=None):
+    return cli.run_main(_main, argv, prog=PROG, runtime_errors=(ImportError, OSError))

@@ -41,7 +41,6 @@ answers PING and stops the server on SIGTERM.
 """
 
 import abc
-import argparse
 import asyncio
 import atexit
 import json
@@ -58,6 +57,7 @@ import time
 import weakref
 from dataclasses import asdict, dataclass, field
 
+from services.common import cli
 from services.common.clock import REAL as REAL_CLOCK
 
 log = logging.getLogger(__name__)
@@ -516,29 +516,25 @@ class ServeConfig:
     log_level: str = "INFO"
 
 
-class _ArgumentParser(argparse.ArgumentParser):
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
+PROG = "python -m services.common.registry"
 
 
 def parse_config(argv):
-    parser = _ArgumentParser(
-        prog="python -m services.common.registry",
-        description="Runs an embedded Redis-compatible registry server until SIGTERM.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    """``ServeConfig`` from the command line; raises ``cli.UsageError`` on a mistake."""
+    parser = cli.ArgumentParser(prog=PROG,
+                                description="Runs an embedded Redis-compatible registry server until SIGTERM.")
     sub = parser.add_subparsers(dest="command", required=True)
-    serve_p = sub.add_parser("serve", help="start the server", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    serve_p = sub.add_parser("serve", help="start the server")
     serve_p.add_argument("--host", default="127.0.0.1", help="the one address to bind")
     serve_p.add_argument("--port", type=int, default=0, help="TCP port (0 = a free port)")
     serve_p.add_argument("--password", default=None,
                          help=f"requirepass for the server (default: ${PASSWORD_ENV}, which keeps it off "
                               "the command line)")
     serve_p.add_argument("--ready-file", default=None, help="write {port, pid, url} JSON here once serving")
-    serve_p.add_argument("--log-level", default="INFO")
+    serve_p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ...")
     args = parser.parse_args(argv)
     if not 0 <= args.port < 65536:
-        parser.error(f"--port {args.port} out of range")
+        raise cli.UsageError(f"--port {args.port} out of range")
     password = args.password or os.environ.get(PASSWORD_ENV) or None
     return ServeConfig(port=args.port, host=args.host, password=password, ready_file=args.ready_file,
                        log_level=args.log_level)
@@ -567,17 +563,14 @@ async def serve(cfg):
         server.stop()
 
 
-def main(argv=None):
-    cfg = parse_config(sys.argv[1:] if argv is None else argv)
-    from services.common.server import setup_logging
+def _main(argv):
+    cfg = parse_config(argv)
+    cli.setup_logging(cfg.log_level)
+    cli.run_async(serve(cfg))
 
-    setup_logging(cfg.log_level)
-    try:
-        asyncio.run(serve(cfg))
-    except RegistryError as exc:
-        print(f"registry: {exc}", file=sys.stderr)
-        return 1
-    return 0
+
+def main(argv=None):
+    return cli.run_main(_main, argv, prog=PROG, runtime_errors=(RegistryError, OSError))
 
 
 if __name__ == "__main__":

@@ -1,19 +1,21 @@
 """Command line -> ``Config`` for ``python -m services.model_server``."""
 
-import argparse
 import os
 import socket
 import zlib
 from dataclasses import dataclass, field
 
-from services.common.errors import InvalidInput
+from services.common import cli
 from services.common import tls as tls_mod
+from services.common.cli import UsageError
+from services.common.errors import InvalidInput
 from services.common.registry import DEFAULT_HEARTBEAT_S, DEFAULT_TTL_S, url_with_env_password
 from services.common.server import MAX_MESSAGE_BYTES
 from services.model_server.distributions import PARAMS, DistSpec, parse_params
 from services.model_server.perturbation import PerturbationSpec
 from services.model_server.providers import CHOICES as PROVIDER_CHOICES
 
+PROG = "python -m services.model_server"
 ROLE_CHOICES = ("data", "parity", "backup")
 
 
@@ -45,20 +47,10 @@ class Config:
     tls: tls_mod.TlsConfig = tls_mod.PLAINTEXT
 
 
-class UsageError(ValueError):
-    """A command-line mistake (reported as one line, exit 2)."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise UsageError(message)
-
-
 def build_parser():
-    p = _Parser(
-        prog="python -m services.model_server",
+    p = cli.ArgumentParser(
+        prog=PROG,
         description="Serves one ONNX model (ParM model instance) over gRPC.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--model", required=True, help="manifest .json, or the .onnx with its manifest beside it")
     p.add_argument("--role", choices=ROLE_CHOICES, default=None,

@@ -203,6 +203,34 @@ def test_standalone_cli_mistake_is_one_line():
     assert "Traceback" not in out.stderr
 
 
+@pytest.mark.parametrize("argv, code, text", [
+    (["serve", "--port", "70000"], 2, "error: --port 70000 out of range"),
+    (["serve", "--bogus"], 2, "error: unrecognized arguments: --bogus"),
+    ([], 2, "error: the following arguments are required: command"),
+])
+def test_standalone_cli_usage_errors_in_process(argv, code, text, capsys):
+    from services.common import registry
+
+    assert registry.main(argv) == code
+    err = capsys.readouterr().err
+    assert err.startswith("python -m services.common.registry") and text in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_standalone_cli_port_taken_is_one_line_exit_1(capsys):
+    import socket
+
+    from services.common import registry
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        code = registry.main(["serve", "--port", str(taken.getsockname()[1]), "--log-level", "WARNING"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1
+    assert err[-1].startswith("python -m services.common.registry: error: could not start ")
+
+
 def test_instance_json_roundtrip():
     inst = _inst("j", role="backup", meta={"pid": 3})
     assert Instance.from_json(inst.to_json()) == inst
