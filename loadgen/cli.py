@@ -21,16 +21,11 @@ import time
 from dataclasses import asdict, dataclass, replace
 
 from loadgen.client import DEFAULT_TARGET
+from services.common import cli
 from services.common import tls as tls_mod
 
+PROG = "python -m loadgen"
 DEFAULT_CONTROL_PORT = 50071
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports a mistake as one line on stderr (exit 2)."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 @dataclass(frozen=True)
@@ -84,10 +79,9 @@ def _non_negative_int(text):
 
 
 def run_parser():
-    p = _Parser(prog="python -m loadgen",
-                description="Open-loop Poisson load on a ParM frontend; prints the latency table. "
-                            "`python -m loadgen serve --help` for the control service.",
-                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = cli.ArgumentParser(prog=PROG,
+                           description="Open-loop Poisson load on a ParM frontend; prints the latency table. "
+                                       "`python -m loadgen serve --help` for the control service.")
     p.add_argument("--target", default=DEFAULT_TARGET,
                    help="frontend host:port (the default is where `make serve` listens)")
     p.add_argument("--rate", type=_positive(float), default=4.0, help="aggregate queries/s (Poisson)")
@@ -115,9 +109,8 @@ def run_parser():
 
 
 def serve_parser():
-    p = _Parser(prog="python -m loadgen serve",
-                description="Serve the load generator's control service (parm.v1.LoadGenerator).",
-                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = cli.ArgumentParser(prog=f"{PROG} serve",
+                           description="Serve the load generator's control service (parm.v1.LoadGenerator).")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 for remote runners)")
     p.add_argument("--port", type=_non_negative_int, default=DEFAULT_CONTROL_PORT, help="0 picks a free port")
     p.add_argument("--ready-file", default="", help="write {port, pid} JSON here once serving")
@@ -127,7 +120,8 @@ def serve_parser():
 
 
 def parse_config(argv):
-    """``RunConfig`` or ``ServeConfig`` from the command line (exits on mistakes)."""
+    """``RunConfig`` or ``ServeConfig`` from the command line; raises
+    ``cli.UsageError`` (one line) on a mistake."""
     argv = list(argv)
     if argv and argv[0] == "serve":
         sp = serve_parser()
@@ -259,22 +253,21 @@ def _report(cfg, result, meta):
 
 
 def main_run(cfg):
+    """Runs the load; returns the summary. Failures raise ``cli.Failure``;
+    SIGTERM, like Ctrl-C, ends in ``KeyboardInterrupt`` once the generators
+    have stopped."""
     from loadgen.client import TargetUnavailable
     from loadgen.control import RemoteRunError
     from loadgen.inputs import InputsError
     from services.common.procs import ServiceStartError
     try:
-        result = asyncio.run(_main_run(cfg))
+        result = cli.run_async(_main_run(cfg))
     except (TargetUnavailable, InputsError, RemoteRunError, ValueError) as exc:
-        print(f"loadgen: error: {exc}", file=sys.stderr)
-        return 1
+        raise cli.Failure(str(exc)) from None
     except ServiceStartError as exc:
-        print(f"loadgen: error: a generator process did not start: {str(exc).splitlines()[0]}",
-              file=sys.stderr)
-        return 1
-    except (KeyboardInterrupt, asyncio.CancelledError):
-        print("loadgen: interrupted; generators stopped", file=sys.stderr)
-        return 130
+        raise cli.Failure(f"a generator process did not start: {str(exc).splitlines()[0]}") from None
+    except asyncio.CancelledError:  # SIGTERM cancelled the run (see _main_run)
+        raise KeyboardInterrupt from None
     meta = dict(getattr(result, "meta", None) or {})
     meta.setdefault("spec", asdict(replace(spec_of(cfg), manifest_json="")))
     meta["clients"] = cfg.clients
@@ -282,8 +275,7 @@ def main_run(cfg):
         meta["generators"] = result.per_generator
     if result.stopped:
         meta["stopped"] = True
-    _report(cfg, result, meta)
-    return 0
+    return _report(cfg, result, meta)
 
 
 async def _serve(cfg):
@@ -318,27 +310,26 @@ def _port_taken(host, port):
 
 
 def main_serve(cfg):
-    from services.common.server import setup_logging
+    """Serves the control service until SIGTERM; failures raise ``cli.Failure``."""
     problem = _port_taken(cfg.host, cfg.port)
     if problem:
-        print(f"loadgen serve: error: cannot serve on {cfg.host}:{cfg.port}: {problem}", file=sys.stderr)
-        return 1
-    setup_logging(cfg.log_level)
+        raise cli.Failure(f"cannot serve on {cfg.host}:{cfg.port}: {problem}")
+    cli.setup_logging(cfg.log_level)
     try:
-        asyncio.run(_serve(cfg))
-    except OSError as exc:
-        print(f"loadgen serve: error: {exc}", file=sys.stderr)
-        return 1
-    except RuntimeError as exc:
-        print(f"loadgen serve: error: cannot serve on {cfg.host}:{cfg.port}: {exc}", file=sys.stderr)
-        return 1
-    return 0
+        cli.run_async(_serve(cfg))
+    except RuntimeError as exc:  # grpc could not bind
+        raise cli.Failure(f"cannot serve on {cfg.host}:{cfg.port}: {exc}") from None
 
 
-def main(argv=None):
-    cfg = parse_config(sys.argv[1:] if argv is None else argv)
+def _main(argv):
+    cfg = parse_config(argv)
     # every channel (to the frontend, to the generators) and the control server follow the flags
     tls_mod.install(cfg.tls)
     if isinstance(cfg, ServeConfig):
-        return main_serve(cfg)
-    return main_run(cfg)
+        main_serve(cfg)
+    else:
+        main_run(cfg)
+
+
+def main(argv=None):
+    return cli.run_main(_main, argv, prog=PROG)

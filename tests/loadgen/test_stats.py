@@ -149,3 +149,16 @@ def test_summary_partitions_queries_and_matches_type7(latencies, kinds):
         for key, q in (("med", 50), ("p99", 99), ("p995", 99.5), ("p999", 99.9)):
             assert s["overall"][key] == pytest.approx(type7(ok, q), rel=1e-9, abs=1e-9)
         assert min(ok) <= s["overall"]["med"] <= s["overall"]["p99"] <= s["overall"]["p999"] <= max(ok)
+
+
+@pytest.mark.parametrize("argv, code, text", [
+    (["--bogus"], 2, "error: the following arguments are required: run_dir"),
+    (["/nonexistent-run"], 1, "error: cannot read records from /nonexistent-run"),
+])
+def test_stats_cli_mistakes_are_one_line(argv, code, text, capsys):
+    from loadgen import stats
+
+    assert stats.main(argv) == code
+    err = capsys.readouterr().err
+    assert err.startswith("python -m loadgen.stats: ") and text in err
+    assert len(err.strip().splitlines()) == 1
