@@ -77,6 +77,21 @@ def start_rig(artifacts, spec, work_dir, *, with_coder=False, frontend_extra_arg
     return Rig(launcher, dep, models, work_dir / "logs", args, coder, tls)
 
 
+def rig_errors():
+    """The runtime failures of starting a rig (one line, exit 1 in the benchmarks' CLIs)."""
+    from deploy.runner.deployment import DeploymentError
+    from services.common.procs import ServiceStartError
+
+    return (OSError, DeploymentError, ServiceStartError)
+
+
+def missing_models(artifacts):
+    """A ``cli.Failure`` message when ``artifacts`` holds no models, else None."""
+    if not pathlib.Path(artifacts, "index.json").exists():
+        return f"no models in {artifacts}/; build them with `make models`"
+    return None
+
+
 def secret_env(rig):
     """The environment that passes the registry password to a restarted service, or None."""
     password = split_password(rig.dep.registry_url)[1]
