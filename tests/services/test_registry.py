@@ -11,7 +11,7 @@ import pytest
 
 from services.common.procs import ServiceProcess
 from services.common.registry import (EmbeddedRedis, Heartbeat, Instance, RedisRegistry, RegistryError,
-                                      RegistryEvent, registry_server)
+                                      RegistryEvent)
 
 
 def _inst(iid, role="data", address="127.0.0.1:1", **kw):
@@ -237,19 +237,3 @@ def test_instance_json_roundtrip():
     assert json.loads(inst.to_json())["role"] == "backup"
     with pytest.raises(ValueError, match="role 'primary'"):
         Instance("x", "a:1", "primary")
-
-
-def test_registry_server_uses_given_url_or_starts_one(redis_server):
-    assert registry_server(redis_server.url) == (redis_server.url, None)
-    url, owned = registry_server(password="pw")
-    try:
-        assert url == owned.url and url.startswith("redis://:pw@127.0.0.1:") and owned.proc.poll() is None
-
-        async def body(r):
-            await r.register(_inst("e1"), 30)
-            return [i.instance_id for i in await r.list()]
-
-        assert run(_with_registry(url, "t-helper", body)) == ["e1"]
-    finally:
-        owned.stop()
-    assert owned.proc.poll() is not None
