@@ -3,11 +3,12 @@
 The session runs with a temporary directory of its own (``TMPDIR`` and
 ``tempfile.tempdir``, inherited by every process the tests start), so the
 check of what the suite leaves there sees only the suite: at the end of
-the session, anything in it but pytest's own ``tmp_path`` tree (and ONNX
-Runtime's one ``.ses`` file) fails the run, and the directory is removed
+the session, anything in it but pytest's own ``tmp_path`` tree (and two
+per-user files of ONNX Runtime and torch) fails the run, and the directory is removed
 either way.
 """
 
+import getpass
 import os
 import pathlib
 import shutil
@@ -20,8 +21,9 @@ import pytest
 
 _SESSION_TMP = None
 _PYTEST_OWN = "pytest-of-"
-# Not the project's: ONNX Runtime writes (and overwrites) this one file at import.
-_NOT_OURS = {".ses"}
+# Not the project's, and one per user rather than one per run: ONNX Runtime's
+# session file (rewritten at import) and torch's compile cache.
+_NOT_OURS = {".ses", f"torchinductor_{getpass.getuser()}"}
 
 
 def pytest_configure(config):
