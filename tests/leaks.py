@@ -14,8 +14,9 @@ import pytest
 _REAL_RUN = asyncio.run
 
 
-async def _checked(main):
-    result = await main
+async def cancel_leaked():
+    """Cancels and awaits every task of the running loop but the current one;
+    returns their coroutines' qualified names, sorted (empty: nothing leaked)."""
     await asyncio.sleep(0)  # let tasks finishing right now finish
     me = asyncio.current_task()
     leaked = [t for t in asyncio.all_tasks() if t is not me and not t.done()]
@@ -23,7 +24,13 @@ async def _checked(main):
         task.cancel()
     if leaked:
         await asyncio.gather(*leaked, return_exceptions=True)
-        names = sorted(t.get_coro().__qualname__ for t in leaked)
+    return sorted(t.get_coro().__qualname__ for t in leaked)
+
+
+async def _checked(main):
+    result = await main
+    names = await cancel_leaked()
+    if names:
         raise AssertionError(f"asyncio.run left tasks pending: {names}")
     return result
 
