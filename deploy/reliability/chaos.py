@@ -47,7 +47,8 @@ from dataclasses import asdict, dataclass, field
 import grpc
 import numpy as np
 
-from deploy.reliability.rig import frontend_status, missing_models, rig_errors, run_spec, secret_env, set_hang, start_rig
+from deploy.reliability.rig import (add_rig_arguments, frontend_status, missing_models, rig_errors, run_spec,
+                                    secret_env, set_hang, start_rig)
 from services.common import cli
 from services.common.polls import PollTimeout, poll_until
 from services.common.registry import PASSWORD_ENV, split_password
@@ -331,19 +332,15 @@ PROG = "python -m deploy.reliability.chaos"
 def parse_args(argv):
     """The flags; raises ``cli.UsageError`` (one line) on a mistake."""
     p = cli.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
-    p.add_argument("--artifacts", default="artifacts", help="model artifacts (make models)")
+    add_rig_arguments(p, num_models=2, compute_ms=5.0, deadline_s=5.0, out="results/chaos")
     p.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated subset of " + ", ".join(SCENARIOS))
-    p.add_argument("--num-models", type=int, default=2, help="data instances (parity: num_models / k)")
-    p.add_argument("--k", type=int, default=2, help="coding group size")
-    p.add_argument("--compute-ms", type=float, default=5.0, help="emulated compute per batch, ms")
+    p.add_argument("--k", type=int, default=2, help="coding group size (parity instances: num_models / k)")
     p.add_argument("--rate", type=float, default=30.0, help="queries/s")
-    p.add_argument("--deadline-s", type=float, default=5.0, help="per-query deadline, s")
     p.add_argument("--warmup-s", type=float, default=3.0, help="load before the fault, s")
     p.add_argument("--fault-s", type=float, default=6.0, help="fault length (registry: see --registry-outage-s), s")
     p.add_argument("--registry-outage-s", type=float, default=30.0, help="registry outage, s")
     p.add_argument("--after-s", type=float, default=6.0, help="load after healing, s")
     p.add_argument("--seed", type=int, default=0, help="seed of the load's arrivals")
-    p.add_argument("--out", default="results/chaos", help="logs and chaos.json go here")
     a = p.parse_args(argv)
     names = [n.strip() for n in a.scenarios.split(",") if n.strip()]
     bad = [n for n in names if n not in SCENARIOS]

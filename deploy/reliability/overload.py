@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from deploy.reliability.rig import missing_models, rig_errors, run_spec, start_rig
+from deploy.reliability.rig import add_rig_arguments, missing_models, rig_errors, run_spec, start_rig
 from services.common import cli
 
 
@@ -166,10 +166,7 @@ PROG = "python -m deploy.reliability.overload"
 
 def _main(argv):
     p = cli.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
-    p.add_argument("--artifacts", default="artifacts", help="model artifacts (make models)")
-    p.add_argument("--num-models", type=int, default=1, help="data instances")
-    p.add_argument("--compute-ms", type=float, default=20.0, help="emulated compute per query, ms")
-    p.add_argument("--deadline-s", type=float, default=1.0, help="per-query deadline, s")
+    add_rig_arguments(p, num_models=1, compute_ms=20.0, deadline_s=1.0, out="results/overload")
     p.add_argument("--max-in-system", type=int, default=None,
                    help="frontend admission limit (default: sustainable rate x deadline / 2)")
     p.add_argument("--factor", type=float, default=3.0, help="overload = factor x sustainable rate")
@@ -177,7 +174,6 @@ def _main(argv):
     p.add_argument("--base-s", type=float, default=5.0, help="length of the base phase, s")
     p.add_argument("--overload-s", type=float, default=10.0, help="length of the overload phase, s")
     p.add_argument("--recovery-s", type=float, default=5.0, help="length of the recovery phase, s")
-    p.add_argument("--out", default="results/overload", help="logs and overload.json go here")
     a = p.parse_args(argv)
     for flag in ("num_models", "compute_ms", "deadline_s", "factor", "base_fraction", "base_s", "overload_s",
                  "recovery_s"):

@@ -27,7 +27,7 @@ import time
 
 import psutil
 
-from deploy.reliability.rig import missing_models, rig_errors, run_spec, start_rig
+from deploy.reliability.rig import add_rig_arguments, frontend_status, missing_models, rig_errors, run_spec, start_rig
 from services.common import cli
 
 
@@ -37,8 +37,6 @@ def _proc_sample(pid):
 
 
 async def _sample(rig):
-    from deploy.reliability.rig import frontend_status
-
     st = await frontend_status(rig.dep.frontend_address)
     procs = {"frontend": _proc_sample(rig.dep.frontend.pid)}
     for role, s in rig.dep.instances:
@@ -101,17 +99,13 @@ PROG = "python -m deploy.reliability.soak"
 
 def _main(argv):
     p = cli.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
-    p.add_argument("--artifacts", default="artifacts", help="model artifacts (make models)")
+    add_rig_arguments(p, num_models=2, compute_ms=5.0, deadline_s=5.0, out="results/soak")
     p.add_argument("--duration-s", type=float, default=1800.0, help="length of the soak, s")
     p.add_argument("--warmup-s", type=float, default=60.0, help="samples before this are warm-up")
     p.add_argument("--sample-s", type=float, default=10.0, help="sampling period, s")
     p.add_argument("--rate", type=float, default=40.0, help="queries/s")
-    p.add_argument("--num-models", type=int, default=2, help="data instances")
-    p.add_argument("--compute-ms", type=float, default=5.0, help="emulated compute per batch, ms")
-    p.add_argument("--deadline-s", type=float, default=5.0, help="per-query deadline, s")
     p.add_argument("--max-rss-growth", type=float, default=0.05,
                    help="largest accepted RSS growth after the warm-up, a fraction")
-    p.add_argument("--out", default="results/soak", help="logs and soak.json go here")
     a = p.parse_args(argv)
     if a.duration_s <= a.warmup_s + 2 * a.sample_s:
         raise cli.UsageError("--duration-s must exceed --warmup-s by at least two samples")

