@@ -6,7 +6,7 @@
         [--delay-seed N] [--stall-probability P --stall-ms MS] [--fail-probability P]
         [--hang] [--stop] [--duration-s S]
 
-Prints the reply as JSON. Mistakes and RPC errors: one line on stderr, exit 1/2.
+Prints the reply as JSON. Flag mistakes: one line on stderr, exit 2; RPC errors: one line, exit 1.
 """
 
 import json
