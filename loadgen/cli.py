@@ -11,7 +11,6 @@ with rate/N and its own client index, records merged; the children are
 stopped on exit, Ctrl-C and SIGTERM). The second serves the control service.
 """
 
-import argparse
 import asyncio
 import logging
 import pathlib
@@ -56,26 +55,9 @@ class ServeConfig:
     tls: tls_mod.TlsConfig = tls_mod.PLAINTEXT
 
 
-def _positive(kind):
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-        return value
-    return parse
-
-
-def _non_negative_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
+POSITIVE = cli.number(above=0)
+POSITIVE_INT = cli.number(int, above=0)
+NON_NEGATIVE_INT = cli.number(int, at_least=0)
 
 
 def run_parser():
@@ -84,17 +66,17 @@ def run_parser():
                                        "`python -m loadgen serve --help` for the control service.")
     p.add_argument("--target", default=DEFAULT_TARGET,
                    help="frontend host:port (the default is where `make serve` listens)")
-    p.add_argument("--rate", type=_positive(float), default=4.0, help="aggregate queries/s (Poisson)")
+    p.add_argument("--rate", type=POSITIVE, default=4.0, help="aggregate queries/s (Poisson)")
     count = p.add_mutually_exclusive_group()
-    count.add_argument("--num-queries", type=_positive(int), default=None,
+    count.add_argument("--num-queries", type=POSITIVE_INT, default=None,
                        help="measured queries (default 100 unless --duration-s)")
-    count.add_argument("--duration-s", type=_positive(float), default=None,
+    count.add_argument("--duration-s", type=POSITIVE, default=None,
                        help="send measured queries for this long instead of --num-queries")
-    p.add_argument("--warmup-queries", type=_non_negative_int, default=10,
+    p.add_argument("--warmup-queries", type=NON_NEGATIVE_INT, default=10,
                    help="queries sent first and excluded from statistics")
-    p.add_argument("--seed", type=_non_negative_int, default=0, help="seed of arrivals and example order")
-    p.add_argument("--deadline-s", type=_positive(float), default=10.0, help="per-query gRPC deadline")
-    p.add_argument("--clients", type=_positive(int), default=1,
+    p.add_argument("--seed", type=NON_NEGATIVE_INT, default=0, help="seed of arrivals and example order")
+    p.add_argument("--deadline-s", type=POSITIVE, default=10.0, help="per-query gRPC deadline")
+    p.add_argument("--clients", type=POSITIVE_INT, default=1,
                    help="generator processes; the rate and counts are split over them")
     p.add_argument("--manifest", default="",
                    help="base model manifest JSON whose dataset's test split is sent "
@@ -102,7 +84,7 @@ def run_parser():
     p.add_argument("--inputs", default="", help=".npz with arrays X, y to send instead of a dataset")
     p.add_argument("--out", default="", help="directory for records.csv and summary.json")
     p.add_argument("--run-id", default="", help="run id (request ids are RUNID-CLIENT-INDEX)")
-    p.add_argument("--channels", type=_positive(int), default=1, help="gRPC channels per generator")
+    p.add_argument("--channels", type=POSITIVE_INT, default=1, help="gRPC channels per generator")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     tls_mod.add_arguments(p)
     return p
@@ -112,7 +94,7 @@ def serve_parser():
     p = cli.ArgumentParser(prog=f"{PROG} serve",
                            description="Serve the load generator's control service (parm.v1.LoadGenerator).")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 for remote runners)")
-    p.add_argument("--port", type=_non_negative_int, default=DEFAULT_CONTROL_PORT, help="0 picks a free port")
+    p.add_argument("--port", type=cli.PORT, default=DEFAULT_CONTROL_PORT, help="0 picks a free port")
     p.add_argument("--ready-file", default="", help="write {port, pid} JSON here once serving")
     p.add_argument("--log-level", default="INFO", help="logging level")
     tls_mod.add_arguments(p)
@@ -124,9 +106,8 @@ def parse_config(argv):
     ``cli.UsageError`` (one line) on a mistake."""
     argv = list(argv)
     if argv and argv[0] == "serve":
-        sp = serve_parser()
-        a = sp.parse_args(argv[1:])
-        return ServeConfig(a.host, a.port, a.ready_file, a.log_level, _tls(sp, a))
+        a = serve_parser().parse_args(argv[1:])
+        return ServeConfig(a.host, a.port, a.ready_file, a.log_level, tls_mod.from_args(a))
     parser = run_parser()
     a = parser.parse_args(argv)
     if a.manifest and a.inputs:
@@ -147,15 +128,8 @@ def parse_config(argv):
         warmup_queries=a.warmup_queries, seed=a.seed, deadline_s=a.deadline_s, clients=a.clients,
         manifest=manifest, inputs=str(pathlib.Path(a.inputs).resolve()) if a.inputs else "",
         out=a.out, run_id=a.run_id or time.strftime("run%Y%m%d-%H%M%S"),
-        progress=not a.no_progress, channels=a.channels, tls=_tls(parser, a),
+        progress=not a.no_progress, channels=a.channels, tls=tls_mod.from_args(a),
     )
-
-
-def _tls(parser, args):
-    try:
-        return tls_mod.from_args(args)
-    except tls_mod.TlsError as exc:
-        parser.error(str(exc))
 
 
 def spec_of(cfg):

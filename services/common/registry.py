@@ -516,15 +516,13 @@ def parse_config(argv):
     sub = parser.add_subparsers(dest="command", required=True)
     serve_p = sub.add_parser("serve", help="start the server")
     serve_p.add_argument("--host", default="127.0.0.1", help="the one address to bind")
-    serve_p.add_argument("--port", type=int, default=0, help="TCP port (0 = a free port)")
+    serve_p.add_argument("--port", type=cli.PORT, default=0, help="TCP port (0 = a free port)")
     serve_p.add_argument("--password", default=None,
                          help=f"requirepass for the server (default: ${PASSWORD_ENV}, which keeps it off "
                               "the command line)")
     serve_p.add_argument("--ready-file", default=None, help="write {port, pid, url} JSON here once serving")
     serve_p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ...")
     args = parser.parse_args(argv)
-    if not 0 <= args.port < 65536:
-        raise cli.UsageError(f"--port {args.port} out of range")
     password = args.password or os.environ.get(PASSWORD_ENV) or None
     return ServeConfig(port=args.port, host=args.host, password=password, ready_file=args.ready_file,
                        log_level=args.log_level)

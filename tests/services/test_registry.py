@@ -204,7 +204,7 @@ def test_standalone_cli_mistake_is_one_line():
 
 
 @pytest.mark.parametrize("argv, code, text", [
-    (["serve", "--port", "70000"], 2, "error: --port 70000 out of range"),
+    (["serve", "--port", "70000"], 2, "error: argument --port: must be <= 65535, got 70000"),
     (["serve", "--bogus"], 2, "error: unrecognized arguments: --bogus"),
     ([], 2, "error: the following arguments are required: command"),
 ])
