@@ -60,3 +60,39 @@ def test_a_failed_start_leaves_no_temporary_directory():
     with pytest.raises(ServiceStartError, match="exited with code 3 before it was ready:\nbroken"):
         ServiceProcess([sys.executable, "-c", "import sys; print('broken'); sys.exit(3)"], name="hygiene-fail")
     assert _parm_entries() == before
+
+
+def test_ctrl_c_in_a_runner_stops_its_children_and_removes_their_directories(tmp_path):
+    """A runner interrupted by Ctrl-C (SIGINT) leaves no child and no ``parm-*`` directory."""
+    import os
+    import signal
+    import subprocess
+
+    import psutil
+
+    runner = (
+        "import sys, time\n"
+        "from services.common.procs import ServiceProcess\n"
+        "script = (\"import json, os, sys, time; p = sys.argv[sys.argv.index('--ready-file') + 1]; \"\n"
+        "          \"json.dump({'port': 1}, open(p + '.tmp', 'w')); os.replace(p + '.tmp', p); time.sleep(600)\")\n"
+        "child = ServiceProcess([sys.executable, '-c', script], name='ctrl-c')\n"
+        "print(child.pid, flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    work = tmp_path / "tmp"
+    work.mkdir()
+    proc = subprocess.Popen([sys.executable, "-c", runner], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=dict(os.environ, TMPDIR=str(work)), cwd=os.getcwd())
+    try:
+        child_pid = int(proc.stdout.readline())
+        during = [p.name for p in work.iterdir()]
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert len(during) == 1 and during[0].startswith("parm-ctrl-c-")
+    assert proc.returncode != 0  # the KeyboardInterrupt
+    assert not psutil.pid_exists(child_pid) or psutil.Process(child_pid).status() == psutil.STATUS_ZOMBIE
+    assert [p.name for p in work.iterdir() if p.name != ".ses"] == []
