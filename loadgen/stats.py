@@ -14,7 +14,6 @@ tables of a run written with ``--out RUN_DIR`` and, given the frontend's
 ``--records-dir``, its encoding and decoding tables (microseconds).
 """
 
-import argparse
 import csv
 import json
 import math
@@ -25,6 +24,7 @@ from collections import Counter
 import numpy as np
 
 from loadgen.records import CSV_NAME, SOURCES, read_csv
+from services.common import cli
 
 SUMMARY_NAME = "summary.json"
 ROW_KEYS = ("num", "med", "mean", "p99", "p995", "p999")
@@ -320,14 +320,11 @@ def frontend_tables(queries, groups):
     return "\n\n".join(parts)
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
+PROG = "python -m loadgen.stats"
 
 
-def main(argv=None):
-    parser = _Parser(prog="python -m loadgen.stats",
-                     description="Print the tables of a load-generator run.")
+def _main(argv):
+    parser = cli.ArgumentParser(prog=PROG, description="Print the tables of a load-generator run.")
     parser.add_argument("run_dir", help=f"a directory written by --out (holds {CSV_NAME})")
     parser.add_argument("--frontend-records", default=None,
                         help="the frontend's --records-dir (adds encoding/decoding tables)")
@@ -340,8 +337,7 @@ def main(argv=None):
     try:
         records = read_csv(csv_path)
     except (OSError, KeyError, ValueError) as exc:
-        print(f"loadgen.stats: error: cannot read records from {csv_path}: {exc}", file=sys.stderr)
-        return 1
+        raise cli.Failure(f"cannot read records from {csv_path}: {exc}") from None
     meta = {}
     summary_path = csv_path.parent / SUMMARY_NAME
     if summary_path.exists():
@@ -355,9 +351,7 @@ def main(argv=None):
         try:
             queries, groups = load_frontend_records(args.frontend_records)
         except (OSError, ValueError) as exc:
-            print(f"loadgen.stats: error: cannot read frontend records {args.frontend_records}: {exc}",
-                  file=sys.stderr)
-            return 1
+            raise cli.Failure(f"cannot read frontend records {args.frontend_records}: {exc}") from None
         summary["frontend"] = frontend_summary(queries, groups)
         text = frontend_tables(queries, groups)
     if args.write_summary:
@@ -367,6 +361,10 @@ def main(argv=None):
         print()
         print(text)
     return 0
+
+
+def main(argv=None):
+    return cli.run_main(_main, argv, prog=PROG)
 
 
 if __name__ == "__main__":

@@ -43,11 +43,6 @@ def dtype_code(dtype):
         raise InvalidInput(f"unsupported tensor dtype {dtype}") from None
 
 
-def dtype_name(code):
-    """"float32" etc. for a ``DataType`` value."""
-    return numpy_dtype(code).name
-
-
 def _code_name(code):
     try:
         return DataType.Name(code)

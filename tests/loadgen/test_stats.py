@@ -174,3 +174,16 @@ def test_report_gives_the_share_each_source_served():
     assert summary["shares"]["backup"] == 0.0
     assert "served by: original 75.0 %, reconstructed 25.0 %, backup 0.0 %" in format_report(summary)
     assert summarize([])["shares"]["original"] is None
+
+
+@pytest.mark.parametrize("argv, code, text", [
+    (["--bogus"], 2, "error: the following arguments are required: run_dir"),
+    (["/nonexistent-run"], 1, "error: cannot read records from /nonexistent-run"),
+])
+def test_stats_cli_mistakes_are_one_line(argv, code, text, capsys):
+    from loadgen import stats
+
+    assert stats.main(argv) == code
+    err = capsys.readouterr().err
+    assert err.startswith("python -m loadgen.stats: ") and text in err
+    assert len(err.strip().splitlines()) == 1
