@@ -26,7 +26,6 @@ The machine this is written on is shared: numbers measured there are not
 results. Run on a quiet machine.
 """
 
-import argparse
 import asyncio
 import json
 import os
@@ -45,7 +44,7 @@ from parm.v1 import coder_pb2 as pb
 from parm.v1 import coder_pb2_grpc as pb_grpc
 from services.coder.core import CoderCore
 from services.coder.servicer import SERVICE_NAME, CoderServicer
-from services.common import tensors
+from services.common import cli, tensors
 
 CASES = [((1, 784), 2), ((1, 3, 224, 224), 2), ((8, 3, 224, 224), 4)]
 QUICK_CASES = [((1, 784), 2), ((1, 3, 32, 32), 2)]
@@ -190,25 +189,24 @@ def format_tables(in_proc, rated):
     return "\n".join(lines)
 
 
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
+def _main(argv):
     if argv[:1] == ["serve"]:
-        p = argparse.ArgumentParser(prog="python -m services.coder.bench serve")
+        p = cli.ArgumentParser(prog="python -m services.coder.bench serve")
         p.add_argument("--ready-file", required=True)
         p.add_argument("--pool-buffers", type=int, default=None)
         a = p.parse_args(argv[1:])
-        asyncio.run(_serve(a.ready_file, a.pool_buffers))
+        cli.run_async(_serve(a.ready_file, a.pool_buffers))
         return 0
-    p = argparse.ArgumentParser(prog="python -m services.coder.bench", description=__doc__.splitlines()[0])
+    p = cli.ArgumentParser(prog="python -m services.coder.bench", description=__doc__.splitlines()[0])
     p.add_argument("--json", type=pathlib.Path, default=None, help="write the records as JSON here")
-    p.add_argument("--calls", type=int, default=300, help="metered calls per op, case and variant (default 300)")
-    p.add_argument("--rate", type=float, default=200.0,
-                   help="Encode+Decode pairs per second for the process runs; 0 skips them (default 200)")
-    p.add_argument("--duration-s", type=float, default=10.0, help="length of each process run, s (default 10)")
+    p.add_argument("--calls", type=cli.number(int, at_least=1), default=300,
+                   help="metered calls per op, case and variant")
+    p.add_argument("--rate", type=cli.number(float, at_least=0), default=200.0,
+                   help="Encode+Decode pairs per second for the process runs; 0 skips them")
+    p.add_argument("--duration-s", type=cli.number(float, above=0), default=10.0,
+                   help="length of each process run, s")
     p.add_argument("--quick", action="store_true", help="small shapes only (a check that it runs)")
     a = p.parse_args(argv)
-    if a.calls < 1 or a.rate < 0 or a.duration_s <= 0:
-        p.error("--calls must be >= 1, --rate >= 0, --duration-s > 0")
     cases = QUICK_CASES if a.quick else CASES
     in_proc = in_process(cases, a.calls)
     shape, k = cases[-1] if a.quick else cases[1]
@@ -220,6 +218,10 @@ def main(argv=None):
                                       "cpu_count": os.cpu_count()}, indent=1) + "\n")
         print(f"wrote {a.json}", file=sys.stderr)
     return 0
+
+
+def main(argv=None):
+    return cli.run_main(_main, argv, prog="python -m services.coder.bench")
 
 
 if __name__ == "__main__":
