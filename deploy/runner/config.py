@@ -17,7 +17,7 @@ Local fields (all optional, defaults below): ``warmup_queries``, ``seed``,
 ``encoder`` (``sum``/``concat``), ``deadline_s``, ``batch_timeout_ms``,
 ``network`` (``"auto"``, the default: the namespace testbed where this
 machine can make it, else the emulated network; ``"emulated"``; ``"netns"``),
-``decode_policies`` (a sweep field: ``"immediate"``/``"late"``, passed to the
+``decode_policy`` (a sweep field, a list or one value: ``"immediate"``/``"late"``, passed to the
 frontend as ``--decode-policy`` only when given), and ``emulation``:
 
     "emulation": {
@@ -58,7 +58,7 @@ DEFAULT_CLIPPER = {"rate": 20.0, "num_models": 2}
 
 _SWEEP_FIELDS = (
     "queue_modes", "redundancy_modes", "num_models", "ec_k_val", "batch_sizes",
-    "num_clients", "send_rates", "background_traffic", "num_queries", "decode_policies",
+    "num_clients", "send_rates", "background_traffic", "num_queries", "decode_policy",
 )
 _KNOWN = set(_SWEEP_FIELDS) | {
     "experiment_id", "frontend_type", "worker_type", "client_type", "model",
@@ -233,7 +233,14 @@ def _calibrated(path):
 
 
 def default_background():
-    """The emulated background model's defaults: the calibration file's fitted values."""
+    """The emulated background model's defaults: the calibration file's fitted values.
+
+    None when the file is not there (an installed wheel on an AWS node, which
+    runs real shuffles and never needs it); a sweep that then needs an
+    emulated background fails at that point, naming the file.
+    """
+    if not CALIBRATION_PATH.exists():
+        return None
     return dict(_calibrated(str(CALIBRATION_PATH)))
 
 
@@ -259,6 +266,13 @@ def _background(data, base=None):
     given = data.get("background", {})
     if not isinstance(given, dict):
         raise ConfigError("field 'emulation.background': expected an object")
+    if bg is None:
+        if not given:
+            return None
+        if set(given) != set(_BACKGROUND_KEYS):
+            raise ConfigError(f"field 'emulation.background': give all of {list(_BACKGROUND_KEYS)} "
+                              f"(the defaults' file {CALIBRATION_PATH} is missing)")
+        bg = {}
     unknown = set(given) - set(_BACKGROUND_KEYS)
     if unknown:
         raise ConfigError(f"field 'emulation.background': unknown keys {sorted(unknown)}")
@@ -304,8 +318,8 @@ def parse(data, source_path=""):
     data.setdefault("batch_sizes", [1])
     data.setdefault("num_clients", [1])
     data.setdefault("background_traffic", [0])
-    policies = data.get("decode_policies")
-    decode_policies = (None,) if policies is None else _as_list(data, "decode_policies", str,
+    policies = data.get("decode_policy")
+    decode_policies = (None,) if policies is None else _as_list(data, "decode_policy", str,
                                                                 allowed=DECODE_POLICIES)
     bg_items = data["background_traffic"] if isinstance(data["background_traffic"], list) else [data["background_traffic"]]
     for item in bg_items:

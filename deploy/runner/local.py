@@ -243,6 +243,9 @@ class Sweep:
         if bg == "clipper":
             return await self._start_clipper(run, dep, run_dir, namespace, extra)
         if self.testbed is None and not self.cfg.agents:
+            if run.background_model is None:
+                raise cli.Failure(f"no emulated background model: {config_mod.CALIBRATION_PATH} is missing; "
+                                  "run `make calibrate` or pass --emulation FILE")
             model = BackgroundModel.from_config(run.background_model)
             emu = EmulatedBackground(dep.instance_addresses(), bg, model, seed=run.seed)
             emu.start()

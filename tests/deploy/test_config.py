@@ -96,7 +96,7 @@ def test_unreadable_and_malformed_files(tmp_path):
 
 
 def test_decode_policies_sweep_coded_runs_only_and_name_them():
-    cfg = config.parse({**BASE, "send_rates": [10], "decode_policies": ["immediate", "late"]})
+    cfg = config.parse({**BASE, "send_rates": [10], "decode_policy": ["immediate", "late"]})
     runs = cfg.runs()
     assert [(r.redundancy_mode, r.decode_policy) for r in runs] == [
         ("equal", None), ("coded", "immediate"), ("coded", "late")]
@@ -109,7 +109,7 @@ def test_decode_policy_reaches_the_frontend_only_when_set():
 
     models = Models(base="b.json", parity="p.json", backup=None)
     plain, late = config.parse({**BASE, "send_rates": [10]}), config.parse(
-        {**BASE, "send_rates": [10], "decode_policies": "late"})
+        {**BASE, "send_rates": [10], "decode_policy": "late"})
     args = lambda run: frontend_args(run, models, "redis://x", "ns", "/r", 0, "127.0.0.1")
     assert "--decode-policy" not in args(plain.runs()[1])
     a = args(late.runs()[1])
@@ -118,8 +118,8 @@ def test_decode_policy_reaches_the_frontend_only_when_set():
 
 @pytest.mark.parametrize("bad", [["eager"], [], "sometimes", [1]])
 def test_bad_decode_policies_name_the_field(bad):
-    with pytest.raises(config.ConfigError, match="decode_policies"):
-        config.parse({**BASE, "decode_policies": bad})
+    with pytest.raises(config.ConfigError, match="decode_policy"):
+        config.parse({**BASE, "decode_policy": bad})
 
 
 def test_network_defaults_to_auto_and_background_to_the_calibration():
@@ -167,3 +167,13 @@ def test_local_json_keeps_the_testbed_parameters_and_runs_three_trials():
     fig = config.load(config.CALIBRATION_PATH.parent / "fig9a-local.json")
     coded = [r for r in fig.runs() if r.redundancy_mode == "coded"][0]
     assert coded.num_instances == (12, 6, 0) and fig.background_traffic == (4,) and fig.network == "netns"
+
+
+def test_without_the_calibration_file_only_an_emulated_background_needs_one(monkeypatch, tmp_path):
+    monkeypatch.setattr(config, "CALIBRATION_PATH", tmp_path / "missing.json")
+    assert config.parse(BASE).background_model is None  # e.g. an AWS node: real shuffles only
+    with pytest.raises(config.ConfigError, match="missing.json is missing"):
+        config.parse({**BASE, "emulation": {"background": {"stall_ms": 5}}})
+    full = {"bandwidth_mbps": 50, "size_mb": [1, 2], "delay": {"kind": "exponential", "params": {"mean_ms": 2}},
+            "stall_probability": 0.01, "stall_ms": 40}
+    assert config.parse({**BASE, "emulation": {"background": full}}).background_model["stall_ms"] == 40.0

@@ -12,7 +12,7 @@ BASE = {"experiment_id": "t", "redundancy_modes": ["equal", "coded"], "send_rate
 
 def fake_results(p999_by_trial, med_by_trial=None, decode_policies=None):
     """Results of a sweep whose coded/equal p99.9 ratio in trial t is ``p999_by_trial[t]``."""
-    data = dict(BASE, **({"decode_policies": decode_policies} if decode_policies else {}))
+    data = dict(BASE, **({"decode_policy": decode_policies} if decode_policies else {}))
     out = []
     for run in config.parse(data).runs():
         ratio = p999_by_trial[run.trial] if run.redundancy_mode == "coded" else 1.0
