@@ -177,3 +177,35 @@ def test_without_the_calibration_file_only_an_emulated_background_needs_one(monk
     full = {"bandwidth_mbps": 50, "size_mb": [1, 2], "delay": {"kind": "exponential", "params": {"mean_ms": 2}},
             "stall_probability": 0.01, "stall_ms": 40}
     assert config.parse({**BASE, "emulation": {"background": full}}).background_model["stall_ms"] == 40.0
+
+
+def test_network_choice_says_which_and_why(monkeypatch):
+    from deploy.network import netns, sandbox
+    from deploy.runner import local
+    from services.common import cli
+
+    monkeypatch.delenv(sandbox.INSIDE_ENV, raising=False)
+    monkeypatch.setattr(sandbox, "mode", lambda: "userns")
+    network, line = local.choose_network("auto")
+    assert network == "netns" and line.startswith("network: the namespace testbed") and "\n" not in line
+    assert local.choose_network("emulated")[0] == "emulated"
+    assert local.choose_network("auto", agents="hosts.json")[0] == "hosts"
+
+    def no_sandbox():
+        raise sandbox.SandboxUnavailable("unprivileged user namespaces are not available here (EPERM)")
+
+    def no_privileges():
+        raise netns.TestbedUnavailable("needs root")
+
+    monkeypatch.setattr(sandbox, "mode", no_sandbox)
+    monkeypatch.setattr(netns, "require_netns", no_privileges)
+    network, line = local.choose_network("auto")
+    assert network == "emulated" and "cannot run here" in line and "EPERM" in line and "\n" not in line
+    with pytest.raises(cli.Failure, match="NETWORK=emulated"):
+        local.choose_network("netns")
+    # Root where user namespaces are off: the testbed in this process.
+    monkeypatch.setattr(netns, "require_netns", lambda: None)
+    assert local.choose_network("auto")[0] == "netns"
+    # Inside the sandbox it is the testbed, without a second banner.
+    monkeypatch.setenv(sandbox.INSIDE_ENV, "1")
+    assert local.choose_network("auto") == ("netns", "")
