@@ -331,7 +331,7 @@ def _main(argv):
               f"{cfg.shuffles} shuffles, {cfg.idle_s:g} s idle + {cfg.duration_s:g} s", flush=True)
         # The machine is described from outside the sandbox (its load, its name).
         os.environ["PARM_CALIBRATE_MACHINE"] = json.dumps(machine())
-        sandbox.exec_module("deploy.network.calibrate", [*argv, "--out", str(out)], kind)
+        return sandbox.run_module("deploy.network.calibrate", [*argv, "--out", str(out)], kind)
     info = json.loads(os.environ.get("PARM_CALIBRATE_MACHINE") or "null") or machine()
     shown = list(argv)
     if "--out" in shown:  # the path the caller gave, not the absolute one added above

@@ -1,9 +1,14 @@
 """The testbed's sandbox: a private set of namespaces that dies with its run.
 
-A testbed run (the sweep runner, the calibration) re-executes itself inside
+A testbed run (the sweep runner, the calibration) runs itself again inside
 
     unshare --user --map-root-user --net --mount --pid --fork --kill-child --mount-proc \\
         PYTHON -m deploy.network.sandbox init -- PYTHON -m MODULE ARGS...
+
+and waits for it (``run_module``), forwarding SIGTERM and SIGHUP (``unshare``
+itself ignores them) and exiting with its status; ``unshare`` gets SIGKILL
+if that waiting process dies (``PR_SET_PDEATHSIG``), so even a ``kill -9``
+of the process the user started takes the whole sandbox down.
 
 - **user namespace** (``--user --map-root-user``): the process is root *inside*
   it, with ``CAP_NET_ADMIN`` over the namespaces it owns, and the real user
@@ -29,7 +34,8 @@ on the machine: no namespace, no link, no process, no file under /run or
 $TMPDIR. (Results are written where the command says, as the real user.)
 
 Ctrl-C reaches the command directly (it is in the terminal's foreground
-process group); ``unshare`` and ``init`` ignore it and wait.
+process group); the waiting process, ``unshare`` and ``init`` ignore it and
+wait.
 """
 
 import argparse
@@ -103,16 +109,51 @@ def argv(command, kind=None):
     return ["unshare", *flags, sys.executable, "-m", "deploy.network.sandbox", "init", "--", *command]
 
 
-def exec_module(module, args, kind=None):
-    """Replaces this process with ``python -m module args`` in a new sandbox (never returns).
+def _die_with_parent():
+    """preexec_fn: SIGKILL this child (``unshare``) when its parent dies."""
+    import ctypes
 
-    The pid stays the same (``unshare`` is exec'd), so whoever started this
-    process (a shell, a test) still holds the whole run by that pid.
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def _init_pids(unshare_pid):
+    try:
+        with open(f"/proc/{unshare_pid}/task/{unshare_pid}/children") as f:
+            return [int(p) for p in f.read().split()]
+    except OSError:
+        return []
+
+
+def run_module(module, args, kind=None):
+    """Runs ``python -m module args`` in a new sandbox and waits; returns its exit status.
+
+    SIGTERM and SIGHUP to this process go on to the sandbox's init, which
+    passes them to the command; SIGINT is ignored here (from a terminal, the
+    command gets it itself). If this process dies, ``unshare`` is killed,
+    and with it everything in the sandbox.
     """
     sys.stdout.flush()
     sys.stderr.flush()
-    full = argv([sys.executable, "-m", module, *args], kind)
-    os.execvp(full[0], full)
+    child = subprocess.Popen(argv([sys.executable, "-m", module, *args], kind), preexec_fn=_die_with_parent)
+
+    def forward(signum, _frame):
+        for pid in _init_pids(child.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    previous[signal.SIGINT] = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        while True:
+            try:
+                rc = child.wait()
+                break
+            except InterruptedError:
+                continue
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 128 - rc if rc < 0 else rc
 
 
 # -- PID 1 of the sandbox ----------------------------------------------------

@@ -465,7 +465,7 @@ def _main(argv):
             if kind is not None:
                 # The whole run moves into the sandbox, which takes everything
                 # it made with it, even on kill -9.
-                sandbox.exec_module("deploy.runner.local", [*argv, "--network", "netns"], kind)
+                return sandbox.run_module("deploy.runner.local", [*argv, "--network", "netns"], kind)
         # Testbed results go beside (not over) the emulated ones of the same config.
         sweep = sweep.with_overrides(experiment_id=f"{sweep.experiment_id}-netns")
     previous = signal.signal(signal.SIGTERM, _sigterm)

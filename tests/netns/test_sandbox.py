@@ -5,6 +5,7 @@ import pathlib
 import signal
 import subprocess
 import sys
+import time
 
 import psutil
 import pytest
@@ -73,3 +74,35 @@ def test_check_says_how(kind):
     proc = subprocess.run([sys.executable, "-m", "deploy.network.sandbox", "check"], cwd=REPO,
                           capture_output=True, text=True, timeout=60)
     assert (proc.returncode, proc.stdout.strip()) == (0, f"sandbox: {kind}")
+
+
+def _start_agent_in_sandbox():
+    code = ("import sys; from deploy.network import sandbox; "
+            "sys.exit(sandbox.run_module('deploy.network.shuffle', ['agent']))")
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        agents = [p for p in psutil.Process(proc.pid).children(recursive=True)
+                  if p.cmdline()[1:4] == ["-m", "deploy.network.shuffle", "agent"]]
+        if agents:
+            return proc, agents[0]
+        time.sleep(0.1)
+    proc.kill()
+    proc.wait()
+    pytest.fail("the agent never started in the sandbox")
+
+
+@pytest.mark.parametrize("sig, status", [(signal.SIGTERM, 0), (signal.SIGKILL, -signal.SIGKILL)])
+def test_run_module_forwards_sigterm_and_dies_whole_on_sigkill(kind, sig, status):
+    proc, agent = _start_agent_in_sandbox()
+    try:
+        time.sleep(0.5)  # the agent's signal handlers are installed once it listens
+        os.kill(proc.pid, sig)
+        # SIGTERM: the agent stops cleanly and its status comes back; SIGKILL: the kernel takes it all.
+        assert proc.wait(timeout=20) == status
+        _, alive = psutil.wait_procs([agent], timeout=10)
+        assert alive == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
