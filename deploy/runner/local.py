@@ -19,6 +19,14 @@ For every run of the sweep (``deploy.runner.config``), in order:
 At the end: a comparison across modes, and ``results/<experiment>/report.md``
 with the tables and plots.
 
+The network (``choose_network``): ``auto`` (the configs' default) is the
+namespace testbed wherever this machine can make it and the emulated network
+elsewhere, said in one line either way; ``netns`` fails in one line where the
+testbed cannot run. A testbed run runs itself again inside the sandbox
+(``deploy.network.sandbox``: no root needed; everything it makes dies with
+it, even on ``kill -9``) and waits for it; results go to
+``results/<experiment>-netns/``.
+
 Cleanup invariant: every process is started through one ``Launcher`` per
 sweep, whose ``stop_all`` runs in a ``finally`` — after a failed step, on
 Ctrl-C (SIGINT) and on SIGTERM (turned into ``KeyboardInterrupt``) — so
