@@ -196,16 +196,26 @@ def _side_by_side(rows, network, twin, modes, root):
     out += [f"### {here} vs {there}", "",
             f"| RATE | K | CODED/EQUAL P99.9 ({here}) | CODED/EQUAL P99.9 ({there}) "
             f"| CODED/EQUAL MED ({here}) | CODED/EQUAL MED ({there}) "
-            f"| EQUAL P99.9 ({here}) | EQUAL P99.9 ({there}) |",
-            "|---|---|---|---|---|---|---|---|"]
+            f"| EQUAL P99.9 ({here}) | EQUAL P99.9 ({there}) | AGREE |",
+            "|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         o = other.get(key(row), {})
         out.append("| " + " | ".join([
             f"{row['rate']:g}", str(row["k"]),
             fmt(row.get(f"{coded}_vs_equal_p999"), 2), fmt(o.get(f"{coded}_vs_equal_p999"), 2),
             fmt(row.get(f"{coded}_vs_equal_med"), 2), fmt(o.get(f"{coded}_vs_equal_med"), 2),
-            fmt(row.get("equal_p999"), 1), fmt(o.get("equal_p999"), 1)]) + " |")
-    return out + [""]
+            fmt(row.get("equal_p999"), 1), fmt(o.get("equal_p999"), 1),
+            _agree(row, o, coded)]) + " |")
+    return out + ["", "AGREE: the calibration's acceptance, equal resources' p99.9 within 25 % of each other "
+                      "and coded/equal p99.9 within 0.10 (means over trials).", ""]
+
+
+def _agree(row, other, coded):
+    eq, eq_other = row.get("equal_p999"), other.get("equal_p999")
+    ratio, ratio_other = row.get(f"{coded}_vs_equal_p999"), other.get(f"{coded}_vs_equal_p999")
+    if None in (eq, eq_other, ratio, ratio_other) or not eq:
+        return "-"
+    return "yes" if abs(eq_other - eq) <= 0.25 * eq and abs(ratio_other - ratio) <= 0.10 else "no"
 
 
 def comparison(results):

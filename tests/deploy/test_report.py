@@ -88,3 +88,17 @@ def test_tail_causes_from_the_frontend_records(tmp_path):
     assert tail.classify_run(records, tmp_path, "equal", percentile=95)["slow_instance"] == 2
     table = tail.format_table([("coded", counts)])
     assert "| coded | 7 |" in table and "slow_instance" not in table
+
+
+def test_side_by_side_says_whether_the_emulation_agrees(tmp_path):
+    testbed = fake_results([0.5, 0.5, 0.5])
+    close = fake_results([0.55, 0.6, 0.55])   # ratio 0.567 vs 0.5; equal p99.9 the same
+    far = fake_results([0.2, 0.2, 0.2])
+    modes = ["equal", "coded"]
+    rows = report.comparison(testbed)
+    agree = "\n".join(report._side_by_side(rows, {"kind": "netns"}, (close, {"kind": "emulated"}, tmp_path),
+                                           modes, tmp_path))
+    assert agree.splitlines()[-3].endswith("| yes |")
+    disagree = "\n".join(report._side_by_side(rows, {"kind": "netns"}, (far, {"kind": "emulated"}, tmp_path),
+                                              modes, tmp_path))
+    assert disagree.splitlines()[-3].endswith("| no |")
