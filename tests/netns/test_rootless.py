@@ -148,7 +148,7 @@ def _machine_state():
 
 
 def _assert_nothing_left(mark, before, workdir):
-    deadline = time.monotonic() + 15
+    deadline = time.monotonic() + 30  # the kernel reaps a dead sandbox quickly, a loaded machine less so
     while _marked(mark) and time.monotonic() < deadline:
         time.sleep(0.2)
     left = []
