@@ -10,8 +10,9 @@ STAMP := $(VENV)/.installed-$(ORT)
 BUILD_INPUTS := pyproject.toml setup.py $(wildcard protos/parm/*/*.proto) \
 	$(wildcard coding_ext/*.pyx coding_ext/*.pxi coding_ext/*.pxd coding_ext/*.h)
 # CONFIG: a config file, or its bare name (fig9a-local = configs/fig9a-local.json) for
-# every target that takes one. NETWORK: auto (default: the namespace testbed where
-# this machine can make it, rootless; else emulated), emulated or netns.
+# every target that takes one. NETWORK overrides the config's network: auto (the
+# namespace testbed where this machine can make it, rootless, else emulated; what
+# configs/local.json asks for), emulated or netns.
 CONFIG ?= configs/local.json
 ARTIFACTS ?= artifacts
 

@@ -15,8 +15,9 @@ or ``"clipper"``), ``num_queries``, ``num_trials``.
 
 Local fields (all optional, defaults below): ``warmup_queries``, ``seed``,
 ``encoder`` (``sum``/``concat``), ``deadline_s``, ``batch_timeout_ms``,
-``network`` (``"auto"``, the default: the namespace testbed where this
-machine can make it, else the emulated network; ``"emulated"``; ``"netns"``),
+``network`` (``"auto"``: the namespace testbed where this machine can make
+it, else the emulated network, as ``configs/local.json`` says; ``"netns"``;
+``"emulated"``, the default),
 ``decode_policy`` (a sweep field, a list or one value: ``"immediate"``/``"late"``, passed to the
 frontend as ``--decode-policy`` only when given), and ``emulation``:
 
@@ -358,7 +359,7 @@ def parse(data, source_path=""):
         encoder=_scalar(data, "encoder", str, "sum"),
         deadline_s=float(_scalar(data, "deadline_s", (int, float), 10.0)),
         batch_timeout_ms=float(_scalar(data, "batch_timeout_ms", (int, float), 5.0)),
-        network=_scalar(data, "network", str, "auto"),
+        network=_scalar(data, "network", str, "emulated"),
         compute=_distribution(emulation.get("compute", DEFAULT_COMPUTE), "emulation.compute"),
         background_model=_background(emulation),
         clipper=clipper,

@@ -19,7 +19,7 @@ For every run of the sweep (``deploy.runner.config``), in order:
 At the end: a comparison across modes, and ``results/<experiment>/report.md``
 with the tables and plots.
 
-The network (``choose_network``): ``auto`` (the configs' default) is the
+The network (``choose_network``): ``auto`` (``configs/local.json``'s) is the
 namespace testbed wherever this machine can make it and the emulated network
 elsewhere, said in one line either way; ``netns`` fails in one line where the
 testbed cannot run. A testbed run runs itself again inside the sandbox
@@ -96,8 +96,8 @@ def parse_config(argv):
                                                "addresses: run on those hosts (AWS) instead of this machine")
     p.add_argument("--network", choices=("", *config_mod.NETWORKS), default="",
                    help="override the config's network: auto (the namespace testbed where this machine "
-                        "can make it, else emulated), emulated, netns (default: the config's, which "
-                        "defaults to auto)")
+                        "can make it, else emulated), emulated, netns (default: the config's; "
+                        "configs/local.json says auto)")
     p.add_argument("--emulation", default="",
                    help="emulated background model from this calibration file (deploy.network.calibrate) "
                         "instead of the config's (default: the config's, whose defaults are "
