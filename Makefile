@@ -16,10 +16,14 @@ DEPLOY_ENV := $(if $(wildcard $(STAMP)),$(STAMP),$(DEPLOY_STAMP))
 EXTRAS := $(ORT),train,data,report,deploy,dev
 BUILD_INPUTS := pyproject.toml setup.py $(wildcard protos/parm/*/*.proto) \
 	$(wildcard coding_ext/*.pyx coding_ext/*.pxi coding_ext/*.pxd coding_ext/*.h)
+# CONFIG: a config file, or its bare name (fig9a-local = configs/fig9a-local.json) for
+# every target that takes one. NETWORK overrides the config's network: auto (the
+# namespace testbed where this machine can make it, rootless, else emulated; what
+# configs/local.json asks for), emulated or netns.
 CONFIG ?= configs/local.json
 ARTIFACTS ?= artifacts
 
-.PHONY: build test test-fast local serve models bench deploy-aws aws-status aws-results aws-terminate chaos clean
+.PHONY: build test test-fast local serve calibrate models bench deploy-aws aws-status aws-results aws-terminate chaos clean
 
 build: $(STAMP)
 
@@ -52,6 +56,10 @@ local: build
 
 serve: build
 	$(PY) -m deploy.runner.serve $(CONFIG)
+
+# Fit the emulated network to the namespace testbed (writes configs/emulation-calibrated.json).
+calibrate: build
+	$(PY) -m deploy.network.calibrate $(CALIBRATE_ARGS)
 
 bench: build
 	$(PY) -m coding_ext.bench --json results/bench/coding_ext.json

@@ -42,7 +42,6 @@ launcher host ``i`` is testbed host ``i``; ``bind_address(i)`` is the address
 a service on it must listen on (pass it as ``--host``).
 """
 
-import argparse
 import atexit
 import contextlib
 import fcntl
@@ -59,6 +58,7 @@ import time
 from dataclasses import asdict, dataclass
 
 from deploy.runner.launcher import LocalLauncher
+from services.common import cli
 
 #: Defaults scaled from the paper's cluster (docs/netns.md has the numbers).
 DEFAULT_RATE_MBIT = 50.0
@@ -473,29 +473,54 @@ def stale_testbeds(run=_run):
     return stale
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(
+def check():
+    """How this machine can run the testbed (one line); ``TestbedUnavailable`` if it cannot.
+
+    In this process (root or ``CAP_NET_ADMIN``), or else in the sandbox
+    (``deploy.network.sandbox``: an unprivileged user namespace), which the
+    runner and the calibration enter by themselves.
+    """
+    from deploy.network import sandbox
+
+    try:
+        require_netns()
+        return "netns testbed: available (this process has CAP_NET_ADMIN)"
+    except TestbedUnavailable as exc:
+        first = exc
+    try:
+        sandbox.mode()
+    except sandbox.SandboxUnavailable as exc:
+        raise TestbedUnavailable(f"{first}; {exc}") from None
+    return "netns testbed: available without root (in an unprivileged user namespace)"
+
+
+def _main(argv):
+    parser = cli.ArgumentParser(
         prog="python -m deploy.network.netns",
         description="The namespace testbed: check that it can run here, or remove what a killed run left.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("check", help="exit 0 if this machine can run the testbed, else say why (exit 2)")
-    sub.add_parser("cleanup", help="remove the namespaces (and with them the links) of runs that no longer exist")
-    cfg = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    sub.add_parser("check", help="exit 0 and say how if this machine can run the testbed, else say why (exit 1)")
+    sub.add_parser("cleanup", help="remove the namespaces (and with them the links) of runs that no longer exist "
+                                   "(root testbeds only; a sandboxed run leaves none)")
+    cfg = parser.parse_args(argv)
     try:
-        require_netns()
         if cfg.command == "check":
-            print("netns testbed: available")
-        else:
-            stale = stale_testbeds()
-            for ns in stale:
-                _kill_namespace_processes([ns], _run, 2.0)
-                _run(["ip", "netns", "del", ns], check=False)
-            print(f"removed {len(stale)} stale namespace(s)")
+            print(check())
+            return 0
+        require_netns()
+        stale = stale_testbeds()
+        for ns in stale:
+            _kill_namespace_processes([ns], _run, 2.0)
+            _run(["ip", "netns", "del", ns], check=False)
+        print(f"removed {len(stale)} stale namespace(s)")
     except (TestbedUnavailable, TestbedError) as exc:
-        print(f"netns: {exc}", file=sys.stderr)
-        return 2
+        raise cli.Failure(str(exc)) from None
     return 0
+
+
+def main(argv=None):
+    return cli.run_main(_main, argv, prog="python -m deploy.network.netns")
 
 
 if __name__ == "__main__":

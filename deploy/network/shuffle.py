@@ -10,12 +10,18 @@ An agent listens on one TCP port and speaks a line protocol:
   back), or ``ERROR <reason>\\n``.
 - ``DATA <nbytes>\\n`` (from a peer agent): the agent reads ``nbytes`` bytes
   and sends as many back.
+- ``PROBE\\n`` (from ``deploy.network.calibrate``): the connection becomes a
+  probe channel; each ``P <id> <nbytes> <reply_bytes>\\n`` followed by
+  ``nbytes`` bytes is answered ``R <id>\\n`` followed by ``reply_bytes`` bytes,
+  in order, on the same connection (like gRPC's one connection per peer, a
+  lost segment delays every probe behind it).
 
 The *coordinator* (``ShuffleCoordinator``) keeps ``n`` shuffles in flight, in
 a loop: each picks a random ordered pair of distinct agents and a random size
 in ``[low, high]`` bytes (seeded), asks the first agent to shuffle with the
 second, and starts the next when it finishes — the original's background
-traffic (n concurrent shuffles of 128-256 MB between random workers).
+traffic (n concurrent shuffles of 128-256 MB between random workers). Its
+``timeline`` keeps every completed transfer (start, end, the two agents).
 
 Invariants: a transfer's buffer is one preallocated chunk per agent, sent
 repeatedly (never the size of the transfer); every connection is closed when
@@ -24,7 +30,6 @@ so no task outlives the coordinator. Bytes are counted only for transfers
 that completed both directions.
 """
 
-import argparse
 import asyncio
 import contextlib
 import logging
@@ -33,6 +38,7 @@ import sys
 import time
 from dataclasses import dataclass
 
+from services.common import cli
 from services.common.procs import write_ready_file
 
 log = logging.getLogger(__name__)
@@ -87,6 +93,8 @@ class ShuffleAgent:
                 self.bytes_received += nbytes
                 await _send_bytes(writer, nbytes)
                 self.bytes_sent += nbytes
+            elif line == ["PROBE"]:
+                await self._probe(reader, writer)
             elif len(line) == 3 and line[0] == "SHUFFLE" and line[2].isdigit():
                 try:
                     moved, seconds = await self._shuffle(line[1], int(line[2]))
@@ -101,6 +109,25 @@ class ShuffleAgent:
             pass
         finally:
             writer.close()
+
+    async def _probe(self, reader, writer):
+        while True:
+            line = (await reader.readline()).decode().split()
+            if not line:
+                return
+            if len(line) != 4 or line[0] != "P" or not all(x.isdigit() for x in line[1:]):
+                writer.write(b"ERROR bad probe\n")
+                await writer.drain()
+                return
+            nbytes, reply = int(line[2]), int(line[3])
+            if nbytes > CHUNK_BYTES or reply > CHUNK_BYTES:
+                writer.write(b"ERROR probe too large\n")
+                await writer.drain()
+                return
+            await reader.readexactly(nbytes)
+            writer.write(f"R {line[1]}\n".encode())
+            writer.write(_CHUNK[:reply])
+            await writer.drain()
 
     async def _shuffle(self, peer, nbytes):
         host, _, port = peer.rpartition(":")
@@ -129,10 +156,22 @@ class ShuffleStats:
     bytes_moved: int = 0
 
 
+@dataclass(frozen=True)
+class TransferSpan:
+    """One completed shuffle: agents ``src`` -> ``dst`` and back, monotonic times."""
+
+    src: int
+    dst: int
+    nbytes: int
+    start_s: float
+    end_s: float
+
+
 class ShuffleCoordinator:
     """Keeps ``n`` shuffles between random agent pairs in flight, in a loop."""
 
-    def __init__(self, agents, n, size_bytes=(128 << 20, 256 << 20), seed=0, timeout_s=600.0):
+    def __init__(self, agents, n, size_bytes=(128 << 20, 256 << 20), seed=0, timeout_s=600.0,
+                 clock=time.monotonic):
         if len(agents) < 2 and n > 0:
             raise ValueError("background shuffles need at least two agents")
         self.agents = list(agents)
@@ -143,6 +182,8 @@ class ShuffleCoordinator:
         self._tasks = []
         self._stopping = False
         self.stats = ShuffleStats()
+        self.timeline = []
+        self._clock = clock
 
     def start(self):
         self._stopping = False
@@ -163,8 +204,10 @@ class ShuffleCoordinator:
             src, dst = self._rng.sample(range(len(self.agents)), 2)
             nbytes = self._rng.randint(*self.size_bytes)
             try:
+                start = self._clock()
                 async with asyncio.timeout(self.timeout_s):
                     moved = await self.shuffle_once(src, dst, nbytes)
+                self.timeline.append(TransferSpan(src, dst, nbytes, start, self._clock()))
                 self.stats.completed += 1
                 self.stats.bytes_moved += moved
             except (OSError, ConnectionError, asyncio.TimeoutError, RuntimeError) as exc:
@@ -188,14 +231,14 @@ class ShuffleCoordinator:
 
 
 def parse_config(argv):
-    parser = argparse.ArgumentParser(
+    parser = cli.ArgumentParser(
         prog="python -m deploy.network.shuffle",
         description="Background-traffic shuffle agent (one per instance host).",
     )
     sub = parser.add_subparsers(dest="command", required=True)
     agent = sub.add_parser("agent", help="run an agent")
-    agent.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
-    agent.add_argument("--port", type=int, default=0, help="TCP port, 0 = any free port (default: %(default)s)")
+    agent.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    agent.add_argument("--port", type=int, default=0, help="TCP port, 0 = any free port")
     agent.add_argument("--ready-file", default="", help="write {port, pid} JSON here once listening")
     return parser.parse_args(argv)
 
@@ -219,15 +262,17 @@ async def _serve_agent(cfg):
             await agent.close()
 
 
-def main(argv=None):
-    cfg = parse_config(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def _main(argv):
+    cfg = parse_config(argv)
+    cli.setup_logging("INFO")
     try:
-        asyncio.run(_serve_agent(cfg))
+        cli.run_async(_serve_agent(cfg))
     except OSError as exc:
-        print(f"shuffle agent: cannot listen on {cfg.host}:{cfg.port}: {exc.strerror}", file=sys.stderr)
-        return 1
-    return 0
+        raise cli.Failure(f"cannot listen on {cfg.host}:{cfg.port}: {exc.strerror}") from None
+
+
+def main(argv=None):
+    return cli.run_main(_main, argv, prog="python -m deploy.network.shuffle")
 
 
 if __name__ == "__main__":

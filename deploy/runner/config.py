@@ -15,16 +15,20 @@ or ``"clipper"``), ``num_queries``, ``num_trials``.
 
 Local fields (all optional, defaults below): ``warmup_queries``, ``seed``,
 ``encoder`` (``sum``/``concat``), ``deadline_s``, ``batch_timeout_ms``,
-``network`` (``"emulated"`` or ``"netns"``), and ``emulation``:
+``network`` (``"auto"``: the namespace testbed where this machine can make
+it, else the emulated network, as ``configs/local.json`` says; ``"netns"``;
+``"emulated"``, the default),
+``decode_policy`` (a sweep field, a list or one value: ``"immediate"``/``"late"``, passed to the
+frontend as ``--decode-policy`` only when given), and ``emulation``:
 
     "emulation": {
       "compute": {"kind": "lognormal", "params": {"median_ms": 8, "sigma": 0.25}},
-      "background": {
-        "bandwidth_mbps": 2000,        # per-host link rate of a shuffle
-        "size_mb": [128, 256],         # uniform size of one transfer
-        "delay": {"kind": "exponential", "params": {"mean_ms": 6}},
-        "stall_probability": 0.01,     # per query on a touched instance
-        "stall_ms": 200                # Linux's minimum retransmission timeout
+      "background": {                  # default: the fitted values of
+        "bandwidth_mbps": ...,         #   configs/emulation-calibrated.json
+        "size_mb": [low, high],        # uniform size of one transfer (MB)
+        "delay": {"kind": "exponential", "params": {"mean_ms": ...}},
+        "stall_probability": ...,      # per query on a touched instance
+        "stall_ms": ...                # a retransmission timeout's extra delay
       },
       "clipper": {"rate": 20, "num_models": 2}
     }
@@ -32,6 +36,7 @@ Local fields (all optional, defaults below): ``warmup_queries``, ``seed``,
 Invalid configs fail at once with a ``ConfigError`` naming the field.
 """
 
+import functools
 import itertools
 import json
 import pathlib
@@ -40,22 +45,21 @@ from dataclasses import dataclass, field, replace
 REDUNDANCY_MODES = ("none", "equal", "coded", "cheap", "hedged")
 QUEUE_MODES = ("single_queue", "rr")
 ENCODERS = ("sum", "concat")
-NETWORKS = ("emulated", "netns")
+NETWORKS = ("auto", "emulated", "netns")
+DECODE_POLICIES = ("immediate", "late")
 DISTRIBUTION_KINDS = ("none", "constant", "uniform", "exponential", "lognormal", "normal")
 
 DEFAULT_COMPUTE = {"kind": "lognormal", "params": {"median_ms": 8.0, "sigma": 0.25}}
-DEFAULT_BACKGROUND = {
-    "bandwidth_mbps": 2000.0,
-    "size_mb": [128.0, 256.0],
-    "delay": {"kind": "exponential", "params": {"mean_ms": 6.0}},
-    "stall_probability": 0.01,
-    "stall_ms": 200.0,
-}
+#: The emulated background model's defaults: fitted to the namespace testbed
+#: by ``python -m deploy.network.calibrate`` (the file says by what command,
+#: when and on which machine).
+CALIBRATION_PATH = pathlib.Path(__file__).resolve().parents[2] / "configs" / "emulation-calibrated.json"
+_BACKGROUND_KEYS = ("bandwidth_mbps", "size_mb", "delay", "stall_probability", "stall_ms")
 DEFAULT_CLIPPER = {"rate": 20.0, "num_models": 2}
 
 _SWEEP_FIELDS = (
     "queue_modes", "redundancy_modes", "num_models", "ec_k_val", "batch_sizes",
-    "num_clients", "send_rates", "background_traffic", "num_queries",
+    "num_clients", "send_rates", "background_traffic", "num_queries", "decode_policy",
 )
 _KNOWN = set(_SWEEP_FIELDS) | {
     "experiment_id", "frontend_type", "worker_type", "client_type", "model",
@@ -94,6 +98,7 @@ class RunSpec:
     compute: dict
     background_model: dict
     clipper: dict
+    decode_policy: str | None = None
 
     @property
     def num_instances(self):
@@ -114,7 +119,8 @@ class RunSpec:
         return (
             f"mode_{self.redundancy_mode}-q_{self.queue_mode}-n_{self.num_models}-k_{self.k}"
             f"-bs_{self.batch_size}-rate_{self.send_rate:g}-bg_{bg}-c_{self.num_clients}"
-            f"-nq_{self.num_queries}-it_{self.trial}"
+            f"-nq_{self.num_queries}{f'-dp_{self.decode_policy}' if self.decode_policy else ''}"
+            f"-it_{self.trial}"
         )
 
     def to_dict(self):
@@ -145,10 +151,11 @@ class SweepConfig:
     batch_timeout_ms: float = 5.0
     network: str = "emulated"
     compute: dict = field(default_factory=lambda: dict(DEFAULT_COMPUTE))
-    background_model: dict = field(default_factory=lambda: dict(DEFAULT_BACKGROUND))
+    background_model: dict = field(default_factory=lambda: default_background())
     clipper: dict = field(default_factory=lambda: dict(DEFAULT_CLIPPER))
     description: str = ""
     source_path: str = ""
+    decode_policies: tuple = (None,)
 
     def runs(self):
         """Every combination, trials innermost-but-one and modes innermost.
@@ -159,11 +166,13 @@ class SweepConfig:
         """
         seen = set()
         out = []
-        for (qm, n, bs, nc, rate, bg, nq, k, trial, mode) in itertools.product(
+        for (qm, n, bs, nc, rate, bg, nq, k, trial, policy, mode) in itertools.product(
             self.queue_modes, self.num_models, self.batch_sizes, self.num_clients,
             self.send_rates, self.background_traffic, self.num_queries,
-            self.ec_k_val, range(self.num_trials), self.redundancy_modes,
+            self.ec_k_val, range(self.num_trials), self.decode_policies, self.redundancy_modes,
         ):
+            if mode != "coded" and policy is not None and policy != self.decode_policies[0]:
+                continue  # the decode policy changes only coded runs: the others run once
             if mode == "none":
                 key = (qm, n, bs, nc, rate, bg, nq, trial, mode)
                 if key in seen:
@@ -177,7 +186,7 @@ class SweepConfig:
                 seed=self.seed + trial, encoder=self.encoder, deadline_s=self.deadline_s,
                 batch_timeout_ms=self.batch_timeout_ms, network=self.network,
                 compute=self.compute, background_model=self.background_model,
-                clipper=self.clipper,
+                clipper=self.clipper, decode_policy=policy if mode == "coded" else None,
             ))
         return out
 
@@ -219,16 +228,60 @@ def _distribution(value, name):
     return {"kind": value["kind"], "params": {k: float(v) for k, v in params.items()}}
 
 
-def _background(data):
-    bg = dict(DEFAULT_BACKGROUND)
+@functools.lru_cache(maxsize=None)
+def _calibrated(path):
+    return load_calibration(path)
+
+
+def default_background():
+    """The emulated background model's defaults: the calibration file's fitted values.
+
+    None when the file is not there (an installed wheel on an AWS node, which
+    runs real shuffles and never needs it); a sweep that then needs an
+    emulated background fails at that point, naming the file.
+    """
+    if not CALIBRATION_PATH.exists():
+        return None
+    return dict(_calibrated(str(CALIBRATION_PATH)))
+
+
+def load_calibration(path):
+    """The ``background`` model of a calibration file (``deploy.network.calibrate``), validated."""
+    path = pathlib.Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read calibration file {path}: {exc.strerror}") from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"calibration file {path} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("background"), dict):
+        raise ConfigError(f"calibration file {path}: expected an object with a 'background' object")
+    missing = [k for k in _BACKGROUND_KEYS if k not in data["background"]]
+    if missing:
+        raise ConfigError(f"calibration file {path}: 'background' lacks {missing}")
+    return _background({"background": data["background"]}, base={})
+
+
+def _background(data, base=None):
+    bg = default_background() if base is None else dict(base)
     given = data.get("background", {})
     if not isinstance(given, dict):
         raise ConfigError("field 'emulation.background': expected an object")
-    unknown = set(given) - set(DEFAULT_BACKGROUND)
+    if bg is None:
+        if not given:
+            return None
+        if set(given) != set(_BACKGROUND_KEYS):
+            raise ConfigError(f"field 'emulation.background': give all of {list(_BACKGROUND_KEYS)} "
+                              f"(the defaults' file {CALIBRATION_PATH} is missing)")
+        bg = {}
+    unknown = set(given) - set(_BACKGROUND_KEYS)
     if unknown:
         raise ConfigError(f"field 'emulation.background': unknown keys {sorted(unknown)}")
     bg.update(given)
     name = "emulation.background"
+    if not all(isinstance(bg[k], (int, float)) and not isinstance(bg[k], bool)
+               for k in ("bandwidth_mbps", "stall_probability", "stall_ms")):
+        raise ConfigError(f"field '{name}': bandwidth_mbps, stall_probability and stall_ms must be numbers")
     if not isinstance(bg["bandwidth_mbps"], (int, float)) or bg["bandwidth_mbps"] <= 0:
         raise ConfigError(f"field '{name}.bandwidth_mbps': must be a positive number")
     size = bg["size_mb"]
@@ -240,6 +293,9 @@ def _background(data):
     if bg["stall_ms"] < 0:
         raise ConfigError(f"field '{name}.stall_ms': must be >= 0")
     bg["delay"] = _distribution(bg["delay"], f"{name}.delay")
+    bg["size_mb"] = [float(s) for s in size]
+    for key in ("bandwidth_mbps", "stall_probability", "stall_ms"):
+        bg[key] = float(bg[key])
     return bg
 
 
@@ -263,6 +319,9 @@ def parse(data, source_path=""):
     data.setdefault("batch_sizes", [1])
     data.setdefault("num_clients", [1])
     data.setdefault("background_traffic", [0])
+    policies = data.get("decode_policy")
+    decode_policies = (None,) if policies is None else _as_list(data, "decode_policy", str,
+                                                                allowed=DECODE_POLICIES)
     bg_items = data["background_traffic"] if isinstance(data["background_traffic"], list) else [data["background_traffic"]]
     for item in bg_items:
         if item != "clipper" and (isinstance(item, bool) or not isinstance(item, int) or item < 0):
@@ -306,6 +365,7 @@ def parse(data, source_path=""):
         clipper=clipper,
         description=_scalar(data, "description", str, ""),
         source_path=str(source_path),
+        decode_policies=decode_policies,
     )
     if cfg.encoder not in ENCODERS:
         raise ConfigError(f"field 'encoder': {cfg.encoder!r} is not one of {list(ENCODERS)}")

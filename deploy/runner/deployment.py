@@ -180,6 +180,9 @@ def frontend_args(spec, models, registry_url, namespace, records_dir, metrics_po
         args += ["--parity-model", models.parity]
     if models.backup:
         args += ["--backup-model", models.backup]
+    if getattr(spec, "decode_policy", None):
+        # Only when the config sets it, so a config without it runs on any frontend.
+        args += ["--decode-policy", spec.decode_policy]
     return args
 
 

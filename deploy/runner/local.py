@@ -19,6 +19,14 @@ For every run of the sweep (``deploy.runner.config``), in order:
 At the end: a comparison across modes, and ``results/<experiment>/report.md``
 with the tables and plots.
 
+The network (``choose_network``): ``auto`` (``configs/local.json``'s) is the
+namespace testbed wherever this machine can make it and the emulated network
+elsewhere, said in one line either way; ``netns`` fails in one line where the
+testbed cannot run. A testbed run runs itself again inside the sandbox
+(``deploy.network.sandbox``: no root needed; everything it makes dies with
+it, even on ``kill -9``) and waits for it; results go to
+``results/<experiment>-netns/``.
+
 Cleanup invariant: every process is started through one ``Launcher`` per
 sweep, whose ``stop_all`` runs in a ``finally`` — after a failed step, on
 Ctrl-C (SIGINT) and on SIGTERM (turned into ``KeyboardInterrupt``) — so
@@ -26,7 +34,6 @@ nothing is left running. Children run in their own process groups, so a
 Ctrl-C reaches only the runner, which then stops them in order.
 """
 
-import argparse
 import asyncio
 import dataclasses
 import json
@@ -41,7 +48,8 @@ from dataclasses import dataclass
 from deploy.runner import config as config_mod
 from deploy.runner.deployment import DeploymentError, Placement, ensure_models, resolve_models, start_deployment
 from deploy.runner.launcher import LocalLauncher
-from deploy.runner.report import comparison, format_comparison, write_report
+from deploy.runner.report import comparison, format_comparison, mode_label, write_report
+from services.common import cli
 
 log = logging.getLogger("deploy.runner.local")
 
@@ -57,36 +65,51 @@ class RunnerConfig:
     num_queries: int = 0
     build_models: bool = True
     progress: bool = True
-    emulated_twin: bool = True
+    emulated_twin: bool = False
     log_level: str = "WARNING"
     tls_dir: str = ""
+    emulation: str = ""
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
+PROG = "python -m deploy.runner.local"
+
+
+def resolve_config_path(name):
+    """A config path, or a bare name (``fig9a-local``) looked up as ``configs/NAME.json``."""
+    path = pathlib.Path(name)
+    if not path.exists() and not path.suffix and "/" not in name:
+        candidate = pathlib.Path(__file__).resolve().parents[2] / "configs" / f"{name}.json"
+        if candidate.exists():
+            return str(candidate)
+    return name
 
 
 def parse_config(argv):
-    p = _Parser(
-        prog="python -m deploy.runner.local",
+    p = cli.ArgumentParser(
+        prog=PROG,
         description="Run an experiment sweep (a JSON config) on this machine and report it.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("config", help="sweep config, e.g. configs/local.json")
+    p.add_argument("config", help="sweep config, e.g. configs/local.json, or its name: local")
     p.add_argument("--out", dest="out_dir", default="results", help="results root (results/<experiment_id>/...)")
     p.add_argument("--artifacts", default="artifacts", help="directory with the ONNX models and manifests")
     p.add_argument("--agents", default="", help="JSON file {frontend, workers, clients} of node-agent "
                                                "addresses: run on those hosts (AWS) instead of this machine")
     p.add_argument("--network", choices=("", *config_mod.NETWORKS), default="",
-                   help="override the config's network (emulated or netns)")
+                   help="override the config's network: auto (the namespace testbed where this machine "
+                        "can make it, else emulated), emulated, netns (default: the config's; "
+                        "configs/local.json says auto)")
+    p.add_argument("--emulation", default="",
+                   help="emulated background model from this calibration file (deploy.network.calibrate) "
+                        "instead of the config's (default: the config's, whose defaults are "
+                        "configs/emulation-calibrated.json)")
     p.add_argument("--model", default="", help="override the config's model (artifact or arch name)")
     p.add_argument("--num-queries", type=int, default=0, help="override num_queries of every run (0 = config)")
     p.add_argument("--no-build", dest="build_models", action="store_false",
                    help="fail instead of training missing default models")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
-    p.add_argument("--no-emulated-twin", dest="emulated_twin", action="store_false",
-                   help="on the netns testbed, skip the same sweep under the emulated model")
+    p.add_argument("--emulated-twin", dest="emulated_twin", action="store_true",
+                   help="on the netns testbed, also run the same sweep under the emulated model and "
+                        "report the two side by side (doubles the time)")
     p.add_argument("--log-level", default="WARNING")
     p.add_argument("--tls-dir", default="",
                    help="mutual TLS on every gRPC hop, with a private CA and certificates made in this "
@@ -94,6 +117,7 @@ def parse_config(argv):
     a = p.parse_args(argv)
     if a.num_queries < 0:
         p.error("--num-queries must be >= 0")
+    a.config = resolve_config_path(a.config)
     return RunnerConfig(**vars(a))
 
 
@@ -151,6 +175,7 @@ class Sweep:
         models = resolve_models(self.cfg.artifacts, self.sweep.model, run.redundancy_mode, run.k, run.encoder)
         namespace = f"{run.experiment_id}-{index}"
         started_at = time.time()
+        links_before = self.testbed.link_stats() if self.testbed is not None else None
         dep = start_deployment(
             run, self.launcher, self.placement, models, namespace=namespace,
             log_dir=run_dir / "logs", records_dir=run_dir / "frontend", seed=run.seed * 100 + index,
@@ -180,6 +205,8 @@ class Sweep:
         summary["frontend"] = _frontend_rows(queries, groups)
         summary["background"] = outcome["background"]
         summary["network"] = self.network_description()
+        if links_before is not None:
+            summary["network"]["links"] = _link_deltas(links_before, self.testbed.link_stats(), self.placement)
         stats.write_summary(summary, run_dir / "summary.json")
         return {"run": run, "dir": str(run_dir), "summary": summary,
                 "frontend_text": stats.frontend_tables(queries, groups) if run.redundancy_mode == "coded" else ""}
@@ -224,6 +251,9 @@ class Sweep:
         if bg == "clipper":
             return await self._start_clipper(run, dep, run_dir, namespace, extra)
         if self.testbed is None and not self.cfg.agents:
+            if run.background_model is None:
+                raise cli.Failure(f"no emulated background model: {config_mod.CALIBRATION_PATH} is missing; "
+                                  "run `make calibrate` or pass --emulation FILE")
             model = BackgroundModel.from_config(run.background_model)
             emu = EmulatedBackground(dep.instance_addresses(), bg, model, seed=run.seed)
             emu.start()
@@ -307,6 +337,19 @@ class Sweep:
         return "\n".join(text)
 
 
+def _link_deltas(before, after, placement):
+    """What each testbed host's shaped link carried during one run (tbf counters)."""
+    roles = {placement.frontend: "frontend", **{h: "client" for h in placement.clients}}
+    out = []
+    for b, a in zip(before, after):
+        row = {"host": a.host, "role": roles.get(a.host, "worker"),
+               "up_bytes": a.up.bytes - b.up.bytes, "up_drops": a.up.drops - b.up.drops}
+        if a.down is not None and b.down is not None:
+            row.update(down_bytes=a.down.bytes - b.down.bytes, down_drops=a.down.drops - b.down.drops)
+        out.append(row)
+    return out
+
+
 def _frontend_rows(queries, groups):
     from loadgen.stats import latency_row
 
@@ -366,10 +409,41 @@ def build_launcher(cfg, sweep):
     return LocalLauncher(), Placement(), None
 
 
-def main(argv=None):
-    cfg = parse_config(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=getattr(logging, cfg.log_level.upper(), logging.WARNING),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def choose_network(requested, agents=""):
+    """(network, one line saying which and why) for a requested ``auto``/``emulated``/``netns``.
+
+    ``netns`` where it cannot run raises ``cli.Failure`` (one line); ``auto``
+    falls back to ``emulated`` and says why.
+    """
+    from deploy.network import netns, sandbox
+
+    if agents:
+        return "hosts", "network: the hosts of --agents"
+    if requested == "emulated":
+        return "emulated", ("network: emulated (requested): loopback, background shuffles modelled by "
+                            "deploy.network.background")
+    if sandbox.inside():
+        return "netns", ""
+    try:
+        kind = sandbox.mode()
+    except sandbox.SandboxUnavailable as exc:
+        try:
+            netns.require_netns()
+        except netns.TestbedUnavailable:
+            if requested == "netns":
+                raise cli.Failure(f"the namespace testbed cannot run here: {exc}; "
+                                  "run the emulated network instead: make local NETWORK=emulated") from None
+            return "emulated", (f"network: emulated, because the namespace testbed cannot run here ({exc}); "
+                                "NETWORK=emulated says so explicitly")
+        kind = None
+    how = sandbox.describe_mode(kind) if kind else "in this process (CAP_NET_ADMIN)"
+    return "netns", (f"network: the namespace testbed, real TCP over shaped links, {how} "
+                     "(NETWORK=emulated for the emulated model)")
+
+
+def _main(argv):
+    cfg = parse_config(argv)
+    cli.setup_logging(cfg.log_level)
     try:
         sweep = config_mod.load(cfg.config)
         if cfg.model:
@@ -378,19 +452,28 @@ def main(argv=None):
             sweep = sweep.with_overrides(num_queries=(cfg.num_queries,))
         if cfg.network:
             sweep = sweep.with_overrides(network=cfg.network)
+        if cfg.emulation:
+            sweep = sweep.with_overrides(background_model=config_mod.load_calibration(cfg.emulation))
+        network, line = choose_network(sweep.network, cfg.agents)
+        sweep = sweep.with_overrides(network="netns" if network == "netns" else "emulated")
         ensure_models(cfg.artifacts, sweep, build=cfg.build_models)
     except (config_mod.ConfigError, DeploymentError) as exc:
-        print(f"deploy.runner.local: {exc}", file=sys.stderr)
-        return 2
-    testbed_run = sweep.network == "netns" and not cfg.agents
+        raise cli.UsageError(str(exc)) from None
+    testbed_run = network == "netns"
+    if line:
+        print(line, flush=True)
     if testbed_run:
-        from deploy.network import netns
+        from deploy.network import sandbox
 
-        try:
-            netns.require_netns()
-        except netns.TestbedUnavailable as exc:
-            print(f"deploy.runner.local: {exc}", file=sys.stderr)
-            return 2
+        if not sandbox.inside():
+            try:
+                kind = sandbox.mode()
+            except sandbox.SandboxUnavailable:
+                kind = None  # root without user namespaces: the testbed runs in this process
+            if kind is not None:
+                # The whole run moves into the sandbox, which takes everything
+                # it made with it, even on kill -9.
+                return sandbox.run_module("deploy.runner.local", [*argv, "--network", "netns"], kind)
         # Testbed results go beside (not over) the emulated ones of the same config.
         sweep = sweep.with_overrides(experiment_id=f"{sweep.experiment_id}-netns")
     previous = signal.signal(signal.SIGTERM, _sigterm)
@@ -418,25 +501,29 @@ def main(argv=None):
             write_report(twin_runner.root, twin_sweep, twin_results, twin_network)
             twin = (twin_results, twin_network, twin_runner.root)
         report = write_report(runner.root, sweep, results, network, twin=twin)
-        modes = list(dict.fromkeys(r["run"].redundancy_mode for r in results))
+        modes = list(dict.fromkeys(mode_label(r["run"]) for r in results))
         print("\nCOMPARISON (latency in ms)\n" + format_comparison(comparison(results), modes))
         if twin is not None:
             print("\nEMULATED NETWORK, SAME SWEEP\n" + format_comparison(comparison(twin[0]), modes))
         print(f"\nresults: {runner.root}/  report: {report}")
         return 0
     except KeyboardInterrupt:
-        print("\ndeploy.runner.local: interrupted; stopped every process", file=sys.stderr)
-        return 130
+        raise
+    except cli.Failure:
+        raise
     except Exception as exc:  # noqa: BLE001 - one line for the user, details in the log
         log.debug("sweep failed", exc_info=True)
-        print(f"deploy.runner.local: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
+        raise cli.Failure(f"{type(exc).__name__}: {exc}") from None
     finally:
         if launcher is not None:
             launcher.stop_all()
         if testbed is not None:
             testbed.down()
         signal.signal(signal.SIGTERM, previous)
+
+
+def main(argv=None):
+    return cli.run_main(_main, argv, prog=PROG)
 
 
 if __name__ == "__main__":

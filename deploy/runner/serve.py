@@ -6,7 +6,6 @@ k=2), starts it on this machine with the frontend on ``--port`` (default
 it up until Ctrl-C or SIGTERM, then stops every process.
 """
 
-import argparse
 import json
 import pathlib
 import signal
@@ -16,19 +15,16 @@ import threading
 from deploy.runner import config as config_mod
 from deploy.runner.deployment import DeploymentError, Placement, describe, ensure_models, resolve_models, start_deployment
 from deploy.runner.launcher import LocalLauncher
+from deploy.runner.local import resolve_config_path
+from services.common import cli
 
 DEFAULT_PORT = 50051
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
+PROG = "python -m deploy.runner.serve"
 
 
 def parse_config(argv):
-    p = _Parser(prog="python -m deploy.runner.serve", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                description="Start one deployment (the first run of a config) and keep it up.")
-    p.add_argument("config", nargs="?", default="configs/serve.json", help="sweep config")
+    p = cli.ArgumentParser(prog=PROG, description="Start one deployment (the first run of a config) and keep it up.")
+    p.add_argument("config", nargs="?", default="configs/serve.json", help="sweep config, or its name: serve")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help="frontend port (0 = any free port)")
     p.add_argument("--metrics-port", type=int, default=0, help="frontend Prometheus port (0 = any free)")
     p.add_argument("--artifacts", default="artifacts", help="directory with the models")
@@ -36,19 +32,19 @@ def parse_config(argv):
     a = p.parse_args(argv)
     if not 0 <= a.port < 65536:
         p.error(f"--port {a.port} is out of range")
+    a.config = resolve_config_path(a.config)
     return a
 
 
-def main(argv=None):
-    a = parse_config(sys.argv[1:] if argv is None else argv)
+def _main(argv):
+    a = parse_config(argv)
     try:
         sweep = config_mod.load(a.config)
         ensure_models(a.artifacts, sweep)
         run = sweep.runs()[0]
         models = resolve_models(a.artifacts, sweep.model, run.redundancy_mode, run.k, run.encoder)
     except (config_mod.ConfigError, DeploymentError) as exc:
-        print(f"deploy.runner.serve: {exc}", file=sys.stderr)
-        return 2
+        raise cli.UsageError(str(exc)) from None
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     launcher = LocalLauncher()
@@ -70,10 +66,13 @@ def main(argv=None):
             pass
         return 0
     except (DeploymentError, OSError, RuntimeError) as exc:
-        print(f"deploy.runner.serve: {exc}", file=sys.stderr)
-        return 1
+        raise cli.Failure(str(exc)) from None
     finally:
         launcher.stop_all()
+
+
+def main(argv=None):
+    return cli.run_main(_main, argv, prog=PROG)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,9 @@ import pytest
 
 from deploy.runner import config
 
-CONFIGS = sorted(pathlib.Path(__file__).resolve().parents[2].glob("configs/*.json"))
+# Every sweep config (the calibration file beside them is not one: tested below).
+CONFIGS = sorted(p for p in pathlib.Path(__file__).resolve().parents[2].glob("configs/*.json")
+                 if p.name != config.CALIBRATION_PATH.name)
 BASE = {"experiment_id": "t", "redundancy_modes": ["equal", "coded"], "send_rates": [10, 20], "num_queries": 50}
 
 
@@ -91,3 +93,119 @@ def test_unreadable_and_malformed_files(tmp_path):
     ok = tmp_path / "ok.json"
     ok.write_text(json.dumps(BASE))
     assert config.load(ok).experiment_id == "t"
+
+
+def test_decode_policies_sweep_coded_runs_only_and_name_them():
+    cfg = config.parse({**BASE, "send_rates": [10], "decode_policy": ["immediate", "late"]})
+    runs = cfg.runs()
+    assert [(r.redundancy_mode, r.decode_policy) for r in runs] == [
+        ("equal", None), ("coded", "immediate"), ("coded", "late")]
+    assert "-dp_late-" in runs[2].name and "-dp_" not in runs[0].name
+    assert len({r.name for r in runs}) == 3
+
+
+def test_decode_policy_reaches_the_frontend_only_when_set():
+    from deploy.runner.deployment import Models, frontend_args
+
+    models = Models(base="b.json", parity="p.json", backup=None)
+    plain, late = config.parse({**BASE, "send_rates": [10]}), config.parse(
+        {**BASE, "send_rates": [10], "decode_policy": "late"})
+    args = lambda run: frontend_args(run, models, "redis://x", "ns", "/r", 0, "127.0.0.1")
+    assert "--decode-policy" not in args(plain.runs()[1])
+    a = args(late.runs()[1])
+    assert a[a.index("--decode-policy") + 1] == "late"
+
+
+@pytest.mark.parametrize("bad", [["eager"], [], "sometimes", [1]])
+def test_bad_decode_policies_name_the_field(bad):
+    with pytest.raises(config.ConfigError, match="decode_policy"):
+        config.parse({**BASE, "decode_policy": bad})
+
+
+def test_network_defaults_to_emulated_and_background_to_the_calibration():
+    cfg = config.parse(BASE)
+    assert cfg.network == "emulated"  # configs/local.json asks for "auto"
+    fitted = json.loads(config.CALIBRATION_PATH.read_text())
+    assert cfg.background_model == config.load_calibration(config.CALIBRATION_PATH)
+    assert cfg.background_model["stall_probability"] == pytest.approx(fitted["background"]["stall_probability"])
+    assert cfg.background_model["delay"] == fitted["background"]["delay"]
+    # The file says what produced it.
+    assert {"command", "date", "machine"} <= set(fitted["calibration"])
+    # A config's own values still win over the defaults.
+    own = config.parse({**BASE, "emulation": {"background": {"stall_ms": 123}}})
+    assert own.background_model["stall_ms"] == 123.0
+    assert own.background_model["bandwidth_mbps"] == cfg.background_model["bandwidth_mbps"]
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{", "not valid JSON"),
+    ('{"background": 3}', "'background' object"),
+    ('{"background": {"stall_ms": 1}}', "lacks"),
+    ('{"background": {"bandwidth_mbps": 1, "size_mb": [1, 2], "delay": {"kind": "exponential"}, '
+     '"stall_probability": 7, "stall_ms": 1}}', "stall_probability"),
+])
+def test_bad_calibration_files_are_one_line(tmp_path, content, message):
+    path = tmp_path / "cal.json"
+    path.write_text(content)
+    with pytest.raises(config.ConfigError, match=message):
+        config.load_calibration(path)
+
+
+def test_bare_config_names_resolve_to_configs():
+    from deploy.runner.local import resolve_config_path
+
+    assert resolve_config_path("fig9a-local") == str(config.CALIBRATION_PATH.parent / "fig9a-local.json")
+    assert resolve_config_path("configs/local.json") == "configs/local.json"
+    assert resolve_config_path("no-such-config") == "no-such-config"
+
+
+def test_local_json_keeps_the_testbed_parameters_and_runs_three_trials():
+    cfg = config.load(config.CALIBRATION_PATH.parent / "local.json")
+    assert cfg.num_trials == 3 and cfg.network == "auto" and cfg.background_traffic == (2,)
+    assert cfg.compute == {"kind": "lognormal", "params": {"median_ms": 8.0, "sigma": 0.25}}
+    assert cfg.num_models == (4,) and cfg.redundancy_modes == ("equal", "coded") and cfg.decode_policies == (None,)
+    fig = config.load(config.CALIBRATION_PATH.parent / "fig9a-local.json")
+    coded = [r for r in fig.runs() if r.redundancy_mode == "coded"][0]
+    assert coded.num_instances == (12, 6, 0) and fig.background_traffic == (4,) and fig.network == "netns"
+
+
+def test_without_the_calibration_file_only_an_emulated_background_needs_one(monkeypatch, tmp_path):
+    monkeypatch.setattr(config, "CALIBRATION_PATH", tmp_path / "missing.json")
+    assert config.parse(BASE).background_model is None  # e.g. an AWS node: real shuffles only
+    with pytest.raises(config.ConfigError, match="missing.json is missing"):
+        config.parse({**BASE, "emulation": {"background": {"stall_ms": 5}}})
+    full = {"bandwidth_mbps": 50, "size_mb": [1, 2], "delay": {"kind": "exponential", "params": {"mean_ms": 2}},
+            "stall_probability": 0.01, "stall_ms": 40}
+    assert config.parse({**BASE, "emulation": {"background": full}}).background_model["stall_ms"] == 40.0
+
+
+def test_network_choice_says_which_and_why(monkeypatch):
+    from deploy.network import netns, sandbox
+    from deploy.runner import local
+    from services.common import cli
+
+    monkeypatch.delenv(sandbox.INSIDE_ENV, raising=False)
+    monkeypatch.setattr(sandbox, "mode", lambda: "userns")
+    network, line = local.choose_network("auto")
+    assert network == "netns" and line.startswith("network: the namespace testbed") and "\n" not in line
+    assert local.choose_network("emulated")[0] == "emulated"
+    assert local.choose_network("auto", agents="hosts.json")[0] == "hosts"
+
+    def no_sandbox():
+        raise sandbox.SandboxUnavailable("unprivileged user namespaces are not available here (EPERM)")
+
+    def no_privileges():
+        raise netns.TestbedUnavailable("needs root")
+
+    monkeypatch.setattr(sandbox, "mode", no_sandbox)
+    monkeypatch.setattr(netns, "require_netns", no_privileges)
+    network, line = local.choose_network("auto")
+    assert network == "emulated" and "cannot run here" in line and "EPERM" in line and "\n" not in line
+    with pytest.raises(cli.Failure, match="NETWORK=emulated"):
+        local.choose_network("netns")
+    # Root where user namespaces are off: the testbed in this process.
+    monkeypatch.setattr(netns, "require_netns", lambda: None)
+    assert local.choose_network("auto")[0] == "netns"
+    # Inside the sandbox it is the testbed, without a second banner.
+    monkeypatch.setenv(sandbox.INSIDE_ENV, "1")
+    assert local.choose_network("auto") == ("netns", "")

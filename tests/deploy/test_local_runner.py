@@ -57,6 +57,7 @@ def write_config(path, **changes):
         "num_queries": 80,
         "warmup_queries": 10,
         "background_traffic": [1],
+        "network": "emulated",
         "emulation": {
             "compute": {"kind": "constant", "params": {"value_ms": 2}},
             "background": {"bandwidth_mbps": 4000, "size_mb": [32, 64], "stall_probability": 0.05,

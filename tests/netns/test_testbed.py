@@ -5,6 +5,7 @@ import ipaddress
 import json
 import os
 import subprocess
+import time
 import sys
 
 import pytest
@@ -132,7 +133,12 @@ def test_a_failed_up_removes_what_it_made(netns):
 def test_down_kills_processes_left_in_the_namespaces(netns):
     with Testbed(TestbedSpec(2)) as tb:
         proc = subprocess.Popen(tb.exec_argv(1, ["sleep", "300"]))
-        pids = sh("ip", "netns", "pids", tb.namespaces[1]).split()
+        # `ip netns exec` enters the namespace a moment after it starts (longer on a loaded machine).
+        deadline = time.monotonic() + 10
+        while str(proc.pid) not in (pids := sh("ip", "netns", "pids", tb.namespaces[1]).split()):
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
         assert str(proc.pid) in pids
     assert proc.wait(timeout=10) is not None
 

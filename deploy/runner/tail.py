@@ -1,0 +1,114 @@
+"""Where the tail comes from: each slow query of a run, put in one cause.
+
+Inputs are what a run already writes: the load generator's per-query records
+(``records.csv``: client-side latency, source) and the frontend's
+``queries.jsonl`` / ``groups.jsonl`` (docs/frontend.md), joined by
+``request_id`` and ``group_id``. A query is in the tail of its run when its
+client-side latency is at least the run's p99.9 (or p99, for a larger
+sample). Its cause is the first of these that holds (``share`` = 0.5: the
+cause took at least half of the query's latency):
+
+- ``outside_frontend``: client latency minus the frontend's own e2e latency
+  is at least half the latency (the client's and the frontend's links, the
+  load generator);
+- ``queued_at_frontend``: the batch's wait to form plus its wait for a free
+  instance (``batch_wait_ms + queue_latency_ms``) is at least half of the
+  frontend's e2e latency;
+- ``reconstructed_waited_for_group``: answered by decoding, and its group
+  formed (the k-th batch arrived, so the parity could be encoded and sent)
+  at least half of its e2e latency after the query arrived;
+- ``reconstructed_slow_parity``: answered by decoding, any other way (the
+  parity, or another member needed for the decode, was slow too);
+- ``original_group_not_coded``: coded mode, answered by its original, in a
+  group that never got a parity (not full, or not encoded);
+- ``double_straggler``: coded mode, answered by its original although its
+  group had a parity: the parity or another member was as slow, so no
+  decode came first;
+- ``slow_instance``: a mode without coding, answered by a slow instance;
+- ``no_frontend_record``: the frontend has no record of it (error, timeout).
+"""
+
+import json
+import math
+import pathlib
+
+CAUSES = (
+    "outside_frontend", "queued_at_frontend", "reconstructed_waited_for_group", "reconstructed_slow_parity",
+    "original_group_not_coded", "double_straggler", "slow_instance", "no_frontend_record",
+)
+_SHARE = 0.5
+
+
+def _jsonl(path):
+    out = []
+    if not path.exists():
+        return out
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by a kill: skip it
+        if isinstance(row, dict):
+            out.append(row)
+    return out
+
+
+def load_frontend(run_dir):
+    """(queries by request_id, groups by group_id) from ``run_dir/frontend``."""
+    d = pathlib.Path(run_dir) / "frontend"
+    queries = {q["request_id"]: q for q in _jsonl(d / "queries.jsonl") if q.get("type") == "query"}
+    groups = {g["group_id"]: g for g in _jsonl(d / "groups.jsonl") if g.get("type") == "group"}
+    return queries, groups
+
+
+def cause(record, query, group, mode):
+    """The cause (one of ``CAUSES``) of one slow query; see the module doc."""
+    if query is None:
+        return "no_frontend_record"
+    e2e = query.get("e2e_latency_ms") or 0.0
+    if record.latency_ms - e2e >= _SHARE * record.latency_ms:
+        return "outside_frontend"
+    waited = (query.get("batch_wait_ms") or 0.0) + (query.get("queue_latency_ms") or 0.0)
+    if e2e and waited >= _SHARE * e2e:
+        return "queued_at_frontend"
+    source = (query.get("source") or "").upper()
+    if source == "RECONSTRUCTED":
+        if group is not None and e2e and (group["formed_s"] - query["received_s"]) * 1e3 >= _SHARE * e2e:
+            return "reconstructed_waited_for_group"
+        return "reconstructed_slow_parity"
+    if mode != "coded":
+        return "slow_instance"
+    if group is None or not group.get("coded") or not group.get("full"):
+        return "original_group_not_coded"
+    return "double_straggler"
+
+
+def _percentile(values, q):
+    import numpy as np
+
+    return float(np.percentile(values, q)) if values else math.inf
+
+
+def classify_run(records, run_dir, mode, percentile=99.9):
+    """Counts of causes among the run's measured answered queries at or above its ``percentile``."""
+    ok = [r for r in records if r.ok and not r.warmup]
+    cut = _percentile([r.latency_ms for r in ok], percentile)
+    queries, groups = load_frontend(run_dir)
+    counts = dict.fromkeys(CAUSES, 0)
+    for r in ok:
+        if r.latency_ms >= cut:
+            q = queries.get(r.request_id)
+            g = groups.get(q.get("group_id")) if q is not None else None
+            counts[cause(r, q, g, mode)] += 1
+    return counts
+
+
+def format_table(rows):
+    """``rows``: [(label, counts dict)] -> a Markdown table of shares per cause."""
+    used = [c for c in CAUSES if any(counts.get(c) for _, counts in rows)]
+    lines = ["| RUNS | TAIL QUERIES | " + " | ".join(used) + " |", "|" + "---|" * (len(used) + 2)]
+    for label, counts in rows:
+        total = sum(counts.values())
+        cells = [f"{counts.get(c, 0)} ({100 * counts.get(c, 0) / total:.0f}%)" if total else "0" for c in used]
+        lines.append(f"| {label} | {total} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,104 @@
+"""The report's numbers: per-trial ratios and their spread, the target verdict, decode policies, tail causes."""
+
+import json
+from types import SimpleNamespace
+
+from deploy.runner import config, report, tail
+from loadgen.records import Record
+
+BASE = {"experiment_id": "t", "redundancy_modes": ["equal", "coded"], "send_rates": [40], "num_queries": 10,
+        "num_trials": 3, "network": "emulated"}
+
+
+def fake_results(p999_by_trial, med_by_trial=None, decode_policies=None):
+    """Results of a sweep whose coded/equal p99.9 ratio in trial t is ``p999_by_trial[t]``."""
+    data = dict(BASE, **({"decode_policy": decode_policies} if decode_policies else {}))
+    out = []
+    for run in config.parse(data).runs():
+        ratio = p999_by_trial[run.trial] if run.redundancy_mode == "coded" else 1.0
+        med = (med_by_trial or [1.0] * 3)[run.trial] if run.redundancy_mode == "coded" else 1.0
+        if run.decode_policy == "late":
+            ratio *= 2
+        summary = {"overall": {"num": 100, "med": 10.0 * med, "p99": 50.0, "p999": 100.0 * ratio, "accuracy": 0.9},
+                   "by_source": {"reconstructed": {"num": 10 if run.decode_policy == "late" else 5}}}
+        out.append({"run": run, "summary": summary, "dir": "/nonexistent"})
+    return out
+
+
+def test_ratios_are_per_trial_with_mean_and_spread():
+    rows = report.comparison(fake_results([0.4, 0.5, 0.6]))
+    (row,) = rows
+    assert row["coded_vs_equal_p999_trials"] == [0.4, 0.5, 0.6]
+    assert abs(row["coded_vs_equal_p999"] - 0.5) < 1e-9
+    assert (row["coded_vs_equal_p999_min"], row["coded_vs_equal_p999_max"]) == (0.4, 0.6)
+    table = report.format_comparison(rows, ["equal", "coded"])
+    assert "0.50 (0.40-0.60)" in table
+
+
+def test_the_target_is_met_only_when_every_trial_meets_it():
+    modes = ["equal", "coded"]
+    missed = "\n".join(report._targets(report.comparison(fake_results([0.4, 0.5, 0.53])), modes))
+    assert "misses the target in not every trial" in missed
+    met = "\n".join(report._targets(report.comparison(fake_results([0.4, 0.5, 0.52])), modes))
+    assert "meets the target in every trial" in met and "p99.9 <= 0.52" in met
+    # A median off by more than 10 % in one trial misses too.
+    med = "\n".join(report._targets(report.comparison(fake_results([0.4] * 3, [1.0, 1.11, 1.0])), modes))
+    assert "misses" in med
+
+
+def test_decode_policies_are_compared_side_by_side():
+    results = fake_results([0.5] * 3, decode_policies=["immediate", "late"])
+    assert [report.mode_label(r["run"]) for r in results[:3]] == ["equal", "coded/immediate", "coded/late"]
+    text = "\n".join(report._decode_policies(results))
+    lines = [line for line in text.splitlines() if line.startswith("| 40 ")]
+    assert len(lines) == 2
+    immediate, late = (line.split(" | ") for line in lines)
+    assert immediate[2] == "immediate" and immediate[3] == "5.0%" and immediate[4] == "0.9000"
+    assert late[2] == "late" and late[3] == "10.0%" and late[7].rstrip(" |") == "100.0"
+    rows = report.comparison(results)
+    assert abs(rows[0]["coded/late_vs_equal_p999"] - 1.0) < 1e-9
+    assert report._decode_policies(fake_results([0.5] * 3)) == []
+
+
+def rec(rid, latency_ms):
+    return Record(request_id=rid, client_index=0, send_time_s=0.0, send_lag_ms=0.0, latency_ms=latency_ms,
+                  status="OK", source="original", predicted=1, label=1, warmup=False)
+
+
+def test_tail_causes_from_the_frontend_records(tmp_path):
+    fe = tmp_path / "frontend"
+    fe.mkdir()
+    q = lambda rid, src, e2e, gid, wait=0.0, recv=100.0: {
+        "type": "query", "request_id": rid, "source": src, "e2e_latency_ms": e2e, "group_id": gid,
+        "batch_wait_ms": wait, "queue_latency_ms": 0.0, "received_s": recv}
+    queries = [q("a", "ORIGINAL", 10, 1), q("b", "ORIGINAL", 190, 1, wait=120), q("c", "RECONSTRUCTED", 200, 2),
+               q("d", "RECONSTRUCTED", 200, 3), q("e", "ORIGINAL", 200, 4), q("f", "ORIGINAL", 200, 5)]
+    groups = [{"type": "group", "group_id": 2, "formed_s": 100.15, "coded": True, "full": True},
+              {"type": "group", "group_id": 3, "formed_s": 100.01, "coded": True, "full": True},
+              {"type": "group", "group_id": 4, "formed_s": 100.0, "coded": True, "full": True},
+              {"type": "group", "group_id": 5, "formed_s": 100.0, "coded": False, "full": False}]
+    (fe / "queries.jsonl").write_text("\n".join(map(json.dumps, queries)) + "\n{cut")
+    (fe / "groups.jsonl").write_text("\n".join(map(json.dumps, groups)) + "\n")
+    records = [rec("a", 200), rec("b", 200), rec("c", 201), rec("d", 202), rec("e", 203), rec("f", 204),
+               rec("g", 205)] + [rec(f"x{i}", 1.0) for i in range(100)]
+    counts = tail.classify_run(records, tmp_path, "coded", percentile=95)
+    assert counts == {"outside_frontend": 1, "queued_at_frontend": 1, "reconstructed_waited_for_group": 1,
+                      "reconstructed_slow_parity": 1, "original_group_not_coded": 1, "double_straggler": 1,
+                      "slow_instance": 0, "no_frontend_record": 1}
+    assert tail.classify_run(records, tmp_path, "equal", percentile=95)["slow_instance"] == 2
+    table = tail.format_table([("coded", counts)])
+    assert "| coded | 7 |" in table and "slow_instance" not in table
+
+
+def test_side_by_side_says_whether_the_emulation_agrees(tmp_path):
+    testbed = fake_results([0.5, 0.5, 0.5])
+    close = fake_results([0.55, 0.6, 0.55])   # ratio 0.567 vs 0.5; equal p99.9 the same
+    far = fake_results([0.2, 0.2, 0.2])
+    modes = ["equal", "coded"]
+    rows = report.comparison(testbed)
+    agree = "\n".join(report._side_by_side(rows, {"kind": "netns"}, (close, {"kind": "emulated"}, tmp_path),
+                                           modes, tmp_path))
+    assert agree.splitlines()[-3].endswith("| yes |")
+    disagree = "\n".join(report._side_by_side(rows, {"kind": "netns"}, (far, {"kind": "emulated"}, tmp_path),
+                                              modes, tmp_path))
+    assert disagree.splitlines()[-3].endswith("| no |")
