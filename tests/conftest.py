@@ -30,6 +30,9 @@ def pytest_configure(config):
     global _SESSION_TMP
     if _SESSION_TMP is None:
         _SESSION_TMP = tempfile.mkdtemp(prefix="parm-test-session-")
+        # Like /tmp (sticky, everyone may write): tests run some commands as an
+        # unprivileged user (tests/netns/test_rootless.py), who needs to reach it.
+        os.chmod(_SESSION_TMP, 0o1777)
         os.environ["TMPDIR"] = _SESSION_TMP
         tempfile.tempdir = _SESSION_TMP
 

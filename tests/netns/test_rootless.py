@@ -4,7 +4,10 @@ As root (CI), the runner runs as user ``nobody`` (``setpriv --reuid``); as
 any other user, as that user. The virtual environment's interpreter may lie
 where that user cannot read it (here under /root), so the run uses another
 interpreter of the same version with the environment's packages and the
-repository on ``PYTHONPATH``. Checked: the answers, the bytes on the shaped
+repository on ``PYTHONPATH``. Where that user cannot even reach the
+repository or the environment (a clone under /root), the command runs in a
+private mount namespace where both are bind-mounted under a temporary folder
+it can reach; the mounts vanish with the command, the folder with the test. Checked: the answers, the bytes on the shaped
 links (from the runner's per-run tbf counters), and that nothing is left
 behind (processes, namespaces, links, files in /tmp) after a normal run and
 after the runner is killed with SIGKILL mid-run.
@@ -17,7 +20,9 @@ import json
 import os
 import pathlib
 import shutil
+import shlex
 import signal
+import stat
 import subprocess
 import sys
 import sysconfig
@@ -39,10 +44,45 @@ def _skip(reason):
     pytest.skip(reason)
 
 
-def _as_user(argv):
+# (source, mount point) pairs that make the code reachable for NOBODY; set by ``unprivileged``.
+_VIEW = []
+
+
+def _as_user(argv, cwd="/"):
+    """``argv`` as the unprivileged user, in ``cwd`` (through the bind mounts of ``_VIEW``, if any)."""
     if os.geteuid() != 0:
-        return list(argv)
-    return ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "--reset-env", *argv]
+        return ["sh", "-c", 'cd "$0" && exec "$@"', str(cwd), *argv]
+    drop = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "--reset-env", *argv]
+    mounts = "".join(f"mount --bind {shlex.quote(str(a))} {shlex.quote(str(b))} && " for a, b in _VIEW)
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-c", mounts + 'cd "$0" && exec "$@"',
+            str(cwd), *drop]
+
+
+def _reachable(path):
+    """Whether any user can traverse every folder down to ``path``."""
+    path = pathlib.Path(path)
+    return all(p.stat().st_mode & stat.S_IXOTH for p in [*path.parents, path] if p.exists())
+
+
+def _code_paths(view):
+    """The repository and the environment's packages as NOBODY sees them (bind-mounting into ``view``)."""
+    purelib, platlib = sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]
+    if os.geteuid() != 0 or all(map(_reachable, (REPO, purelib, platlib))):
+        return REPO, [purelib, platlib]
+    prefix = pathlib.Path(sys.prefix)
+    roots = [REPO] + ([] if prefix.is_relative_to(REPO) else [prefix])
+    for i, root in enumerate(roots):
+        target = view / f"m{i}"
+        target.mkdir()
+        _VIEW.append((root, target))
+
+    def seen(path):
+        path = pathlib.Path(path)
+        for root, target in _VIEW:
+            if path.is_relative_to(root):
+                return target / path.relative_to(root)
+        return path
+    return seen(REPO), [str(seen(purelib)), str(seen(platlib))]
 
 
 def _works(python, env):
@@ -69,13 +109,17 @@ def unprivileged():
     shim = pathlib.Path(tempfile.mkdtemp(prefix="rootless-shim-"))
     shim.chmod(0o755)
     (shim / "async_timeout.py").write_text("from asyncio import timeout  # noqa: F401\n")
-    yield from _find_python(shim)
-    shutil.rmtree(shim, ignore_errors=True)
+    try:
+        yield from _find_python(shim)
+    finally:
+        _VIEW.clear()
+        shutil.rmtree(shim, ignore_errors=True)
 
 
 def _find_python(shim):
-    paths = dict.fromkeys([str(REPO), sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"],
-                           str(shim)])
+    (shim / "view").mkdir()
+    repo, site = _code_paths(shim / "view")
+    paths = dict.fromkeys([str(repo), *site, str(shim)])
     env = [f"PYTHONPATH={os.pathsep.join(paths)}", "PYTHONDONTWRITEBYTECODE=1", "PATH=/usr/sbin:/usr/bin:/sbin:/bin",
            "LANG=C.UTF-8"]
     version = "%d.%d" % sys.version_info[:2]
@@ -90,7 +134,7 @@ def _find_python(shim):
                            capture_output=True, text=True)
     if probe.returncode != 0:
         _skip(f"unprivileged user namespaces are not available: {probe.stderr.strip()}")
-    yield python, env
+    yield python, env, repo
 
 
 @pytest.fixture
@@ -120,12 +164,12 @@ def _config(path):
 
 
 def _start(unprivileged, workdir, mark):
-    python, env = unprivileged
+    python, env, repo = unprivileged
     argv = _as_user(["env", *env, f"PARM_TEST_MARK={mark}", "PYTHONUNBUFFERED=1", f"HOME={workdir / 'home'}",
                      f"TMPDIR={workdir}", python, "-m", "deploy.runner.local", str(_config(workdir / "cfg.json")),
                      "--artifacts", str(workdir / "artifacts"), "--out", str(workdir / "results"), "--no-build",
-                     "--no-progress"])
-    return subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                     "--no-progress"], cwd=repo)
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def _marked(mark):
