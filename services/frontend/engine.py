@@ -89,7 +89,7 @@ COUNTERS = (
     "reconstructions", "redispatches", "hedges", "removed_from_queue", "calls", "call_errors",
     "call_timeouts", "late_originals", "instances_joined", "instances_left",
     "call_deadline_expired", "expired_forming", "skipped_unneeded", "dropped", "awaiting_decode",
-    "held_for_lateness", "substitutes_discarded",
+    "held_for_lateness", "substitutes_discarded", "coding_pool_misses",
 )
 
 
@@ -394,12 +394,13 @@ class Engine:
         self.observer.query_done(q, q.batch, q.batch.group_id if q.batch else 0)
         return True
 
-    def answer_batch(self, batch, output, source, instance_id="", waited_s=None):
-        """Answers every not-yet-done query of ``batch`` from ``output`` rows."""
+    def answer_batch(self, batch, output, source, instance_id="", waited_s=None, copy=False):
+        """Answers every not-yet-done query of ``batch`` from ``output`` rows (copies if ``copy``)."""
         n = 0
         for q in batch.queries:
             if not q.done:
-                self._answer(q, output[q.row], source, batch, instance_id, waited_s)
+                row = output[q.row]
+                self._answer(q, row.copy() if copy else row, source, batch, instance_id, waited_s)
                 n += 1
         return n
 
@@ -730,6 +731,7 @@ class Engine:
             for b in g.members + ([g.parity] if g.parity is not None else []):
                 self.remove_from_queue(b)
         self.observer.group_done(g, reason)
+        self.policy.on_group_done(g, reason)
 
     def _gc(self):
         self._gc_handle = None

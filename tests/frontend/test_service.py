@@ -222,7 +222,9 @@ async def test_registry_joins_and_leaves(models):
             cfg = parse_config(["--model", str(models["base"]), "--host", "127.0.0.1",
                                 "--registry-url", redis_server.url, "--deployment", "t",
                                 "--registry-poll-ms", "100"])
-            app = build_server(cfg)
+            with pytest.raises(ValueError, match="names a registry .* but none was given"):
+                build_server(cfg)       # the registry is built at the edge and injected
+            app = build_server(cfg, RedisRegistry(redis_server.url, "t"))   # owned by the app
             await app.start()
             assert list(app.engine.instances) == ["d-a"]
             async with insecure_channel(f"127.0.0.1:{app.port}") as ch:
