@@ -55,6 +55,13 @@ Concurrency model and invariants
   call is capped, a group outlives its last query by at most one instance
   timeout. A sweep every ``gc_interval_s`` drops groups older than
   ``gc_horizon_s`` as abandoned, as a backstop.
+* Pinned coding buffers (coded mode, ``coding.CodingPools``): a parity batch's
+  inputs and a group's reconstruction may live in pooled buffers. The policy
+  owns them and returns them in ``on_group_done``, which ``_finish_group``
+  calls exactly once per group (complete, abandoned by the GC, or abandoned
+  at ``close``), so ``close`` returns every buffer a group holds; a buffer an
+  executor job is still writing goes back when that job ends (the pools'
+  ``close`` waits for it). No answer references a pooled buffer.
 * The policy boundary: the engine owns queries, batches, calls, instances and
   the group table; the redundancy policy (injected, ``redundancy/``) decides
   what a formed batch becomes and what a reply or an erasure means, and acts
@@ -186,8 +193,13 @@ class Engine:
         if self._gc_handle is None and self._gc_interval_s:
             self._gc_handle = self.clock.call_later(self._gc_interval_s, self._gc)
 
+    @property
+    def closed(self):
+        """True once ``close`` has begun (nothing new is admitted or queued)."""
+        return self._closed
+
     async def close(self):
-        """Fails every pending query, cancels calls, closes instance clients."""
+        """Fails every pending query, cancels calls, closes instance clients, abandons open groups."""
         self._closed = True
         if self._gc_handle is not None:
             self._gc_handle.cancel()
