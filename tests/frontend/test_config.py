@@ -74,3 +74,24 @@ def test_cli_refuses_a_mismatched_encoder_in_one_line(models):
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "differs from the encoder the parity model" in lines[0], proc.stderr
+
+
+def test_coding_pool_buffers_flag(models):
+    assert parse_config(argv(models)).coding_pool_buffers == 32
+    assert parse_config(argv(models, "--coding-pool-buffers", 0)).coding_pool_buffers == 0
+    with pytest.raises(UsageError, match="--coding-pool-buffers must be >= 0"):
+        parse_config(argv(models, "--coding-pool-buffers", -1))
+
+
+def test_help_shows_each_default_once():
+    from services.frontend.config import build_parser
+
+    text = " ".join(build_parser().format_help().split())
+    assert "(default: None)" not in text and "(default: )" not in text
+    assert "coding group size (default: the parity manifest's k, else 2)" in text
+    assert "queries per batch (default: 1)" in text
+    parser = build_parser()
+    formatter = parser._get_formatter()
+    for action in parser._actions:
+        shown = (formatter._get_help_string(action) or "").replace("%(default)s", str(action.default))
+        assert shown.count("(default") + shown.count("; default") <= 1, (action.option_strings, shown)
