@@ -339,3 +339,12 @@ async def test_coded_app_pinned_buffers_on_and_off(models, pool_buffers):
         await d.close()     # before the late original: the group is abandoned and returns its buffers
     if pools is not None:
         assert pools.available("parity") == 32 and pools.available("reconstruction") == 32
+
+
+def test_unreachable_registry_is_one_line_and_exit_1(models):
+    proc = subprocess.run([sys.executable, "-m", "services.frontend", "--model", str(models["base"]),
+                           "--registry-url", "redis://127.0.0.1:1", "--log-level", "WARNING"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("python -m services.frontend: error: registry at "), proc.stderr
