@@ -10,6 +10,10 @@ Two variants of the same frontend, side by side in one run:
 - ``alloc``: ``--coding-pool-buffers 0``: the kernels allocate (``out=None``),
   as the frontend did before the pool.
 
+Each variant of each case is measured in its own fresh process (the
+allocator's state, e.g. glibc's adaptive mmap threshold, otherwise favours
+whichever variant runs second).
+
 1. In process (``coding_ext.meter.measure_step``): the real ``Engine`` in coded
    mode (k, batch size, in-process ``LocalCoder``) over instant in-process
    instances that serialise every batch as the gRPC client does
@@ -98,14 +102,31 @@ def _engine(in_size, out_size, batch_size, k, pool_buffers):
 
 
 def in_process(cases, calls):
-    """Meters one coding group per step, per case and variant; returns records."""
+    """Meters one coding group per step, per case and variant, each in a fresh process
+    (so that neither variant inherits the allocator state the other left); returns records."""
+    import subprocess
+
+    records = []
+    for case in cases:
+        for variant in VARIANTS:
+            proc = subprocess.run([sys.executable, "-m", "services.frontend.coding_bench", "--one-case",
+                                   ",".join(map(str, case)), "--one-variant", variant, "--calls", str(calls)],
+                                  capture_output=True, text=True, timeout=600)
+            if proc.returncode != 0:
+                raise RuntimeError(f"case {case} {variant}: {proc.stderr.strip()[-2000:]}")
+            records.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    return records
+
+
+def _one_case(case, variant, calls):
+    """One case and variant metered in this process; returns its record."""
     records = []
     loop = asyncio.new_event_loop()
     try:
-        for in_size, out_size, batch_size, k in cases:
+        for in_size, out_size, batch_size, k in [case]:
             rng = np.random.default_rng(0)
             xs = [rng.standard_normal(in_size).astype(np.float32) for _ in range(k * batch_size)]
-            for variant, pool_buffers in VARIANTS.items():
+            for variant, pool_buffers in [(variant, VARIANTS[variant])]:
                 e, pools = loop.run_until_complete(_build(in_size, out_size, batch_size, k, pool_buffers))
 
                 async def group():
@@ -136,7 +157,7 @@ def in_process(cases, calls):
                     loop.run_until_complete(pools.close())
     finally:
         loop.close()
-    return records
+    return records[0]
 
 
 async def _build(in_size, out_size, batch_size, k, pool_buffers):
@@ -189,6 +210,12 @@ def at_rate(args, log=print):
     return records
 
 
+def argparse_hidden():
+    import argparse
+
+    return argparse.SUPPRESS
+
+
 def _main(argv):
     p = cli.ArgumentParser(prog="python -m services.frontend.coding_bench", description=__doc__.split("\n")[0])
     p.add_argument("--json", default=None, help="write results here")
@@ -196,11 +223,22 @@ def _main(argv):
     p.add_argument("--rate", type=float, default=200.0, help="offered rate of the process part, q/s (0 = skip)")
     p.add_argument("--duration-s", type=float, default=20.0, help="seconds of load per variant")
     p.add_argument("--input-size", type=int, default=3 * 224 * 224, help="floats per query (process part)")
-    p.add_argument("--output-size", type=int, default=1000, help="floats per answer (process part)")
+    p.add_argument("--output-size", type=int, default=10,
+                   help="floats per answer (process part; the model holds input x output weights)")
     p.add_argument("--quick", action="store_true",
                    help="small cases, few calls, 2 s of load of small queries (checks that it runs)")
+    p.add_argument("--one-case", default=None, help=argparse_hidden())
+    p.add_argument("--one-variant", choices=tuple(VARIANTS), default=None, help=argparse_hidden())
     args = p.parse_args(argv)
     cli.setup_logging("WARNING")
+    if args.one_case:           # (internal) one in-process measurement; prints its JSON record
+        try:
+            case = tuple(int(v) for v in args.one_case.split(","))
+            in_size, out_size, batch_size, k = case
+        except ValueError:
+            raise cli.UsageError(f"--one-case: expected IN,OUT,BATCH,K, got {args.one_case!r}") from None
+        print(json.dumps(_one_case(case, args.one_variant or "pool", args.calls)))
+        return 0
     cases = CASES
     if args.quick:
         cases, args.calls, args.duration_s = QUICK_CASES, min(args.calls, 20), min(args.duration_s, 2.0)
