@@ -274,3 +274,19 @@ async def test_buffers_are_never_shared_under_random_events():
     await e.close()
     assert p.available("parity") == 3 and p.available("reconstruction") == 3
     await p.close()
+
+
+def test_local_coder_is_the_native_kernels_and_writes_into_out():
+    import coding_ext
+
+    c = LocalCoder("sum")
+    assert c._encode is coding_ext.sum_encode and c._decode is coding_ext.subtract_decode
+    assert LocalCoder("concat")._encode is coding_ext.concat_encode
+    with pytest.raises(ValueError, match="unknown encoder 'xor'"):
+        LocalCoder("xor")
+    out = np.full((1, 4), np.nan, np.float32)
+    assert c.encode_now([x(0)[None], x(1)[None]], out) is out
+    np.testing.assert_array_equal(out, (x(0) + x(1))[None])
+    rec = np.full((1, 3), np.nan, np.float32)
+    assert c.decode_now(linear((x(0) + x(1))[None]), [linear(x(1)[None])], rec) is rec
+    np.testing.assert_allclose(rec, linear(x(0)[None]), rtol=1e-5, atol=1e-5)
