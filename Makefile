@@ -65,6 +65,7 @@ bench: build
 	$(PY) -m coding_ext.bench --json results/bench/coding_ext.json
 	$(PY) -m services.coder.bench --json results/bench/coder.json
 	$(PY) -m services.frontend.bench --json results/bench/frontend.json
+	$(PY) -m services.frontend.coding_bench --json results/bench/frontend_coding.json
 
 deploy-aws: $(DEPLOY_ENV)
 	$(PY) -m deploy.aws launch $(CONFIG) $(if $(DRY_RUN),--dry-run,) $(AWS_ARGS)

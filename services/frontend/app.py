@@ -1,11 +1,18 @@
-"""Composition root: ``build_server(cfg)`` wires the engine, servicers, sources,
-coder, metrics and records; ``serve(cfg)`` runs it until SIGTERM.
+"""Composition root: ``build_server(cfg, registry=None)`` wires the engine,
+servicers, sources, coder, pinned coding buffers, metrics and records;
+``serve(cfg)`` runs it until SIGTERM.
+
+Infrastructure at the edge: the frontend receives its registry (a
+``services.common.registry`` registry, e.g. ``RedisRegistry``), as the model
+server does; ``serve`` builds it from ``--registry-url`` and passes it in, and
+the app's ``RegistrySource`` owns it from then on (closed at ``close``).
 
 Build vs run: ``build_server`` binds the port (port 0 picks one; ``app.port``
 is the real one) but starts nothing; ``await app.start()`` connects the
 instance source, starts the server and marks health SERVING; ``await
 app.stop()`` marks NOT_SERVING, stops the server with a grace period, then
-closes the engine (pending queries fail), the source, the coder, the
+closes the engine (pending queries fail, open coding groups are abandoned and
+return their buffers), the source, the coder, the coding buffers, the
 records and the metrics endpoint, in that order.
 """
 
@@ -14,18 +21,18 @@ import concurrent.futures
 import gc
 import logging
 import pathlib
-import sys
 
 from parm.inference import grpc_service_pb2, grpc_service_pb2_grpc
 from parm.v1 import frontend_pb2, frontend_pb2_grpc
+from services.common import cli
 from services.common import manifest as manifest_mod
 from services.common import tls as tls_mod
 from services.common import tensors
 from services.common.procs import write_ready_file
-from services.common.server import create_server, run_until_signal, setup_logging
+from services.common.server import create_server, run_until_signal
 from services.frontend import config as config_mod
 from services.frontend.clock import LoopClock
-from services.frontend.coding import LocalCoder, RemoteCoder
+from services.frontend.coding import CodingPools, LocalCoder, RemoteCoder
 from services.frontend.engine import Engine
 from services.frontend.instances import GrpcInstanceClient
 from services.frontend.kserve import InferenceServicer
@@ -42,9 +49,21 @@ INFERENCE_SERVICE = grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceS
 
 
 class FrontendApp:
-    """A built frontend: ``server``, ``port``, ``engine``; ``start``/``stop``."""
+    """A built frontend: ``server``, ``port``, ``engine``; ``start``/``stop``.
 
-    def __init__(self, cfg, *, clock=None, client_factory=None, source=None):
+    Args:
+        cfg: ``config.Config``.
+        registry: the instance registry (``services.common.registry``), owned
+            by the app from now on; required when ``cfg.registry_url`` is set,
+            unless ``source`` is given.
+        clock, client_factory, source: injected for tests (default: the
+            loop's clock, gRPC instance clients, the registry or ``--instances``).
+    """
+
+    def __init__(self, cfg, *, registry=None, clock=None, client_factory=None, source=None):
+        if source is None and registry is None and cfg.registry_url:
+            raise ValueError("the config names a registry (--registry-url) but none was given to the "
+                             "frontend (build it at the edge, as serve() does)")
         self.cfg = cfg
         self.base = manifest_mod.load(cfg.model)
         self.parity = manifest_mod.load(cfg.parity_model) if cfg.parity_model else None
@@ -57,6 +76,13 @@ class FrontendApp:
             self.coder = (RemoteCoder(cfg.coder, cfg.encoder, timeout_s=cfg.coder_timeout_ms / 1e3,
                                       fallback=local if cfg.coder_fallback == "local" else None)
                           if cfg.coder else local)
+        # Pinned buffers of the coded path (coding.CodingPools): batches are padded to
+        # batch_size rows, so one shape per pool. A remote coder's replies are its own.
+        self.pools = None
+        if cfg.mode == "coded" and not cfg.coder and cfg.coding_pool_buffers > 0:
+            out_shape = self.parity.output_shape if self.parity else self.base.output_shape
+            self.pools = CodingPools((cfg.batch_size, *self.base.input_shape), (cfg.batch_size, *out_shape),
+                                     cfg.coding_pool_buffers)
         self.metrics = Metrics()
         self.records = Records(cfg.records_dir, self.clock) if cfg.records_dir else None
         lateness = Lateness(cfg.decode_policy, quantile=cfg.late_quantile,
@@ -64,7 +90,8 @@ class FrontendApp:
                             min_samples=min(20, cfg.late_window), margin_s=cfg.late_deadline_margin_ms / 1e3)
         policy = make_policy(cfg.mode, k=cfg.k, coder=self.coder,
                              hedge_delay_s=None if cfg.hedge_delay_ms is None else cfg.hedge_delay_ms / 1e3,
-                             hedge_initial_delay_s=cfg.hedge_initial_delay_ms / 1e3, lateness=lateness)
+                             hedge_initial_delay_s=cfg.hedge_initial_delay_ms / 1e3, lateness=lateness,
+                             pools=self.pools)
         self.engine = Engine(
             base=self.base, policy=policy, queue=make_queue_policy(cfg.queue_mode), clock=self.clock,
             client_factory=client_factory or GrpcInstanceClient,
@@ -79,11 +106,8 @@ class FrontendApp:
         roles = policy_class(cfg.mode).roles
         if source is not None:
             self.source = source
-        elif cfg.registry_url:
-            from services.common.registry import RedisRegistry
-
-            self.source = RegistrySource(RedisRegistry(cfg.registry_url, cfg.deployment), roles,
-                                         poll_s=cfg.registry_poll_ms / 1e3)
+        elif registry is not None:
+            self.source = RegistrySource(registry, roles, poll_s=cfg.registry_poll_ms / 1e3)
         else:
             self.source = StaticSource(cfg.instances, roles)
         self.built = create_server(f"{cfg.host}:{cfg.port}", [
@@ -125,6 +149,10 @@ class FrontendApp:
         reply.counters["asyncio_tasks"] = len(asyncio.all_tasks())
         if isinstance(self.coder, RemoteCoder):
             reply.counters["coder_fallbacks"] = self.coder.fallbacks
+        if self.pools is not None:
+            for kind in ("parity", "reconstruction"):
+                reply.counters[f"coding_pool_{kind}_hits"] = self.pools.hits[kind]
+                reply.counters[f"coding_pool_{kind}_free"] = self.pools.available(kind)
         for role, depth in e.queue_depths().items():
             reply.counters[f"queue_depth_{role}"] = depth
         return reply
@@ -166,35 +194,54 @@ class FrontendApp:
         self._stopped = True
         if self._flush_handle is not None:
             self._flush_handle.cancel()
-        await self.engine.close()
+        await self.engine.close()       # abandons open groups: their buffers go back
         await self.source.close()
         if self.coder is not None:
             await self.coder.close()
+        if self.pools is not None:
+            await self.pools.close()    # after the executor jobs that still write into one
         self.executor.shutdown(wait=False)
         if self.records is not None:
             self.records.close()
         self.metrics.close()
 
 
-def build_server(cfg, **kwargs):
+def build_server(cfg, registry=None, **kwargs):
     """Builds (does not start) a frontend; returns ``FrontendApp`` (``.server``, ``.port``)."""
-    return FrontendApp(cfg, **kwargs)
+    return FrontendApp(cfg, registry=registry, **kwargs)
 
 
 async def serve(cfg):
-    app = build_server(cfg)
-    await app.start()
+    """Builds the registry (``--registry-url``) and the app, and serves until SIGTERM."""
+    registry = None
+    if cfg.registry_url:
+        from services.common.registry import RedisRegistry
+
+        registry = RedisRegistry(cfg.registry_url, cfg.deployment)
+    try:
+        app = build_server(cfg, registry)
+    except BaseException:
+        if registry is not None:
+            await registry.close()
+        raise
+    try:
+        await app.start()
+    except BaseException:
+        await app.close()
+        raise
     await run_until_signal(app.built, grace_s=cfg.grace_s, on_shutdown=app.close)
 
 
-def main(argv=None):
-    cfg = config_mod.parse_or_exit(argv)
-    setup_logging(cfg.log_level)
+def _main(argv):
+    cfg = config_mod.parse_config(argv)
+    cli.setup_logging(cfg.log_level)
     # the instance and coder channels follow the same flags (services.common.tls)
     tls_mod.install(cfg.tls)
-    try:
-        asyncio.run(serve(cfg))
-    except (OSError, RuntimeError, ValueError) as exc:
-        # startup failures (port in use, registry unreachable, bad manifest): one line, exit 1
-        print(f"services.frontend: error: {exc}", file=sys.stderr)
-        raise SystemExit(1) from None
+    cli.run_async(serve(cfg))
+
+
+def main(argv=None):
+    """``python -m services.frontend``: usage errors exit 2, start-up failures (port in use,
+    registry unreachable, bad manifest) exit 1, each as one line."""
+    return cli.run_main(_main, argv, prog="python -m services.frontend",
+                        runtime_errors=(OSError, RuntimeError, ValueError))

@@ -20,7 +20,6 @@ Subcommands used internally: ``proxy`` (the pass-through proxy) and ``load``
 (one load-generator run; prints JSON).
 """
 
-import argparse
 import asyncio
 import io
 import itertools
@@ -36,32 +35,43 @@ import numpy as np
 import psutil
 
 from parm.v1 import frontend_pb2, frontend_pb2_grpc, model_server_pb2, model_server_pb2_grpc, tensor_pb2
-from services.common import tensors
+from services.common import cli, tensors
 from services.common.procs import ServiceProcess, write_ready_file
 from services.common.server import create_server, insecure_channel, run_until_signal
 
 IN_SHAPE = (4,)
 
 
-def write_trivial_model(directory):
-    """A 4 -> 3 MatMul ONNX model and its manifest; returns the manifest path."""
+def write_trivial_model(directory, in_size=IN_SHAPE[0], out_size=3, *, parity_k=None):
+    """An ``in_size`` -> ``out_size`` MatMul ONNX model and its manifest; returns the manifest path.
+
+    With ``parity_k``, also ``trivial-parity.json``: the same (linear) model as
+    the parity model of a sum-encoded group of ``parity_k``, which decodes
+    exactly (F(x1 + x2) = F(x1) + F(x2)).
+    """
+    import dataclasses
+
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     from services.common.manifest import Manifest
 
-    w = np.arange(12, dtype=np.float32).reshape(4, 3) / 10
+    w = (np.arange(in_size * out_size, dtype=np.float32).reshape(in_size, out_size) % 7) / 10
     graph = helper.make_graph(
         [helper.make_node("MatMul", ["input", "W"], ["output"])], "trivial",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 4])],
-        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", 3])],
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", in_size])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", out_size])],
         initializer=[numpy_helper.from_array(w, "W")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     onnx.save(model, str(directory / "trivial.onnx"))
-    Manifest(name="trivial", role="base", arch="linear", dataset="synthetic", split_seed=0, split={},
-             input_shape=IN_SHAPE, input_dtype="float32", output_shape=(3,),
-             onnx_file="trivial.onnx").save(directory / "trivial.json")
+    base = Manifest(name="trivial", role="base", arch="linear", dataset="synthetic", split_seed=0, split={},
+                    input_shape=(in_size,), input_dtype="float32", output_shape=(out_size,),
+                    onnx_file="trivial.onnx")
+    base.save(directory / "trivial.json")
+    if parity_k:
+        dataclasses.replace(base, name="trivial-parity", role="parity", k=parity_k, encoder="sum",
+                            base_model="trivial").save(directory / "trivial-parity.json")
     return directory / "trivial.json"
 
 
@@ -93,15 +103,15 @@ async def _proxy_main(args):
 
 
 # ---------------------------------------------------------------- load
-def _request():
-    x = np.linspace(-1, 1, 4, dtype=np.float32)
+def _request(size=IN_SHAPE[0]):
+    x = np.linspace(-1, 1, size, dtype=np.float32)
     return frontend_pb2.PredictRequest(input=tensors.to_proto(x))
 
 
 async def _load_main(args):
     """Open-loop Poisson load; prints {offered, achieved, p50_ms, p99_ms, errors}."""
     rng = np.random.default_rng(args.seed)
-    req = _request()
+    req = _request(args.input_size)
     lat = []
     errors = 0
     async with insecure_channel(args.target) as ch:
@@ -161,11 +171,13 @@ async def _closed_loop(address, n, warmup, direct):
     return {"p50_ms": float(np.median(ms)), "p99_ms": float(np.percentile(ms, 99)), "n": n}
 
 
-def _run_load(target, rate, duration_s, seed=0):
+def _run_load(target, rate, duration_s, seed=0, input_size=IN_SHAPE[0]):
+    """One open-loop run by a load-generator process (the ``load`` subcommand); its JSON summary."""
     import subprocess
 
     proc = subprocess.run([sys.executable, "-m", "services.frontend.bench", "load", "--target", target,
-                           "--rate", str(rate), "--duration-s", str(duration_s), "--seed", str(seed)],
+                           "--rate", str(rate), "--duration-s", str(duration_s), "--seed", str(seed),
+                           "--input-size", str(input_size)],
                           capture_output=True, text=True, timeout=duration_s * 10 + 60)
     if proc.returncode != 0:
         return {"offered_qps": rate, "error": proc.stderr.strip().splitlines()[-1:]}
@@ -314,9 +326,8 @@ def bench(args):
     return out
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m services.frontend.bench", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def _main(argv):
+    p = cli.ArgumentParser(prog="python -m services.frontend.bench", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="cmd")
     b = sub.add_parser("run", help="the benchmark (default)")
     for q in (p, b):
@@ -328,26 +339,33 @@ def main(argv=None):
         q.add_argument("--latency-queries", type=int, default=2000, help="closed-loop requests per target")
         q.add_argument("--rates", default="250,500,750,1000,1250,1500,1750,2000", help="offered rates, q/s")
         q.add_argument("--duration-s", type=float, default=5.0, help="seconds per rate")
-        q.add_argument("--p99-target-ms", type=float, default=20.0)
+        q.add_argument("--p99-target-ms", type=float, default=20.0,
+                       help="a rate is sustained if its p99 stays under this, ms")
         q.add_argument("--profile-rate", type=float, default=800.0, help="q/s for the profile (0 = skip)")
     x = sub.add_parser("proxy", help="(internal) the pass-through proxy")
-    x.add_argument("--instances", required=True)
-    x.add_argument("--port", type=int, default=0)
-    x.add_argument("--ready-file", default=None)
+    x.add_argument("--instances", required=True, help="model server addresses, comma-separated")
+    x.add_argument("--port", type=int, default=0, help="port (0 = a free one)")
+    x.add_argument("--ready-file", default=None, help="write {port, pid} JSON here once serving")
     ld = sub.add_parser("load", help="(internal) one open-loop run; prints JSON")
-    ld.add_argument("--target", required=True)
-    ld.add_argument("--rate", type=float, required=True)
-    ld.add_argument("--duration-s", type=float, default=5.0)
-    ld.add_argument("--timeout-s", type=float, default=5.0)
-    ld.add_argument("--seed", type=int, default=0)
+    ld.add_argument("--target", required=True, help="frontend host:port")
+    ld.add_argument("--rate", type=float, required=True, help="offered rate, q/s")
+    ld.add_argument("--duration-s", type=float, default=5.0, help="seconds of load")
+    ld.add_argument("--timeout-s", type=float, default=5.0, help="deadline of each query, s")
+    ld.add_argument("--seed", type=int, default=0, help="seed of the Poisson arrivals")
+    ld.add_argument("--input-size", type=int, default=IN_SHAPE[0], help="floats per query")
     args = p.parse_args(argv)
+    cli.setup_logging("WARNING")
     if args.cmd == "proxy":
-        asyncio.run(_proxy_main(args))
+        cli.run_async(_proxy_main(args))
     elif args.cmd == "load":
-        asyncio.run(_load_main(args))
+        cli.run_async(_load_main(args))
     else:
         bench(args)
 
 
+def main(argv=None):
+    return cli.run_main(_main, argv, prog="python -m services.frontend.bench")
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

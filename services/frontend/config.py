@@ -1,9 +1,12 @@
-"""Configuration of ``python -m services.frontend``: flags -> frozen ``Config``."""
+"""Configuration of ``python -m services.frontend``: flags -> frozen ``Config``.
 
-import argparse
-import sys
+``parse_config(argv)`` raises ``services.common.cli.UsageError`` (one line;
+exit 2 through ``cli.run_main``) for any bad flag or mismatched model.
+"""
+
 from dataclasses import dataclass
 
+from services.common import cli
 from services.common import manifest as manifest_mod
 from services.common import tls as tls_mod
 from services.common.registry import url_with_env_password
@@ -12,13 +15,7 @@ from services.frontend.redundancy import DECODE_POLICIES, MODES
 from services.frontend.instances import parse_static_instances
 
 
-class ConfigError(ValueError):
-    """A bad command line (reported as one line on stderr, exit 2)."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise ConfigError(message)
+DEFAULT_CODING_POOL_BUFFERS = 32
 
 
 @dataclass(frozen=True)
@@ -64,12 +61,12 @@ class Config:
     late_initial_ms: float = 50.0
     late_window: int = 1000
     late_deadline_margin_ms: float = 2.0
+    coding_pool_buffers: int = DEFAULT_CODING_POOL_BUFFERS
 
 
 def build_parser():
-    p = _Parser(prog="python -m services.frontend",
-                description="ParM frontend: parm.v1.Frontend and inference.GRPCInferenceService.",
-                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = cli.ArgumentParser(prog="python -m services.frontend",
+                           description="ParM frontend: parm.v1.Frontend and inference.GRPCInferenceService.")
     p.add_argument("--mode", choices=MODES, default="none", help="redundancy mode")
     p.add_argument("--queue-mode", choices=("single_queue", "rr"), default="single_queue",
                    help="shared queues pulled by idle instances, or one queue per instance (round robin)")
@@ -86,7 +83,9 @@ def build_parser():
     p.add_argument("--backup-model", default=None, help="backup model manifest (cheap mode)")
     p.add_argument("--encoder", choices=("sum", "concat"), default=None,
                    help="encoder (default: the parity manifest's, else sum)")
-    p.add_argument("--instances", default="", help="static instances: role=host:port,... (role data|parity|backup)")
+    p.add_argument("--instances", default="",
+                   help="static instances: role=host:port,... (role data|parity|backup; default: none, "
+                        "then --registry-url)")
     p.add_argument("--registry-url", default=None,
                    help="redis:// URL of the instance registry (its password may come from "
                         "$PARM_REGISTRY_PASSWORD instead)")
@@ -100,6 +99,10 @@ def build_parser():
     p.add_argument("--inline-coding-max-bytes", type=int, default=1 << 20,
                    help="encode/decode on the event loop up to this many bytes, else in the executor")
     p.add_argument("--coding-threads", type=int, default=1, help="executor threads for large encodes/decodes")
+    p.add_argument("--coding-pool-buffers", type=int, default=DEFAULT_CODING_POOL_BUFFERS,
+                   help="coded mode, in-process coding: pinned buffers for parity inputs, and as many for "
+                        "reconstructions (one per coding group in flight; when all are out the kernel "
+                        "allocates; 0 = no pool)")
     p.add_argument("--max-in-system", type=int, default=10000,
                    help="admitted, unanswered queries beyond which Predict answers RESOURCE_EXHAUSTED")
     p.add_argument("--max-in-flight", type=int, default=1, help="concurrent calls per instance")
@@ -140,7 +143,7 @@ def build_parser():
 
 
 def check_models(mode, base, parity, backup, encoder, k):
-    """Refuses a deployment whose models do not fit together; ConfigError naming the mismatch.
+    """Refuses a deployment whose models do not fit together; cli.UsageError naming the mismatch.
 
     A parity model must have been trained for this base model, with this
     encoder (a parity model trained for ``sum`` fed ``concat`` parities serves
@@ -152,77 +155,79 @@ def check_models(mode, base, parity, backup, encoder, k):
     """
     if parity is not None:
         if parity.base_model and parity.base_model != base.name:
-            raise ConfigError(f"--parity-model {parity.name!r} was trained for base model "
+            raise cli.UsageError(f"--parity-model {parity.name!r} was trained for base model "
                               f"{parity.base_model!r}, not {base.name!r}")
         if tuple(parity.output_shape) != tuple(base.output_shape):
-            raise ConfigError(f"--parity-model {parity.name!r} outputs shape {list(parity.output_shape)}, "
+            raise cli.UsageError(f"--parity-model {parity.name!r} outputs shape {list(parity.output_shape)}, "
                               f"but the base model {base.name!r} outputs {list(base.output_shape)}")
         if parity.encoder and encoder != parity.encoder:
-            raise ConfigError(f"--encoder {encoder} differs from the encoder the parity model "
+            raise cli.UsageError(f"--encoder {encoder} differs from the encoder the parity model "
                               f"{parity.name!r} was trained with ({parity.encoder})")
     if backup is not None and tuple(backup.output_shape) != tuple(base.output_shape):
-        raise ConfigError(f"--backup-model {backup.name!r} outputs shape {list(backup.output_shape)}, "
+        raise cli.UsageError(f"--backup-model {backup.name!r} outputs shape {list(backup.output_shape)}, "
                           f"but the base model {base.name!r} outputs {list(base.output_shape)}")
     if encoder == "concat":
         if k not in (2, 4):
-            raise ConfigError(f"the concat encoder needs k in (2, 4), got {k}")
+            raise cli.UsageError(f"the concat encoder needs k in (2, 4), got {k}")
         shape = tuple(base.input_shape)
         if mode == "coded":
             if len(shape) != 3:
-                raise ConfigError(f"the concat encoder needs per-example inputs (C, H, W); model "
+                raise cli.UsageError(f"the concat encoder needs per-example inputs (C, H, W); model "
                                   f"{base.name!r} takes {list(shape)} (use --encoder sum)")
             _, h, w = shape
             if w % 2 or (k == 4 and h % 2):
                 need = "an even width" if k == 2 else "an even height and width"
-                raise ConfigError(f"the concat encoder with k={k} needs {need}; model {base.name!r} "
+                raise cli.UsageError(f"the concat encoder with k={k} needs {need}; model {base.name!r} "
                                   f"takes {list(shape)} (use --encoder sum)")
 
 
 def parse_config(argv):
-    """Parses and checks flags; raises ConfigError with a one-line message."""
+    """Parses and checks flags; raises cli.UsageError with a one-line message."""
     a = build_parser().parse_args(argv)
     try:
         base = manifest_mod.load(a.model)
         parity = manifest_mod.load(a.parity_model) if a.parity_model else None
         backup = manifest_mod.load(a.backup_model) if a.backup_model else None
     except manifest_mod.ManifestError as exc:
-        raise ConfigError(str(exc)) from None
+        raise cli.UsageError(str(exc)) from None
     k = a.k if a.k is not None else (parity.k if parity else 2)
     if k < 2:
-        raise ConfigError(f"--k must be >= 2, got {k}")
+        raise cli.UsageError(f"--k must be >= 2, got {k}")
     if parity is not None and parity.k != k:
-        raise ConfigError(f"--k {k} differs from the parity model's k {parity.k}")
+        raise cli.UsageError(f"--k {k} differs from the parity model's k {parity.k}")
     encoder = a.encoder or (parity.encoder if parity else "sum")
     check_models(a.mode, base, parity, backup, encoder, k)
     if a.max_coalesce > 1 and a.mode == "coded":
-        raise ConfigError("--max-coalesce > 1 is not available in coded mode")
+        raise cli.UsageError("--max-coalesce > 1 is not available in coded mode")
     for name in ("batch_size", "max_in_system", "max_in_flight", "max_coalesce", "max_attempts",
                  "coding_threads"):
         if getattr(a, name) < 1:
-            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
+            raise cli.UsageError(f"--{name.replace('_', '-')} must be >= 1")
     for name in ("batch_timeout_ms", "group_timeout_ms", "instance_timeout_ms", "query_timeout_ms"):
         if getattr(a, name) <= 0:
-            raise ConfigError(f"--{name.replace('_', '-')} must be > 0")
+            raise cli.UsageError(f"--{name.replace('_', '-')} must be > 0")
     if not 0.0 < a.late_quantile <= 1.0:
-        raise ConfigError(f"--late-quantile must be in (0, 1], got {a.late_quantile}")
+        raise cli.UsageError(f"--late-quantile must be in (0, 1], got {a.late_quantile}")
     if a.late_window < 1:
-        raise ConfigError("--late-window must be >= 1")
+        raise cli.UsageError("--late-window must be >= 1")
     if a.late_initial_ms < 0 or a.late_deadline_margin_ms < 0:
-        raise ConfigError("--late-initial-ms and --late-deadline-margin-ms must be >= 0")
+        raise cli.UsageError("--late-initial-ms and --late-deadline-margin-ms must be >= 0")
+    if a.coding_pool_buffers < 0:
+        raise cli.UsageError("--coding-pool-buffers must be >= 0")
     if a.max_message_bytes < 1024:
-        raise ConfigError("--max-message-bytes must be >= 1024")
+        raise cli.UsageError("--max-message-bytes must be >= 1024")
     try:
         tls = tls_mod.from_args(a)
     except tls_mod.TlsError as exc:
-        raise ConfigError(str(exc)) from None
+        raise cli.UsageError(str(exc)) from None
     try:
         instances = tuple(parse_static_instances(a.instances))
     except ValueError as exc:
-        raise ConfigError(str(exc)) from None
+        raise cli.UsageError(str(exc)) from None
     if not instances and not a.registry_url:
-        raise ConfigError("give --instances role=host:port,... or --registry-url")
+        raise cli.UsageError("give --instances role=host:port,... or --registry-url")
     if instances and a.registry_url:
-        raise ConfigError("give either --instances or --registry-url, not both")
+        raise cli.UsageError("give either --instances or --registry-url, not both")
     return Config(
         mode=a.mode, queue_mode=a.queue_mode, k=k, batch_size=a.batch_size,
         batch_timeout_ms=a.batch_timeout_ms, group_timeout_ms=a.group_timeout_ms,
@@ -238,12 +243,5 @@ def parse_config(argv):
         records_dir=a.records_dir, grace_s=a.grace_s, log_level=a.log_level,
         max_message_bytes=a.max_message_bytes, tls=tls, coder_fallback=a.coder_fallback,
         decode_policy=a.decode_policy, late_quantile=a.late_quantile, late_initial_ms=a.late_initial_ms,
-        late_window=a.late_window, late_deadline_margin_ms=a.late_deadline_margin_ms)
-
-
-def parse_or_exit(argv):
-    try:
-        return parse_config(argv)
-    except ConfigError as exc:
-        print(f"services.frontend: error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+        late_window=a.late_window, late_deadline_margin_ms=a.late_deadline_margin_ms,
+        coding_pool_buffers=a.coding_pool_buffers)

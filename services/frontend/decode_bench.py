@@ -14,7 +14,6 @@ share at most 2 % at 200 and 400 q/s, served top-1 within 0.3 points of
 ``none``'s) are benchmarks for a quiet machine, not timed tests.
 """
 
-import argparse
 import json
 import pathlib
 import shutil
@@ -22,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 
+from services.common import cli
 from services.common.procs import ServiceProcess
 
 CONFIGS = (("none", None), ("coded", "immediate"), ("coded", "late"))
@@ -104,17 +104,15 @@ def run(args, log=print):
     return results
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m services.frontend.decode_bench",
-                                description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def _main(argv):
+    p = cli.ArgumentParser(prog="python -m services.frontend.decode_bench", description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True, type=pathlib.Path, help="base model manifest")
     p.add_argument("--parity-model", required=True, type=pathlib.Path, help="parity model manifest")
     p.add_argument("--rates", default="200,400", help="offered rates, q/s, comma-separated")
     p.add_argument("--num-queries", type=int, default=2000, help="measured queries per run")
     p.add_argument("--warmup-queries", type=int, default=200, help="warm-up queries per run (not measured)")
     p.add_argument("--inputs", default=None, help="inputs .npz (X, y); default: the model's dataset")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the load generator")
     p.add_argument("--json", default=None, help="write results here")
     args = p.parse_args(argv)
     try:
@@ -124,8 +122,14 @@ def main(argv=None):
     for path in (args.model, args.parity_model):
         if not path.exists():
             p.error(f"{path}: no such manifest")
+    cli.setup_logging("WARNING")
     run(args)
     return 0
+
+
+def main(argv=None):
+    return cli.run_main(_main, argv, prog="python -m services.frontend.decode_bench",
+                        runtime_errors=(OSError, RuntimeError))
 
 
 if __name__ == "__main__":

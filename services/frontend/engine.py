@@ -55,6 +55,13 @@ Concurrency model and invariants
   call is capped, a group outlives its last query by at most one instance
   timeout. A sweep every ``gc_interval_s`` drops groups older than
   ``gc_horizon_s`` as abandoned, as a backstop.
+* Pinned coding buffers (coded mode, ``coding.CodingPools``): a parity batch's
+  inputs and a group's reconstruction may live in pooled buffers. The policy
+  owns them and returns them in ``on_group_done``, which ``_finish_group``
+  calls exactly once per group (complete, abandoned by the GC, or abandoned
+  at ``close``), so ``close`` returns every buffer a group holds; a buffer an
+  executor job is still writing goes back when that job ends (the pools'
+  ``close`` waits for it). No answer references a pooled buffer.
 * The policy boundary: the engine owns queries, batches, calls, instances and
   the group table; the redundancy policy (injected, ``redundancy/``) decides
   what a formed batch becomes and what a reply or an erasure means, and acts
@@ -89,7 +96,7 @@ COUNTERS = (
     "reconstructions", "redispatches", "hedges", "removed_from_queue", "calls", "call_errors",
     "call_timeouts", "late_originals", "instances_joined", "instances_left",
     "call_deadline_expired", "expired_forming", "skipped_unneeded", "dropped", "awaiting_decode",
-    "held_for_lateness", "substitutes_discarded",
+    "held_for_lateness", "substitutes_discarded", "coding_pool_misses",
 )
 
 
@@ -186,8 +193,13 @@ class Engine:
         if self._gc_handle is None and self._gc_interval_s:
             self._gc_handle = self.clock.call_later(self._gc_interval_s, self._gc)
 
+    @property
+    def closed(self):
+        """True once ``close`` has begun (nothing new is admitted or queued)."""
+        return self._closed
+
     async def close(self):
-        """Fails every pending query, cancels calls, closes instance clients."""
+        """Fails every pending query, cancels calls, closes instance clients, abandons open groups."""
         self._closed = True
         if self._gc_handle is not None:
             self._gc_handle.cancel()
@@ -394,12 +406,13 @@ class Engine:
         self.observer.query_done(q, q.batch, q.batch.group_id if q.batch else 0)
         return True
 
-    def answer_batch(self, batch, output, source, instance_id="", waited_s=None):
-        """Answers every not-yet-done query of ``batch`` from ``output`` rows."""
+    def answer_batch(self, batch, output, source, instance_id="", waited_s=None, copy=False):
+        """Answers every not-yet-done query of ``batch`` from ``output`` rows (copies if ``copy``)."""
         n = 0
         for q in batch.queries:
             if not q.done:
-                self._answer(q, output[q.row], source, batch, instance_id, waited_s)
+                row = output[q.row]
+                self._answer(q, row.copy() if copy else row, source, batch, instance_id, waited_s)
                 n += 1
         return n
 
@@ -730,6 +743,7 @@ class Engine:
             for b in g.members + ([g.parity] if g.parity is not None else []):
                 self.remove_from_queue(b)
         self.observer.group_done(g, reason)
+        self.policy.on_group_done(g, reason)
 
     def _gc(self):
         self._gc_handle = None

@@ -76,12 +76,15 @@ class Batch:
     ``inputs``: ndarray of shape (rows, *input_shape). ``wire`` is the
     transport's cached serialisation of ``inputs`` (opaque to the core; filled
     by the instance client on first use and reused by retries and hedges).
+    ``buffer``: the pooled buffer a parity batch's ``inputs`` live in
+    (``coding.CodingPools``), owned by the batch until its group finishes;
+    None when the kernel allocated them.
     """
 
     __slots__ = ("batch_id", "group_id", "role", "queries", "inputs", "rows", "group", "index",
                  "queue", "calls", "exclude", "attempts", "output", "created_s", "dispatched_s",
                  "answered_s", "reconstruction", "reconstructed_s", "twin", "hedge_handle",
-                 "wire", "closed", "encode_us", "error", "seq", "held", "hold_handle")
+                 "wire", "closed", "encode_us", "error", "seq", "held", "hold_handle", "buffer")
 
     def __init__(self, batch_id, role, queries, inputs, created_s):
         self.batch_id = batch_id
@@ -111,6 +114,7 @@ class Batch:
         self.seq = 0            # formation order (age); twins and parity take their group's
         self.held = None        # a substitute waiting for this data batch to be late (lateness.py)
         self.hold_handle = None
+        self.buffer = None      # pooled inputs (parity), returned when the group finishes
 
     def needed(self):
         """True while some query of the batch still waits for an answer."""
@@ -155,7 +159,7 @@ class Group:
     __slots__ = ("group_id", "k", "members", "outputs", "n_outputs", "parity", "parity_output",
                  "sealed", "coded", "formed_s", "timer", "missing", "encode_us", "decode_us",
                  "late", "finished", "encoding", "decoding", "encode_failed", "decode_failed", "decoded",
-                 "late_threshold_s")
+                 "late_threshold_s", "rec_buffer")
 
     def __init__(self, group_id, k, formed_s):
         self.group_id = group_id
@@ -180,3 +184,4 @@ class Group:
         self.decode_failed = False
         self.decoded = None         # the member decoded (its reconstruction may still be held)
         self.late_threshold_s = None    # the lateness threshold when the group was decoded/sealed
+        self.rec_buffer = None      # pooled reconstruction buffer, owned until finish (coding.CodingPools)

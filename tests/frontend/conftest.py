@@ -1,7 +1,10 @@
 """Runs ``async def`` tests of this package in a fresh event loop.
 
-Teardown asserts that the test left no task pending (a leaked task is a
-timer or call nobody owns).
+Teardown asserts that every engine the test built (``fakes.track``) was
+closed by the test, and that the test left no task pending, call tasks
+included (a leaked task is a timer or call nobody owns; an engine's close
+ends its calls). An engine left open is closed here too, so one failure
+does not cascade into the next test.
 """
 
 import asyncio
@@ -9,6 +12,7 @@ import inspect
 
 import pytest
 
+from tests.frontend import fakes
 from tests.frontend.models import write_deployment
 
 
@@ -19,7 +23,15 @@ def models(tmp_path):
 
 
 async def _run_checked(fn, kwargs):
-    await fn(**kwargs)
+    fakes.ENGINES.clear()
+    try:
+        await fn(**kwargs)
+    finally:
+        unclosed = [e for e in fakes.ENGINES if not e.closed]
+        for e in unclosed:
+            await e.close()
+        fakes.ENGINES.clear()
+    assert not unclosed, f"test did not close {len(unclosed)} engine(s) it built"
     await asyncio.sleep(0)
     me = asyncio.current_task()
     leaked = [t for t in asyncio.all_tasks() if t is not me and not t.done()]
@@ -28,8 +40,7 @@ async def _run_checked(fn, kwargs):
     if leaked:
         await asyncio.gather(*leaked, return_exceptions=True)
     names = [t.get_coro().__qualname__ for t in leaked]
-    # Calls parked in hanging fakes are cancelled by the engine's close(); any other task is a leak.
-    assert not [n for n in names if "_run_call" not in n], f"test left tasks pending: {names}"
+    assert not names, f"test left tasks pending: {names}"
 
 
 @pytest.hookimpl(tryfirst=True)

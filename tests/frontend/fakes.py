@@ -96,6 +96,16 @@ class FakeFleet:
         return self.clients[address]
 
 
+ENGINES = []
+"""Engines built by the running test (``track``); the conftest harness checks they were closed."""
+
+
+def track(engine):
+    """Registers ``engine`` with the harness (every engine a test builds must be closed by it)."""
+    ENGINES.append(engine)
+    return engine
+
+
 async def settle(turns=20):
     """Lets the event loop run every ready callback (no time passes)."""
     for _ in range(turns):

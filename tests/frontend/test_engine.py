@@ -15,14 +15,14 @@ from services.frontend.engine import Engine
 from services.frontend.queues import make_queue_policy
 from services.frontend.records import BACKUP, ORIGINAL, RECONSTRUCTED
 from services.frontend.redundancy import Lateness, make_policy
-from tests.frontend.fakes import FakeFleet, base_manifest, linear, settle
+from tests.frontend.fakes import FakeFleet, base_manifest, linear, settle, track
 
 pytestmark = pytest.mark.timeout(30)
 
 
 def make_engine(mode="none", queue_mode="single_queue", *, data=2, parity=0, backup=0, modes=None,
                 fns=None, k=2, coder=None, hedge_delay_s=None, hedge_initial_delay_s=0.05,
-                decode_policy="immediate", lateness=None, **kw):
+                decode_policy="immediate", lateness=None, pools=None, **kw):
     """An engine over fakes and a ManualClock. The decode policy defaults to
     ``immediate`` here, so the tests written for the paper's rule run it unchanged."""
     clock = ManualClock()
@@ -31,10 +31,10 @@ def make_engine(mode="none", queue_mode="single_queue", *, data=2, parity=0, bac
         coder = LocalCoder("sum")
     policy = make_policy(mode, k=k, coder=coder, hedge_delay_s=hedge_delay_s,
                          hedge_initial_delay_s=hedge_initial_delay_s,
-                         lateness=lateness or Lateness(decode_policy))
+                         lateness=lateness or Lateness(decode_policy), pools=pools)
     kw.setdefault("gc_interval_s", 0)
-    e = Engine(base=base_manifest(), policy=policy, queue=make_queue_policy(queue_mode), clock=clock,
-               client_factory=fleet, **kw)
+    e = track(Engine(base=base_manifest(), policy=policy, queue=make_queue_policy(queue_mode), clock=clock,
+                     client_factory=fleet, **kw))
     for i in range(data):
         e.add_instance(f"d{i}", f"d{i}:1", "data")
     for i in range(parity):
@@ -66,6 +66,7 @@ async def test_replication_answers_original(mode, queue_mode):
     assert sorted(fleet["d0:1"].calls + fleet["d1:1"].calls) == list(range(6))
     if queue_mode == "rr":
         assert fleet["d0:1"].calls == [0, 2, 4] and fleet["d1:1"].calls == [1, 3, 5]
+    await e.close()
 
 
 async def test_single_queue_one_in_flight_per_instance_and_pull():
@@ -79,6 +80,7 @@ async def test_single_queue_one_in_flight_per_instance_and_pull():
     # the idle instance pulls the next batch; the busy one gets nothing more
     assert fleet["d1:1"].pending_ids() == [2] and fleet["d0:1"].pending_ids() == [0]
     assert qs[1].future.done() and not qs[0].future.done()
+    await e.close()
 
 
 async def test_rr_keeps_per_instance_queues():
@@ -91,6 +93,7 @@ async def test_rr_keeps_per_instance_queues():
     # batch 2 was assigned to d0's queue; d1 takes its own next (3)
     assert fleet["d1:1"].pending_ids() == [3]
     assert fleet["d0:1"].pending_ids() == [0]
+    await e.close()
 
 
 async def test_batching_fills_and_flushes_on_timeout():
@@ -109,6 +112,7 @@ async def test_batching_fills_and_flushes_on_timeout():
     assert a.batch_id == 1
     np.testing.assert_array_equal(a.output, linear(x(3)[None])[0])
     assert e.counters["partial_batches"] == 1
+    await e.close()
 
 
 async def test_validation_and_admission():
@@ -128,6 +132,7 @@ async def test_no_data_instance_is_unavailable():
     e, clock, fleet = make_engine("none", data=0)
     with pytest.raises(NoInstance):
         e.submit(x(0))
+    await e.close()
 
 
 async def test_client_deadline_and_abandon_remove_queued_batch():
@@ -148,6 +153,7 @@ async def test_client_deadline_and_abandon_remove_queued_batch():
     fleet["d0:1"].release()
     await settle()
     assert q0.future.result().source == ORIGINAL and e.in_system == 0
+    await e.close()
 
 
 async def test_instance_timeout_redispatches_to_other_instance():
@@ -164,6 +170,7 @@ async def test_instance_timeout_redispatches_to_other_instance():
     await settle()
     assert q.future.result().source == ORIGINAL
     assert e.instances["d0"].in_flight == 0 and not e.instances["d0"].usable
+    await e.close()
 
 
 async def test_attempts_exhausted_fails_with_unavailable():
@@ -175,6 +182,7 @@ async def test_attempts_exhausted_fails_with_unavailable():
     with pytest.raises(InstanceFailed, match="2 instance calls"):
         q.future.result()
     assert fleet["d0:1"].calls == [0, 0] and e.in_system == 0
+    await e.close()
 
 
 async def test_removed_instance_is_erasure_and_rr_queue_moves():
@@ -189,6 +197,7 @@ async def test_removed_instance_is_erasure_and_rr_queue_moves():
         fleet["d1:1"].release()
         await settle()
     assert all(q.future.result().source == ORIGINAL for q in qs)
+    await e.close()
 
 
 # ---------------------------------------------------------------- coded
@@ -218,6 +227,7 @@ async def test_coded_ids_encode_and_reconstruct_exactly():
     await settle()
     assert e.counters["late_originals"] == 1 and g.late["max_abs_error"] < 1e-4
     assert g.finished and 0 not in e.groups
+    await e.close()
 
 
 async def test_coded_reconstructed_batch_removed_from_queue_only_it():
@@ -237,6 +247,7 @@ async def test_coded_reconstructed_batch_removed_from_queue_only_it():
     assert fleet["d0:1"].pending_ids() == [3]
     assert e.queue_depths()["data"] == 1
     assert e.counters["removed_from_queue"] == 1
+    await e.close()
 
 
 async def test_coded_parity_removed_when_all_data_answered():
@@ -253,6 +264,7 @@ async def test_coded_parity_removed_when_all_data_answered():
     await settle()
     assert fleet["p0:1"].calls == [2]                # parity 5 was never sent
     assert not e.groups and e.counters["groups_finished"] == 2
+    await e.close()
 
 
 async def test_coded_original_preferred_when_already_there():
@@ -265,6 +277,7 @@ async def test_coded_original_preferred_when_already_there():
     await settle()
     assert [a.source for a in answers(qs)] == [ORIGINAL, ORIGINAL]
     assert e.counters["decodes"] == 0
+    await e.close()
 
 
 async def test_coded_failed_instance_decoded_when_group_allows():
@@ -275,6 +288,7 @@ async def test_coded_failed_instance_decoded_when_group_allows():
     fleet["d0:1"].fail()
     await settle()
     assert qs[0].future.result().source == RECONSTRUCTED
+    await e.close()
 
 
 async def test_coded_erasure_without_parity_is_redispatched():
@@ -290,6 +304,7 @@ async def test_coded_erasure_without_parity_is_redispatched():
     fleet["d1:1"].release(0)
     await settle()
     assert [a.source for a in answers(qs)] == [ORIGINAL, ORIGINAL]
+    await e.close()
 
 
 async def test_coded_partial_group_has_no_parity_and_is_collected():
@@ -308,6 +323,7 @@ async def test_coded_partial_group_has_no_parity_and_is_collected():
     q2 = e.submit(x(1))
     await settle()
     assert q2.batch.batch_id == 3
+    await e.close()
 
 
 async def test_coded_padded_partial_batch_decodes_exactly():
@@ -323,6 +339,7 @@ async def test_coded_padded_partial_batch_decodes_exactly():
     a = qs[2].future.result()
     assert a.source == RECONSTRUCTED
     np.testing.assert_allclose(a.output, linear(x(2)[None])[0], rtol=1e-5, atol=1e-5)
+    await e.close()
 
 
 async def test_coded_gc_abandons_stuck_group():
@@ -337,6 +354,7 @@ async def test_coded_gc_abandons_stuck_group():
         await settle()
     assert all(q.done for q in qs) and not e.groups
     assert e.in_system == 0
+    await e.close()
 
 
 # ---------------------------------------------------------------- cheap
@@ -361,6 +379,7 @@ async def test_cheap_backup_first_then_original(queue_mode):
     fleet["b0:1"].release(1)
     await settle()
     assert e.in_system == 0
+    await e.close()
 
 
 async def test_cheap_original_preferred():
@@ -370,6 +389,7 @@ async def test_cheap_original_preferred():
     fleet["d0:1"].release(); fleet["b0:1"].release()
     await settle()
     assert q.future.result().source == ORIGINAL
+    await e.close()
 
 
 # ---------------------------------------------------------------- hedged
@@ -390,6 +410,7 @@ async def test_hedged_second_copy_after_delay():
     fleet["d0:1"].release()
     await settle()
     assert e.in_system == 0 and e.in_flight() == 0
+    await e.close()
 
 
 async def test_hedged_no_copy_when_answered_in_time():
@@ -402,6 +423,7 @@ async def test_hedged_no_copy_when_answered_in_time():
     await settle()
     assert e.counters["hedges"] == 0 and fleet["d1:1"].calls == []
     assert q.future.result().source == ORIGINAL
+    await e.close()
 
 
 async def test_hedge_delay_defaults_to_recent_p95():
@@ -410,6 +432,7 @@ async def test_hedge_delay_defaults_to_recent_p95():
     for i in range(100):
         e.policy.on_call_done("data", 0.001 * (i + 1))
     assert e.policy.delay() == pytest.approx(0.09505, rel=1e-3)
+    await e.close()
 
 
 
@@ -435,6 +458,7 @@ async def test_changed_address_replaces_instance():
     fleet["d0-new:1"].release()
     await settle()
     assert q.future.result().source == ORIGINAL
+    await e.close()
 
 
 @pytest.mark.parametrize("queue_mode", ["single_queue", "rr"])
@@ -493,6 +517,7 @@ async def test_coalescing_takes_queued_batches_in_one_call(queue_mode):
         assert a.batch_id == i and a.source == ORIGINAL
         np.testing.assert_array_equal(a.output, linear(x(i)[None])[0])
     assert e.counters["calls"] == 3
+    await e.close()
 
 
 async def test_coalesced_call_failure_is_an_erasure_of_each_batch():
@@ -511,6 +536,7 @@ async def test_coalesced_call_failure_is_an_erasure_of_each_batch():
     fleet["d1:1"].release()
     await settle()
     assert [q.future.result().batch_id for q in qs] == [0, 1, 2, 3]
+    await e.close()
 
 
 def test_coalescing_is_refused_in_coded_mode():
@@ -528,10 +554,9 @@ async def test_coded_through_the_executor_path():
     pool = concurrent.futures.ThreadPoolExecutor(1)
     clock = ManualClock()
     fleet = FakeFleet()
-    e = Engine(base=base_manifest(), policy=make_policy("coded", k=2, coder=LocalCoder(
+    e = track(Engine(base=base_manifest(), policy=make_policy("coded", k=2, coder=LocalCoder(
         "sum", executor=pool, inline_max_bytes=0), lateness=Lateness("immediate")), queue=SingleQueue(),
-        clock=clock, client_factory=fleet,
-        gc_interval_s=0)
+        clock=clock, client_factory=fleet, gc_interval_s=0))
     for name, role in (("d0", "data"), ("d1", "data"), ("p0", "parity")):
         e.add_instance(name, f"{name}:1", role)
     qs = [e.submit(x(i)) for i in range(2)]

@@ -44,6 +44,7 @@ async def test_01_client_deadline_does_not_put_a_healthy_instance_in_backoff():
     d0.release(1)
     await settle()
     assert q2.future.result().source == ORIGINAL
+    await e.close()
 
 
 async def test_01_many_near_zero_deadlines_never_mark_the_instance_failed():
@@ -55,6 +56,7 @@ async def test_01_many_near_zero_deadlines_never_mark_the_instance_failed():
         await settle()
     assert e.instances["d0"].failures_in_row == 0 and e.instances["d0"].errors == 0
     assert e.in_system == 0
+    await e.close()
 
 
 async def test_01_batch_whose_queries_expired_while_forming_is_not_dispatched():
@@ -65,6 +67,7 @@ async def test_01_batch_whose_queries_expired_while_forming_is_not_dispatched():
     await settle()
     assert all(isinstance(q.future.exception(), DeadlineExceeded) for q in qs)
     assert fleet["d0:1"].calls == [] and e.counters["calls"] == 0
+    await e.close()
 
 
 async def test_01_expired_queries_leave_a_forming_batch():
@@ -80,6 +83,7 @@ async def test_01_expired_queries_leave_a_forming_batch():
     assert [q1.future.result().source, q2.future.result().source] == [ORIGINAL, ORIGINAL]
     assert fleet["d0:1"].calls == [0]
     np.testing.assert_array_equal(q2.future.result().output, linear(x(2)[None])[0])
+    await e.close()
 
 
 # ------------------------------------------------------------------ 2
@@ -93,6 +97,7 @@ async def test_02_rr_failing_instance_queue_moves_to_the_live_one():
     await settle()
     sources = [status_of(q) for q in qs]
     assert sources == [ORIGINAL] * 40, sources
+    await e.close()
 
 
 async def test_02_rr_hung_instance_queue_moves_after_its_timeout():
@@ -105,6 +110,7 @@ async def test_02_rr_hung_instance_queue_moves_after_its_timeout():
     await settle()
     sources = [status_of(q) for q in qs]
     assert sources.count(ORIGINAL) == 40, sources
+    await e.close()
 
 
 # ------------------------------------------------------------------ 3
@@ -125,6 +131,7 @@ async def test_03_spent_member_waits_for_the_decode(queue_mode):
     assert a.source == RECONSTRUCTED
     np.testing.assert_allclose(a.output, linear(x(0)[None])[0], rtol=1e-5, atol=1e-4)
     assert not e.groups
+    await e.close()
 
 
 async def test_03_spent_member_fails_at_once_when_the_decode_becomes_impossible():
@@ -140,6 +147,7 @@ async def test_03_spent_member_fails_at_once_when_the_decode_becomes_impossible(
     fleet["d1:1"].release(1)
     await settle()
     assert qs[1].future.result().source == ORIGINAL and not e.groups
+    await e.close()
 
 
 async def test_03_spent_member_waits_no_longer_than_its_deadline():
@@ -151,6 +159,7 @@ async def test_03_spent_member_waits_no_longer_than_its_deadline():
     clock.advance(0.51)
     await settle()
     assert isinstance(qs[0].future.exception(), DeadlineExceeded)
+    await e.close()
 
 
 # ------------------------------------------------------------------ 5
@@ -173,6 +182,7 @@ async def test_05_member_needed_by_a_sibling_stays_queued_when_its_queries_go():
     a = qs[2].future.result()               # reconstructed, while d0 still holds batch 3
     assert a.source == RECONSTRUCTED
     np.testing.assert_allclose(a.output, linear(x(2)[None])[0], rtol=1e-5, atol=1e-4)
+    await e.close()
 
 
 async def test_05_kept_member_call_is_capped_by_the_group_deadline():
@@ -188,6 +198,7 @@ async def test_05_kept_member_call_is_capped_by_the_group_deadline():
     fleet["d1:1"].release(1)
     await settle()
     assert q0.future.result().source == RECONSTRUCTED
+    await e.close()
 
 
 # ------------------------------------------------------------------ 6
@@ -202,6 +213,7 @@ async def test_06_parity_nobody_needs_is_not_dispatched():
     await settle()
     assert fleet["p0:1"].calls == [2]       # parity 5 was never sent
     assert e.queue_depths().get("parity", 0) == 0
+    await e.close()
 
 
 async def test_06_requeued_parity_nobody_needs_is_not_dispatched_again():
@@ -220,6 +232,7 @@ async def test_06_requeued_parity_nobody_needs_is_not_dispatched_again():
         await settle()
     assert 8 not in fleet["p1:1"].calls, fleet["p1:1"].calls
     assert all(status_of(q) in (ORIGINAL, RECONSTRUCTED) for i, q in enumerate(qs) if i not in (4, 5))
+    await e.close()
 
 
 # ------------------------------------------------------------------ 7
@@ -269,6 +282,7 @@ async def test_08_last_backup_leaving_fails_a_spent_query_at_once(queue_mode):
     await settle()
     assert isinstance(q1.future.exception(), InstanceFailed)   # at once, not after 30 s
     assert e.in_system == 0
+    await e.close()
 
 
 # ------------------------------------------------------------------ 9
@@ -290,6 +304,7 @@ async def test_09_rr_detach_requeues_oldest_first():
         assert got == sorted(got), (name, calls)          # not reversed
         assert calls[1:] == sorted(calls[1:]), (name, calls)  # and by age among its own
     assert sorted(fleet["d1:1"].calls + fleet["d2:1"].calls) == list(range(12))
+    await e.close()
 
 
 async def test_09_requeued_parity_dropped_for_want_of_instances_closes_its_group():
@@ -309,6 +324,7 @@ async def test_09_requeued_parity_dropped_for_want_of_instances_closes_its_group
         await settle()
     assert [status_of(q) for q in qs[:2]] == [ORIGINAL, ORIGINAL]
     assert not e.groups, list(e.groups)
+    await e.close()
 
 
 async def test_03_spent_member_fails_at_once_when_the_decode_errors():
@@ -332,3 +348,4 @@ async def test_03_spent_member_fails_at_once_when_the_decode_errors():
     assert e.counters["decode_errors"] == 1
     assert isinstance(qs[0].future.exception(), InstanceFailed)     # at once, not at its deadline
     assert qs[1].future.result().source == ORIGINAL and not e.groups
+    await e.close()

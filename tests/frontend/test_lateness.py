@@ -54,6 +54,7 @@ async def test_coded_original_before_the_threshold_wins_and_the_reconstruction_i
     clock.advance(0.1)                       # the discarded hold never fires
     await settle()
     assert e.counters["reconstructions"] == 0
+    await e.close()
 
 
 async def test_coded_original_after_the_threshold_reconstructed_at_the_threshold():
@@ -73,6 +74,7 @@ async def test_coded_original_after_the_threshold_reconstructed_at_the_threshold
     fleet["d0:1"].release(0)                 # the original, after its reconstruction
     await settle()
     assert e.counters["late_originals"] == 1 and not e.groups
+    await e.close()
 
 
 async def test_coded_deadline_before_the_threshold_reconstructed_just_before_it():
@@ -86,6 +88,7 @@ async def test_coded_deadline_before_the_threshold_reconstructed_just_before_it(
     assert qs[0].future.result().source == RECONSTRUCTED
     assert qs[0].answered_s == pytest.approx(t0 + 0.02 - MARGIN)
     assert qs[0].answered_s < qs[0].deadline_s
+    await e.close()
 
 
 async def test_coded_held_reconstruction_answers_at_once_when_the_original_cannot_come():
@@ -95,6 +98,7 @@ async def test_coded_held_reconstruction_answers_at_once_when_the_original_canno
     await settle()
     assert qs[0].future.result().source == RECONSTRUCTED
     assert qs[0].answered_s == t0 and qs[0].lateness_wait_s == 0.0
+    await e.close()
 
 
 async def test_immediate_is_the_papers_rule():
@@ -102,6 +106,7 @@ async def test_immediate_is_the_papers_rule():
     qs, t0 = await coded_group(clock, e, fleet)
     assert qs[0].future.result().source == RECONSTRUCTED and qs[0].answered_s == t0
     assert e.counters["held_for_lateness"] == 0
+    await e.close()
 
 
 def test_threshold_follows_a_shifted_latency_distribution():
@@ -139,6 +144,7 @@ async def test_threshold_is_learnt_from_data_batch_latencies():
         assert q.future.result().source == ORIGINAL
     assert e.policy.lateness.threshold_s() == pytest.approx(0.01)
     assert e.snapshot()["gauges"]["late_threshold_s"] == pytest.approx(0.01)
+    await e.close()
 
 
 @pytest.mark.parametrize("queue_mode", ["single_queue", "rr"])
@@ -169,6 +175,7 @@ async def test_cheap_backup_answer_waits_for_lateness(queue_mode):
     await settle()
     assert e.counters["late_originals"] == 1 and e.in_system == 0
     assert t0 <= t1
+    await e.close()
 
 
 async def test_cheap_deadline_wins_and_spent_original_releases_the_backup():
@@ -191,6 +198,7 @@ async def test_cheap_deadline_wins_and_spent_original_releases_the_backup():
     fleet["d0:1"].fail(1)                    # the data twin's only attempt: the backup answers now
     await settle()
     assert q1.future.result().source == BACKUP and q1.lateness_wait_s == 0.0
+    await e.close()
 
 
 async def test_cheap_immediate_backup_answers_at_once():
@@ -200,6 +208,7 @@ async def test_cheap_immediate_backup_answers_at_once():
     fleet["b0:1"].release(0)
     await settle()
     assert q.future.result().source == BACKUP
+    await e.close()
 
 
 def test_decode_policy_is_validated():

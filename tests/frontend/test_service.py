@@ -222,7 +222,9 @@ async def test_registry_joins_and_leaves(models):
             cfg = parse_config(["--model", str(models["base"]), "--host", "127.0.0.1",
                                 "--registry-url", redis_server.url, "--deployment", "t",
                                 "--registry-poll-ms", "100"])
-            app = build_server(cfg)
+            with pytest.raises(ValueError, match="names a registry .* but none was given"):
+                build_server(cfg)       # the registry is built at the edge and injected
+            app = build_server(cfg, RedisRegistry(redis_server.url, "t"))   # owned by the app
             await app.start()
             assert list(app.engine.instances) == ["d-a"]
             async with insecure_channel(f"127.0.0.1:{app.port}") as ch:
@@ -305,3 +307,44 @@ async def test_cheap_and_hedged_answer_around_a_slow_instance(models, mode, spec
             assert d.app.engine.counters["hedges"] == 1
     finally:
         await d.close()
+
+
+@pytest.mark.parametrize("pool_buffers", [None, 0])
+async def test_coded_app_pinned_buffers_on_and_off(models, pool_buffers):
+    flags = [] if pool_buffers is None else ["--coding-pool-buffers", pool_buffers]
+    d = await Deployment().start(
+        models, {"d0": ("data", {"delay_s": 1.0}), "d1": ("data", {}), "p0": ("parity", {})},
+        "--mode", "coded", "--parity-model", models["parity"], "--queue-mode", "rr",
+        "--decode-policy", "immediate", *flags)
+    pools = d.app.pools
+    try:
+        first = asyncio.ensure_future(d.predict(x(0), "r0"))
+        await asyncio.sleep(0.1)        # r0 is batch 0 (on the slow d0), r1 is batch 1
+        other = await d.predict(x(1), "r1")
+        slow = await first
+        assert slow.source == frontend_pb2.RECONSTRUCTED and other.source == frontend_pb2.ORIGINAL
+        np.testing.assert_allclose(tensors.from_proto(slow.output), lin(x(0))[0], rtol=1e-5, atol=1e-5)
+        status = await d.stub.GetStatus(frontend_pb2.GetStatusRequest(), timeout=5)
+        if pool_buffers is None:
+            assert pools is not None and pools.count == 32
+            assert status.counters["coding_pool_parity_hits"] == 1
+            assert status.counters["coding_pool_reconstruction_hits"] == 1
+            # the group waits for its late original: it still holds one buffer of each kind
+            assert status.counters["coding_pool_parity_free"] == 31
+            assert status.counters["coding_pool_reconstruction_free"] == 31
+        else:
+            assert pools is None and "coding_pool_parity_hits" not in status.counters
+        assert status.counters["coding_pool_misses"] == 0
+    finally:
+        await d.close()     # before the late original: the group is abandoned and returns its buffers
+    if pools is not None:
+        assert pools.available("parity") == 32 and pools.available("reconstruction") == 32
+
+
+def test_unreachable_registry_is_one_line_and_exit_1(models):
+    proc = subprocess.run([sys.executable, "-m", "services.frontend", "--model", str(models["base"]),
+                           "--registry-url", "redis://127.0.0.1:1", "--log-level", "WARNING"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("python -m services.frontend: error: registry at "), proc.stderr

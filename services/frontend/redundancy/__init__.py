@@ -40,15 +40,17 @@ def policy_class(mode):
         raise ValueError(f"unknown mode {mode!r} ({'|'.join(MODES)})") from None
 
 
-def make_policy(mode, *, k=2, coder=None, hedge_delay_s=None, hedge_initial_delay_s=0.05, lateness=None):
+def make_policy(mode, *, k=2, coder=None, hedge_delay_s=None, hedge_initial_delay_s=0.05, lateness=None,
+                pools=None):
     """Builds the policy of ``mode`` from the settings that mode uses (others ignored).
 
     ``lateness``: the decode policy of coded and cheap mode (``Lateness``;
-    default ``late`` with its default threshold settings).
+    default ``late`` with its default threshold settings). ``pools``: coded
+    mode's pinned buffers (``coding.CodingPools``; None: the kernels allocate).
     """
     cls = policy_class(mode)
     if cls is Coded:
-        return Coded(k, coder, lateness)
+        return Coded(k, coder, lateness, pools)
     if cls is Cheap:
         return Cheap(lateness)
     if cls is Hedged:

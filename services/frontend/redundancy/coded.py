@@ -1,5 +1,20 @@
-"""``coded``: k data batches + 1 parity batch per group; subtraction decoding."""
+"""``coded``: k data batches + 1 parity batch per group; subtraction decoding.
 
+Pinned buffers (``coding.CodingPools``, when given and the coder writes into
+a caller's buffer): the parity batch's inputs are encoded into a pooled
+buffer that the parity batch owns (``batch.buffer``) until its group finishes
+or is abandoned (``on_group_done``); a reconstruction is decoded into a
+pooled buffer that the group owns (``group.rec_buffer``) until it finishes,
+or only until the member's original arrives (it wins, or it has been scored
+against the reconstruction: nothing reads the buffer after that). A
+reconstructed answer carries a copy of its row, never a view of the buffer.
+An executor job owns its buffer until its kernel returns, even when the
+awaiting task is cancelled (``CodingPools.release_after``). A failed encode
+or decode releases at once. No buffer (pool exhausted): the kernel allocates
+(``coding_pool_misses``).
+"""
+
+import asyncio
 import logging
 import time
 
@@ -55,6 +70,9 @@ class Coded(Replication):
         k: data batches per group.
         coder: ``coding.LocalCoder`` / ``coding.RemoteCoder``.
         lateness: the decode policy (``lateness.Lateness``; default ``late``).
+        pools: ``coding.CodingPools`` for parity inputs and reconstructions, or
+            None (the kernels allocate). Used only with a coder that
+            ``accepts_out``.
     """
 
     mode = "coded"
@@ -62,12 +80,13 @@ class Coded(Replication):
     pads_batches = True
     coalescing = False      # a group's batches must stay on separate calls
 
-    def __init__(self, k, coder, lateness=None):
+    def __init__(self, k, coder, lateness=None, pools=None):
         super().__init__()
         if coder is None:
             raise ValueError("coded mode needs a coder")
         self.k = int(k)
         self.coder = coder
+        self.pools = pools if getattr(coder, "accepts_out", False) else None
         self.lateness = lateness if lateness is not None else Lateness()
         self.current = None
         self._group_ids = 0
@@ -120,17 +139,32 @@ class Coded(Replication):
         h.maybe_finish_group(g)
 
     # --- encoding
+    def _acquire(self, kind, shape):
+        """A pooled buffer for a result of ``shape``, or None (no pool, or a miss: allocate)."""
+        if self.pools is None:
+            return None
+        buf = self.pools.acquire(kind, shape)
+        if buf is None:
+            self.host.counters["coding_pool_misses"] += 1
+        return buf
+
+    def _release(self, kind, buf):
+        if buf is not None:
+            self.pools.release(kind, buf)
+
     def _encode(self, g):
         h = self.host
         coder = self.coder
         t0 = time.perf_counter()        # ENCODING_LATENCY: gather + kernel + serialisation
         inputs = [m.inputs for m in g.members]
         nbytes = sum(x.nbytes for x in inputs)
+        buf = self._acquire("parity", inputs[0].shape)
         if coder.inline(nbytes):
             try:
-                parity_in = coder.encode_now(inputs)
-                parity = self._parity_batch(g, parity_in)
+                parity_in = coder.encode_now(inputs) if buf is None else coder.encode_now(inputs, buf)
+                parity = self._parity_batch(g, parity_in, buf)
             except Exception:  # noqa: BLE001 - a failed encode leaves the group uncoded
+                self._release("parity", buf)
                 h.counters["encode_errors"] += 1
                 log.exception("encoding group %d failed", g.group_id)
                 g.encode_failed = True
@@ -138,14 +172,23 @@ class Coded(Replication):
             self._encoded(g, parity, time.perf_counter() - t0)
         else:
             g.encoding = True
-            h.spawn(self._encode_async(g, inputs, t0))
+            h.spawn(self._encode_async(g, inputs, t0, buf))
 
-    async def _encode_async(self, g, inputs, t0):
+    async def _encode_async(self, g, inputs, t0, buf):
         h = self.host
         try:
-            parity_in = await self.coder.encode(inputs)
-            parity = self._parity_batch(g, parity_in)
+            if buf is None:
+                parity_in = await self.coder.encode(inputs)
+            else:
+                job = self.coder.encode_job(inputs, buf)
+                try:
+                    parity_in = await asyncio.shield(job)
+                except asyncio.CancelledError:
+                    self.pools.release_after(job, "parity", buf)    # the kernel may still write
+                    raise
+            parity = self._parity_batch(g, parity_in, buf)
         except Exception:  # noqa: BLE001 - a failed encode leaves the group uncoded
+            self._release("parity", buf)                            # the job has ended
             h.counters["encode_errors"] += 1
             log.exception("encoding group %d failed", g.group_id)
             g.encoding = False
@@ -154,13 +197,17 @@ class Coded(Replication):
             h.maybe_finish_group(g)
             return
         g.encoding = False
+        if g.finished:                  # abandoned while encoding: nobody will send the parity
+            self._release("parity", buf)
+            return
         self._encoded(g, parity, time.perf_counter() - t0)
         self._recheck(g)
         h.maybe_finish_group(g)
 
-    def _parity_batch(self, g, parity_in):
+    def _parity_batch(self, g, parity_in, buf=None):
         parity = Batch(g.group_id * (self.k + 1) + self.k, "parity", [], np.asarray(parity_in),
                        self.host.clock.now())
+        parity.buffer = buf         # owned until the group finishes (on_group_done)
         parity.group = g
         parity.group_id = g.group_id
         parity.index = self.k
@@ -201,6 +248,8 @@ class Coded(Replication):
         answered = h.answer_batch(batch, output, ORIGINAL, instance.instance_id)
         if g.missing == batch.index and answered < len(batch.queries):
             h.late_original(batch, batch.reconstruction, batch.reconstructed_s)
+        if g.decoded == batch.index:
+            self._drop_reconstruction(g, batch)     # discarded or scored: nothing reads it now
         if g.n_outputs == self.k and g.parity is not None:
             h.remove_from_queue(g.parity)
         self._try_decode(g)
@@ -307,25 +356,37 @@ class Coded(Replication):
         available = [o for o in g.outputs if o is not None]
         h = self.host
         coder = self.coder
+        buf = self._acquire("reconstruction", g.parity_output.shape)
         if coder.inline(g.parity_output.nbytes * self.k):
             try:
-                rec = coder.decode_now(g.parity_output, available)
+                rec = (coder.decode_now(g.parity_output, available) if buf is None
+                       else coder.decode_now(g.parity_output, available, buf))
             except Exception:  # noqa: BLE001 - a failed decode leaves re-dispatch to work
+                self._release("reconstruction", buf)
                 h.counters["decode_errors"] += 1
                 log.exception("decoding group %d failed", g.group_id)
                 g.decode_failed = True
                 self._recheck(g)
                 return
-            self._decoded(g, j, rec, time.perf_counter() - t0)
+            self._decoded(g, j, rec, time.perf_counter() - t0, buf)
         else:
             g.decoding = True
-            h.spawn(self._decode_async(g, j, available, t0))
+            h.spawn(self._decode_async(g, j, available, t0, buf))
 
-    async def _decode_async(self, g, j, available, t0):
+    async def _decode_async(self, g, j, available, t0, buf):
         h = self.host
         try:
-            rec = await self.coder.decode(g.parity_output, available)
+            if buf is None:
+                rec = await self.coder.decode(g.parity_output, available)
+            else:
+                job = self.coder.decode_job(g.parity_output, available, buf)
+                try:
+                    rec = await asyncio.shield(job)
+                except asyncio.CancelledError:
+                    self.pools.release_after(job, "reconstruction", buf)    # the kernel may still write
+                    raise
         except Exception:  # noqa: BLE001 - a failed decode leaves re-dispatch to work
+            self._release("reconstruction", buf)                           # the job has ended
             h.counters["decode_errors"] += 1
             log.exception("decoding group %d failed", g.group_id)
             g.decoding = False
@@ -334,17 +395,19 @@ class Coded(Replication):
             h.maybe_finish_group(g)
             return
         g.decoding = False
-        self._decoded(g, j, rec, time.perf_counter() - t0)
+        self._decoded(g, j, rec, time.perf_counter() - t0, buf)
         h.maybe_finish_group(g)
 
-    def _decoded(self, g, j, rec, seconds):
+    def _decoded(self, g, j, rec, seconds, buf=None):
         h = self.host
         g.decode_us = seconds * 1e6
         h.counters["decodes"] += 1
         h.observer.decoded(seconds)
         member = g.members[j]
-        if member.output is not None:
-            return  # the original won the race with an off-loop decode
+        if member.output is not None or g.finished:
+            self._release("reconstruction", buf)
+            return  # the original won the race with an off-loop decode (or the group was abandoned)
+        g.rec_buffer = buf          # owned by the group until it finishes or the original arrives
         g.decoded = j
         g.late_threshold_s = self.lateness.threshold_s()
         self.lateness.offer(member, lambda waited_s: self._answer_reconstructed(g, member, rec, waited_s))
@@ -356,6 +419,26 @@ class Coded(Replication):
         member.reconstruction = rec
         member.reconstructed_s = h.clock.now()
         h.remove_from_queue(member)
-        if h.answer_batch(member, rec, RECONSTRUCTED, waited_s=waited_s):
+        # a pooled reconstruction is reused after the group: answers get copies of their rows
+        if h.answer_batch(member, rec, RECONSTRUCTED, waited_s=waited_s, copy=g.rec_buffer is not None):
             h.counters["reconstructions"] += 1
         h.release(member)
+
+    def _drop_reconstruction(self, g, member):
+        """The reconstruction of ``member`` is no longer read: its pooled buffer goes back."""
+        buf = g.rec_buffer
+        if buf is not None:
+            g.rec_buffer = None
+            member.reconstruction = None
+            self.pools.release("reconstruction", buf)
+
+    def on_group_done(self, g, reason):
+        """The group finished or was abandoned: its pooled buffers go back."""
+        for m in g.members:
+            self.lateness.cancel(m)     # abandoned with a held reconstruction: it never answers
+        parity = g.parity
+        if parity is not None and parity.buffer is not None:
+            buf, parity.buffer = parity.buffer, None
+            self.pools.release("parity", buf)
+        if g.decoded is not None:
+            self._drop_reconstruction(g, g.members[g.decoded])

@@ -45,9 +45,12 @@ class PolicyHost(Protocol):
     def fail_batch(self, batch, exc: BaseException) -> None:
         """Fails every not-yet-done query of ``batch`` UNAVAILABLE with ``exc``."""
 
-    def answer_batch(self, batch, output, source, instance_id: str = "", waited_s: float | None = None) -> int:
+    def answer_batch(self, batch, output, source, instance_id: str = "", waited_s: float | None = None,
+                     copy: bool = False) -> int:
         """Answers every not-yet-done query of ``batch`` from ``output`` rows; returns how many.
-        ``waited_s``: how long a substitute waited for the original to be late (records)."""
+        ``waited_s``: how long a substitute waited for the original to be late (records).
+        ``copy``: each answer gets a copy of its row, not a view (``output`` is a pooled
+        buffer that will be reused while the answers are still being serialised)."""
 
     def remove_from_queue(self, batch) -> bool:
         """Removes exactly ``batch`` from its queue; True if it was queued."""
@@ -129,3 +132,8 @@ class RedundancyPolicy(Protocol):
 
     def gauges(self) -> dict:
         """Policy state worth exporting (name -> float), e.g. the hedge delay."""
+
+    def on_group_done(self, group, reason: str) -> None:
+        """``group`` finished ("complete") or was dropped ("abandoned": GC sweep or
+        shutdown); called once, after its record. The policy returns what the group
+        held (coded: its pooled buffers)."""

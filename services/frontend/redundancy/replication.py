@@ -66,3 +66,6 @@ class Replication:
 
     def gauges(self):
         return {}
+
+    def on_group_done(self, group, reason):
+        pass
