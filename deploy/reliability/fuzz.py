@@ -176,7 +176,6 @@ def check_ok(target, kind, reply):
 def run_cases(target, cases, *, seed=0):
     """Runs ``cases`` hypothesis cases (predict/infer/raw: 45/45/10 %) plus a few ``big`` ones."""
     from hypothesis import HealthCheck, given, settings
-    from hypothesis import strategies as st
 
     predict_s, infer_s, raw_s = _strategies(target)
     n_raw = max(1, cases // 10)

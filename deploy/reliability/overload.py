@@ -24,7 +24,6 @@ import json
 import pathlib
 import sys
 import tempfile
-import time
 from dataclasses import asdict, dataclass, field
 
 import numpy as np

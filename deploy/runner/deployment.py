@@ -23,7 +23,6 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 
-from services.common import manifest as manifest_mod
 from services.common.registry import PASSWORD_ENV, split_password
 
 log = logging.getLogger(__name__)
@@ -277,10 +276,6 @@ async def wait_healthy(frontend_address, expected, timeout_s, tls=None):
                                   f"after {timeout_s:.0f} s{last}") from None
         except grpc.aio.AioRpcError as exc:
             raise DeploymentError(f"frontend {frontend_address}: {describe(exc)}") from None
-
-
-def load_manifest(path):
-    return manifest_mod.load(path)
 
 
 def describe(dep):

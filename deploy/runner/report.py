@@ -266,7 +266,6 @@ def _ratio(a, b):
 
 def format_comparison(rows, modes):
     """The rows of ``comparison`` as a Markdown table (latency in ms)."""
-    cols = ["rate", "k", "batch_size", "background"]
     header = ["RATE", "K", "BS", "BG"]
     for m in modes:
         header += [f"{m.upper()} MED", f"{m.upper()} P99.9"]

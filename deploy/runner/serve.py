@@ -6,7 +6,6 @@ k=2), starts it on this machine with the frontend on ``--port`` (default
 it up until Ctrl-C or SIGTERM, then stops every process.
 """
 
-import json
 import pathlib
 import signal
 import sys

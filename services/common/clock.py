@@ -7,8 +7,10 @@ the injected clock of unit tests: time moves only when the test calls
 ``advance``, which fires due timers in deadline order, so timeouts, heartbeats
 and polls are tested without sleeping.
 
-The interface is that of ``services.frontend.clock`` (``now``, ``call_later``)
-plus ``sleep``, which every clock has through ``call_later``.
+Every service uses this one interface (``now``, ``call_later``, and
+``sleep``, which every clock has through ``call_later``): the frontend's
+engine, the registry's watch and heartbeat, the model server's emulated
+compute and perturbations, the load generator's sender.
 """
 
 import abc

@@ -31,7 +31,7 @@ from services.common import tensors
 from services.common.procs import write_ready_file
 from services.common.server import create_server, run_until_signal
 from services.frontend import config as config_mod
-from services.frontend.clock import LoopClock
+from services.common.clock import LoopClock
 from services.frontend.coding import CodingPools, LocalCoder, RemoteCoder
 from services.frontend.engine import Engine
 from services.frontend.instances import GrpcInstanceClient

@@ -26,6 +26,7 @@ import itertools
 import json
 import os
 import pathlib
+import shutil
 import pstats
 import sys
 import tempfile
@@ -318,6 +319,7 @@ def bench(args):
     finally:
         for p in reversed(procs):
             p.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
     if args.json:
         path = pathlib.Path(args.json)
         path.parent.mkdir(parents=True, exist_ok=True)

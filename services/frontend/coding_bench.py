@@ -48,7 +48,7 @@ from coding_ext.meter import measure_step, process_cpu_s
 from services.common import cli
 from services.common.manifest import Manifest
 from services.common.procs import ServiceProcess
-from services.frontend.clock import LoopClock
+from services.common.clock import LoopClock
 from services.frontend.coding import CodingPools, LocalCoder
 from services.frontend.config import DEFAULT_CODING_POOL_BUFFERS
 from services.frontend.engine import Engine

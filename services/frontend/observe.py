@@ -5,7 +5,8 @@ histograms are observed on the hot path; gauges and counters are read from
 the engine at scrape time by a custom collector, so they cost nothing per
 query. ``Records`` appends JSON lines to ``queries.jsonl`` and
 ``groups.jsonl`` in the records directory (format in docs/frontend.md);
-lines are buffered and flushed every ``flush_s`` and at close.
+lines are buffered (64 KiB) and flushed when the buffer fills, every second (the app
+schedules ``flush()``) and at close.
 
 Names keep the original's where they fit: ``E2E_LATENCY`` ->
 ``parm_frontend_e2e_latency_seconds``, ``QUEUE_LATENCY`` ->
@@ -182,7 +183,7 @@ class Metrics(NullObserver):
 class Records(NullObserver):
     """JSON-lines records: one line per query, per group, per late original."""
 
-    def __init__(self, directory, clock, flush_s=1.0):
+    def __init__(self, directory, clock):
         self.dir = pathlib.Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.clock = clock

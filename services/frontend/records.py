@@ -10,7 +10,6 @@ only on the event loop thread.
 """
 
 import enum
-import time
 
 import numpy as np
 
@@ -34,7 +33,7 @@ def source_name(code):
 class Query:
     """One client query (one example)."""
 
-    __slots__ = ("qid", "request_id", "input", "received_s", "received_wall_s", "deadline_s",
+    __slots__ = ("qid", "request_id", "input", "received_s", "deadline_s",
                  "future", "done", "batch", "row", "source", "answered_s", "deadline_handle",
                  "instance_id", "status", "lateness_wait_s")
 
@@ -43,7 +42,6 @@ class Query:
         self.request_id = request_id
         self.input = array
         self.received_s = received_s
-        self.received_wall_s = time.time()
         self.deadline_s = deadline_s
         self.future = future
         self.done = False

@@ -1,7 +1,7 @@
 """The report's numbers: per-trial ratios and their spread, the target verdict, decode policies, tail causes."""
 
 import json
-from types import SimpleNamespace
+
 
 from deploy.runner import config, report, tail
 from loadgen.records import Record

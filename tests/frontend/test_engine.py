@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from services.common.errors import DeadlineExceeded, InstanceFailed, InvalidInput, NoInstance, Overloaded
-from services.frontend.clock import ManualClock
+from services.common.clock import ManualClock
 from services.frontend.coding import LocalCoder
 from services.frontend.engine import Engine
 from services.frontend.queues import make_queue_policy

@@ -83,7 +83,7 @@ async def test_random_events_keep_the_invariants(seed):
     if queue_mode == "rr" and n_data > 1 and rng.random() < 0.6:
         modes["d0:1"] = "hang"                  # accepts calls, never answers
     fns = {f"b{i}:1": backup_fn for i in range(2)}
-    from services.frontend.clock import ManualClock
+    from services.common.clock import ManualClock
     clock_box = {}
 
     e, clock, fleet = make_engine(mode, queue_mode, data=n_data, parity=1 if mode == "coded" else 0,

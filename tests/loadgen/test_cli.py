@@ -5,7 +5,6 @@ import json
 import subprocess
 import sys
 
-import grpc
 import pytest
 
 from tests.loadgen.fake_frontend import Behaviour, FakeFrontend, default_behaviour, expected_predicted

@@ -5,7 +5,7 @@ import pathlib
 import random
 import subprocess
 import sys
-from types import SimpleNamespace
+
 
 import pytest
 

@@ -60,6 +60,7 @@ def models(tmp_path):
     return base, parity, inputs
 
 
+@pytest.mark.slow
 def test_queries_are_answered_correctly_across_the_testbed_during_a_shuffle(netns, models, tmp_path):
     base, parity, inputs = models
     with Testbed(TestbedSpec(5)) as tb, NetnsLauncher(tb) as launcher:
