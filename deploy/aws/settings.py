@@ -100,7 +100,7 @@ def check_ssh_cidr(value):
     if value in ("auto", "none"):
         return value
     try:
-        net = ipaddress.ip_network(value, strict=True)
+        net = ipaddress.ip_network(value, strict=False)
     except ValueError:
         raise SettingsError(f"--ssh-cidr: {value!r} is not a CIDR like 203.0.113.7/32, 'auto' or 'none'") from None
     if net.prefixlen != net.max_prefixlen or "/" not in value:

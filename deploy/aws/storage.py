@@ -211,9 +211,10 @@ def upload_file(clients, bucket, object_key, path, *, skip_unchanged=True):
             if exc.response["Error"]["Code"] not in ("404", "NoSuchKey", "NotFound"):
                 with aws_errors(f"checking s3://{bucket}/{object_key}: "):
                     raise
-    with aws_errors(f"uploading {path}: "):
-        clients.s3.upload_file(str(path), bucket, object_key,
-                               ExtraArgs={"Metadata": {"sha256": digest}, **_owner(clients)})
+    # One PutObject (not upload_file, whose failures escape as boto3's S3UploadFailedError).
+    with aws_errors(f"uploading {path}: "), open(path, "rb") as body:
+        clients.s3.put_object(Bucket=bucket, Key=object_key, Body=body, Metadata={"sha256": digest},
+                              **_owner(clients))
     return True
 
 
