@@ -269,6 +269,8 @@ def _where(clients, experiment_id):
 
 def launch(sweep, config_path, args, settings, clients, out, confirm=None):
     """The real launch (see the module doc) -> exit code."""
+    check_types(plan_mod.plan_fleet(sweep, settings), settings)  # before any AWS call
+    clients.account_id()  # no credentials: that, and nothing else, is the message
     try:
         return _launch(sweep, config_path, args, settings, clients, out, confirm)
     except instances.LaunchFailed:

@@ -124,16 +124,22 @@ def _sid(experiment_id):
     return POLICY_SID_KEYS + "".join(c for c in experiment_id.title() if c.isalnum())
 
 
-def bucket_policy(bucket, current=None, *, experiment_id, node_role_arn):
-    """``current`` policy + deny-without-TLS + "only EXP's node role reads EXP/tls/" (idempotent)."""
+def bucket_policy(bucket, current=None, *, experiment_id, node_role_arn, tls_only=True):
+    """``current`` policy + deny-without-TLS + "only EXP's node role reads EXP/tls/" (idempotent).
+
+    ``tls_only=False`` leaves out the deny-without-TLS statement: only for a
+    plain-http endpoint override (a local emulator such as moto, which
+    evaluates bucket policies and would then refuse every call).
+    """
     policy = dict(current or {"Version": "2012-10-17", "Statement": []})
     ours = {POLICY_SID_TLS, _sid(experiment_id)}
     statements = [st for st in policy.get("Statement", []) if st.get("Sid") not in ours]
-    statements.append({
-        "Sid": POLICY_SID_TLS, "Effect": "Deny", "Principal": "*", "Action": "s3:*",
-        "Resource": [f"arn:aws:s3:::{bucket}", f"arn:aws:s3:::{bucket}/*"],
-        "Condition": {"Bool": {"aws:SecureTransport": "false"}},
-    })
+    if tls_only:
+        statements.append({
+            "Sid": POLICY_SID_TLS, "Effect": "Deny", "Principal": "*", "Action": "s3:*",
+            "Resource": [f"arn:aws:s3:::{bucket}", f"arn:aws:s3:::{bucket}/*"],
+            "Condition": {"Bool": {"aws:SecureTransport": "false"}},
+        })
     statements.append({
         "Sid": _sid(experiment_id), "Effect": "Deny", "Principal": "*", "Action": "s3:GetObject",
         "Resource": [f"arn:aws:s3:::{bucket}/{experiment_id}/{TLS_PREFIX}/*"],
@@ -154,12 +160,16 @@ def ensure_bucket_policy(clients, bucket, *, experiment_id, node_role_arn):
         if exc.response["Error"]["Code"] != "NoSuchBucketPolicy":
             with aws_errors(f"reading the policy of bucket {bucket}: "):
                 raise
-    wanted = bucket_policy(bucket, current, experiment_id=experiment_id, node_role_arn=node_role_arn)
+    endpoint = clients.settings.endpoint_url or ""
+    wanted = bucket_policy(bucket, current, experiment_id=experiment_id, node_role_arn=node_role_arn,
+                           tls_only=not endpoint.startswith("http://"))
     if wanted == current:
         return []
     with aws_errors(f"setting the policy of bucket {bucket}: "):
         clients.s3.put_bucket_policy(Bucket=bucket, Policy=json.dumps(wanted), **_owner(clients))
-    return [f"bucket policy of {bucket}: TLS only; {experiment_id}/{TLS_PREFIX}/ readable by its node role only"]
+    tls = "TLS only" if any(st.get("Sid") == POLICY_SID_TLS for st in wanted["Statement"]) else \
+        "NOT TLS-only (plain-http endpoint override)"
+    return [f"bucket policy of {bucket}: {tls}; {experiment_id}/{TLS_PREFIX}/ readable by its node role only"]
 
 
 def delete_keys(clients, bucket, keys):
