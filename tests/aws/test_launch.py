@@ -422,3 +422,191 @@ def test_dry_run_checks_the_vcpu_quota(aws):
             "count against it too): TOO LOW: ask for an increase before launching") in out
     assert ("vCPU quota of on-demand Standard (A, C, D, H, I, M, R, T, Z) instances: the fleet needs 40, "
             "the quota is 1000 (running instances count against it too): OK") in out
+
+
+def _image_snapshot(session, ami, size_gb):
+    """DescribeImages as the real service answers for the Deep Learning GPU image (a ~75 GB root snapshot),
+    and RunInstances refusing a smaller root volume as it really does (moto models neither)."""
+    def describe(parsed, **_):
+        for image in parsed.get("Images", []):
+            if image["ImageId"] == ami:
+                image["BlockDeviceMappings"] = [{"DeviceName": image.get("RootDeviceName", "/dev/sda1"),
+                                                 "Ebs": {"VolumeSize": size_gb, "SnapshotId": "snap-0dl"}}]
+
+    def run_instances(params, **_):
+        if params["ImageId"] != ami:
+            return
+        size = params["BlockDeviceMappings"][0]["Ebs"]["VolumeSize"]
+        if size < size_gb:
+            raise ClientError({"Error": {"Code": "InvalidBlockDeviceMapping", "Message":
+                               f"Volume of size {size}GB is smaller than snapshot 'snap-0dl', expect size >= "
+                               f"{size_gb}GB"}}, "RunInstances")
+
+    session.events.register("after-call.ec2.DescribeImages", describe)
+    session.events.register("before-parameter-build.ec2.RunInstances", run_instances)
+
+
+def test_gpu_root_volume_is_at_least_the_image_snapshot(aws, release):
+    """Item 1: the GPU image's 75 GB snapshot wins over the 64 GB setting (else InvalidBlockDeviceMapping)."""
+    session = aws["session"]
+    _image_snapshot(session, aws["gpu_ami"], 75)
+    rc, out, err = run(LAUNCH + release, session=session)
+    assert rc == 0, err
+    ec2 = aws["client"]("ec2")
+    roles = by_role(fleet(aws))
+    sizes = {}
+    for role, insts in roles.items():
+        volumes = ec2.describe_volumes(Filters=[{"Name": "attachment.instance-id",
+                                                 "Values": [i["InstanceId"] for i in insts]}])["Volumes"]
+        sizes[role] = {v["Size"] for v in volumes}
+    assert sizes == {"worker": {75}, "frontend": {64}, "client": {64}}
+    # The same hook refuses the old behaviour (a fixed 64 GB): the reproduction is faithful.
+    with pytest.raises(ClientError, match="InvalidBlockDeviceMapping"):
+        session.client("ec2", endpoint_url=aws["url"]).run_instances(
+            ImageId=aws["gpu_ami"], InstanceType="g4dn.xlarge", MinCount=1, MaxCount=1, BlockDeviceMappings=[
+                {"DeviceName": "/dev/sda1", "Ebs": {"VolumeSize": 64}}])
+    rc, out, err = run(["launch", "simple", "--worker-type", "g4dn.xlarge", "--dry-run"], session=session)
+    assert f"worker image: {aws['gpu_ami']}, root volume 75 GB (encrypted)" in out
+
+
+def test_relaunch_of_a_stopped_fleet_forgets_old_ready_reports(aws, release):
+    """Item 5: the launcher deletes the ready reports of the instances it starts (their old boot's)."""
+    assert run(LAUNCH + release)[0] == 0
+    s3 = aws["client"]("s3")
+    bucket = f"parm-{aws['account']}-us-east-1"
+    ids = [i["InstanceId"] for i in fleet(aws)]
+    for i in ids:
+        s3.put_object(Bucket=bucket, Key=f"simple/ready/{i}.json", Body=b'{"state": "ready"}')
+    stopped = by_role(fleet(aws))["worker"][0]["InstanceId"]
+    aws["client"]("ec2").stop_instances(InstanceIds=[stopped])
+    assert run(LAUNCH + release)[0] == 0
+    left = {o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="simple/ready/")["Contents"]}
+    assert left == {f"simple/ready/{i}.json" for i in ids if i != stopped}
+
+
+def test_relaunch_while_a_sweep_runs_does_not_queue_another(aws, release):
+    """Item 7: a second `launch` while the running frontend works on the sweep keeps the request."""
+    assert run(LAUNCH + release)[0] == 0
+    s3 = aws["client"]("s3")
+    bucket = f"parm-{aws['account']}-us-east-1"
+    request = read_json_object(s3, bucket, "simple/control/request.json")
+    s3.put_object(Bucket=bucket, Key="simple/control/status.json",
+                  Body=json.dumps({"id": request["id"], "state": "running"}).encode())
+    rc, out, err = run(LAUNCH + release)
+    assert rc == 0, err
+    assert f"sweep {request['id']} is still in progress on the running fleet: no second sweep requested" in out
+    assert read_json_object(s3, bucket, "simple/control/request.json") == request
+    # Once it is done, a launch requests a new one.
+    s3.put_object(Bucket=bucket, Key="simple/control/status.json",
+                  Body=json.dumps({"id": request["id"], "state": "done"}).encode())
+    import time
+    time.sleep(1.1)  # request ids are UTC seconds
+    assert run(LAUNCH + release)[0] == 0
+    assert read_json_object(s3, bucket, "simple/control/request.json")["id"] != request["id"]
+
+
+def test_terminate_in_the_wrong_region_names_the_right_one(aws, release):
+    assert run(LAUNCH + release)[0] == 0
+    rc, out, err = run(["terminate", "simple", "--region", "eu-west-1"])
+    assert rc == 1
+    assert err == (ERR + "no instances of experiment simple in eu-west-1; it has instances in us-east-1 (5): "
+                   "give --region us-east-1\n")
+    assert len(fleet(aws)) == 5
+
+
+def test_terminate_cleanup_removes_group_role_and_empty_bucket(aws, release):
+    assert run(LAUNCH + release)[0] == 0
+    rc, out, err = run(["terminate", "simple", "--cleanup"])
+    assert rc == 0, err
+    bucket = f"parm-{aws['account']}-us-east-1"
+    assert "deleted security group sg-" in out and "deleted IAM role parm-simple-node" in out
+    assert "deleted instance profile parm-simple-node" in out
+    assert "deleted the deployment's TLS files" in out
+    assert f"kept bucket {bucket}: it holds" in out  # the release, config, fleet: not empty
+    ec2, iam, s3 = aws["client"]("ec2"), aws["client"]("iam"), aws["client"]("s3")
+    assert ec2.describe_security_groups(Filters=[{"Name": "group-name", "Values": ["parm-simple"]}])[
+        "SecurityGroups"] == []
+    with pytest.raises(ClientError, match="NoSuchEntity"):
+        iam.get_role(RoleName="parm-simple-node")
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket)["Contents"]]
+    assert not any(k.startswith("simple/tls/") for k in keys)
+    s3.delete_objects(Bucket=bucket, Delete={"Objects": [{"Key": k} for k in keys]})
+    rc, out, err = run(["terminate", "simple", "--cleanup"])
+    assert rc == 0, err
+    assert f"deleted bucket {bucket}" in out
+    assert s3.list_buckets()["Buckets"] == []
+
+
+def test_every_s3_call_names_the_expected_bucket_owner(aws, release):
+    """Security: a predictable bucket name pre-created by someone else is never used."""
+    session = aws["session"]
+    missing = []
+
+    def check(model, params, **_):
+        if model.name not in ("CreateBucket", "ListBuckets") and "ExpectedBucketOwner" not in params:
+            missing.append(model.name)
+
+    session.events.register("provide-client-params.s3", check)
+    assert run(LAUNCH + release, session=session)[0] == 0
+    assert run(["status", "simple"], session=session)[0] == 0
+    assert run(["terminate", "simple", "--cleanup"], session=session)[0] == 0
+    assert missing == []
+
+
+def test_a_bucket_of_another_account_is_refused(aws, release):
+    session = aws["session"]
+
+    def foreign(model, params, **_):  # S3's answer to HeadBucket with the wrong ExpectedBucketOwner
+        raise ClientError({"Error": {"Code": "403", "Message": "Forbidden"}}, "HeadBucket")
+
+    session.events.register("before-parameter-build.s3.HeadBucket", foreign)
+    rc, out, err = run(LAUNCH + release, session=session)
+    assert rc == 1
+    assert err.startswith(ERR + f"bucket parm-{aws['account']}-us-east-1 exists but is not owned by account "
+                          f"{aws['account']}")
+    assert fleet(aws) == []
+
+
+def test_a_user_bucket_without_public_access_block_is_refused(aws, release):
+    s3 = aws["client"]("s3")
+    s3.create_bucket(Bucket="my-open-bucket")
+    rc, out, err = run(LAUNCH + release + ["--bucket", "my-open-bucket"])
+    assert rc == 1
+    assert "bucket my-open-bucket: public access is not blocked" in err
+    assert fleet(aws) == []
+    s3.put_public_access_block(Bucket="my-open-bucket", PublicAccessBlockConfiguration={
+        "BlockPublicAcls": True, "IgnorePublicAcls": True, "BlockPublicPolicy": True, "RestrictPublicBuckets": True})
+    s3.put_bucket_encryption(Bucket="my-open-bucket", ServerSideEncryptionConfiguration={
+        "Rules": [{"ApplyServerSideEncryptionByDefault": {"SSEAlgorithm": "AES256"}}]})
+    rc, out, err = run(LAUNCH + release + ["--bucket", "my-open-bucket"])
+    assert rc == 0, err
+
+
+def test_status_shows_failed_nodes_with_their_reason(aws, release):
+    """Item 6: a failed boot's report (state, reason, log tail) is on `status`."""
+    assert run(LAUNCH + release)[0] == 0
+    worker = by_role(fleet(aws))["worker"][0]["InstanceId"]
+    s3 = aws["client"]("s3")
+    bucket = f"parm-{aws['account']}-us-east-1"
+    s3.put_object(Bucket=bucket, Key=f"simple/ready/{worker}.json", Body=json.dumps({
+        "instance_id": worker, "role": "worker", "state": "failed",
+        "reason": "boot failed at step 'apt-get' (exit 100)", "log_tail": "a\nE: Unable to locate package x"}).encode())
+    rc, out, err = run(["status", "simple"])
+    assert rc == 0, err
+    assert f"FAILED worker {worker}: boot failed at step 'apt-get' (exit 100)" in out
+    assert "  | E: Unable to locate package x" in out
+
+
+def test_untracked_package_files_are_named(tmp_path):
+    """Item 8: the nodes build from `git archive` of the commit; untracked files are not in it."""
+    from deploy.aws.cli import untracked_note
+
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    (tmp_path / "services").mkdir()
+    (tmp_path / "services" / "new.py").write_text("x = 1\n")
+    (tmp_path / "notes.txt").write_text("not a package file\n")
+    note = untracked_note(tmp_path)
+    assert note.startswith("1 untracked file(s) under the packages are NOT in the nodes' source archive")
+    assert "services/new.py" in note and "notes.txt" not in note
+    subprocess.run(["git", "-C", str(tmp_path), "add", "services/new.py"], check=True)
+    assert untracked_note(tmp_path) is None
