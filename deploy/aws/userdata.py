@@ -86,9 +86,11 @@ report_failure() {
 trap report_failure ERR
 
 retry() {
-    local n=1
-    until "$@"; do
-        if [ "$n" -ge 5 ]; then return 1; fi
+    local n=1 rc
+    while true; do
+        "$@" && return 0
+        rc=$?
+        if [ "$n" -ge 5 ]; then return "$rc"; fi
         echo "parm boot: retry $n of: $*"
         sleep $((n * 15))
         n=$((n + 1))
