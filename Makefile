@@ -12,7 +12,7 @@ BUILD_INPUTS := pyproject.toml setup.py $(wildcard protos/parm/*/*.proto) \
 CONFIG ?= configs/local.json
 ARTIFACTS ?= artifacts
 
-.PHONY: build test local serve models bench deploy-aws aws-status aws-results aws-terminate chaos clean
+.PHONY: build build-deploy test local serve models bench deploy-aws aws-status aws-results aws-terminate chaos clean
 
 build: $(STAMP)
 
@@ -39,17 +39,28 @@ bench: build
 	$(PY) -m coding_ext.bench --json results/bench/coding_ext.json
 	$(PY) -m services.frontend.bench --json results/bench/frontend.json
 
-deploy-aws: build
-	$(PY) -m deploy.aws launch $(CONFIG) $(if $(DRY_RUN),--dry-run,) $(AWS_ARGS)
+# The AWS launcher needs the core and the `deploy` extra only (boto3, cryptography): no torch.
+# (A venv that `make build` made already has everything; this adds what is missing.)
+DEPLOY_STAMP := $(VENV)/.deploy-installed
+build-deploy: $(DEPLOY_STAMP)
 
-aws-status: build
-	$(PY) -m deploy.aws status $(AWS_ARGS)
+$(DEPLOY_STAMP): $(BUILD_INPUTS)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
+	$(PY) -m pip install --quiet -e '.[deploy]'
+	touch $@
 
-aws-results: build
+deploy-aws: build-deploy
+	$(PY) -m deploy.aws launch $(CONFIG) $(if $(DRY_RUN),--dry-run,) $(if $(KEEP_RUNNING),--keep-running,) $(AWS_ARGS)
+
+aws-status: build-deploy
+	$(PY) -m deploy.aws status $(if $(filter-out configs/local.json,$(CONFIG)),$(CONFIG),) $(AWS_ARGS)
+
+aws-results: build-deploy
 	$(PY) -m deploy.aws results $(CONFIG) $(AWS_ARGS)
 
-aws-terminate: build
-	$(PY) -m deploy.aws terminate $(CONFIG) $(if $(STOP),--stop,) $(AWS_ARGS)
+aws-terminate: build-deploy
+	$(PY) -m deploy.aws terminate $(CONFIG) $(if $(STOP),--stop,) $(if $(CLEANUP),--cleanup,) $(AWS_ARGS)
 
 chaos: build
 	$(PY) -m deploy.reliability.chaos
