@@ -203,7 +203,8 @@ READY=(--bucket "$BUCKET" --bucket-owner "$BUCKET_OWNER" --experiment "$EXPERIME
        --role "$ROLE" --instance-id "$INSTANCE_ID" --private-ip "$PRIVATE_IP" --agent-port "$AGENT_PORT"
        --tls-dir "$PARM_HOME/tls" --artifacts "$PARM_HOME/artifacts")
 if [ "$GPU" = 1 ]; then READY+=(--require-provider cuda); fi
-if ! LD_LIBRARY_PATH="$LIBS" runuser -u "$PARM_USER" -- "$PY" -m deploy.aws.node ready "${READY[@]}"; then
+if ! runuser -u "$PARM_USER" -- env LD_LIBRARY_PATH="$LIBS" AWS_DEFAULT_REGION="$REGION" \
+        "$PY" -m deploy.aws.node ready "${READY[@]}"; then
     echo "parm boot: the node is not ready (see its report), $(date -u +%FT%TZ)"
     exit 1
 fi
