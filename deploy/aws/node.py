@@ -380,8 +380,8 @@ def build_parser():
     ready.add_argument("--private-ip", required=True)
     ready.add_argument("--agent-port", type=int, required=True)
     ready.add_argument("--wait-s", type=float, default=300.0, help="how long to wait for the local agent, s")
-    ready.add_argument("--tls-dir", default="", help="the deployment's CA and node key (mutual TLS to the agent)")
-    ready.add_argument("--artifacts", default="", help="models to check the execution provider with")
+    ready.add_argument("--tls-dir", default=None, help="the deployment's CA and node key (mutual TLS to the agent)")
+    ready.add_argument("--artifacts", default=None, help="models to check the execution provider with")
     ready.add_argument("--require-provider", choices=("cuda",), default=None,
                        help="fail unless ONNX Runtime really runs a model on this provider")
     runner = sub.choices["runner"]
@@ -403,7 +403,7 @@ def _main(argv):
         s3 = bootstrap.S3(args.bucket, args.region, endpoint_url=args.endpoint_url, expected_owner=args.bucket_owner)
         report = report_ready(s3, args.experiment, role=args.role, instance_id=args.instance_id,
                               private_ip=args.private_ip, agent_port=args.agent_port, wait_s=args.wait_s,
-                              tls=agent_tls(args.tls_dir), require_provider=args.require_provider,
+                              tls=agent_tls(args.tls_dir or ""), require_provider=args.require_provider,
                               artifacts=args.artifacts)
         print(json.dumps(report))
         return 0 if report["state"] == "ready" else 1

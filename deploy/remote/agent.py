@@ -253,7 +253,7 @@ def parse_config(argv):
     p.add_argument("--allow-module", action="append", default=[],
                    help="also allow this module and its submodules (repeatable)")
     p.add_argument("--ready-timeout-s", type=float, default=120.0,
-                   help="default readiness timeout of a started process, s")
+                   help="readiness timeout of a started process whose request gives none, s")
     p.add_argument("--grace-s", type=float, default=5.0, help="shutdown grace period, s")
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ...")
     p.add_argument("--model-server-provider", choices=PROVIDERS, default=None,
