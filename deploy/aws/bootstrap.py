@@ -180,11 +180,11 @@ class S3:
     def put(self, key, body, content_type="application/octet-stream"):
         self._request("PUT", key, body=body, content_type=content_type).close()
 
-    def list(self, prefix):
-        """Every key under ``prefix`` (ListObjectsV2, all pages)."""
+    def list(self, prefix, page_size=1000):
+        """Every key under ``prefix`` (ListObjectsV2, all pages of ``page_size``)."""
         keys, token = [], None
         while True:
-            query = {"list-type": "2", "prefix": prefix}
+            query = {"list-type": "2", "prefix": prefix, "max-keys": str(page_size)}
             if token:
                 query["continuation-token"] = token
             with self._request("GET", query=query) as reply:

@@ -341,20 +341,25 @@ def regions_with_instances(clients, experiment_id):
     """Regions (other than the current one) holding live instances of ``experiment_id``."""
     from botocore.exceptions import BotoCoreError, ClientError
 
-    found = []
+    from concurrent.futures import ThreadPoolExecutor
+
     with aws_errors("listing regions: "):
-        regions = [r["RegionName"] for r in clients.ec2.describe_regions()["Regions"]]
-    for region in sorted(regions):
-        if region == clients.settings.region:
-            continue
+        regions = sorted(r["RegionName"] for r in clients.ec2.describe_regions()["Regions"]
+                         if r["RegionName"] != clients.settings.region)
+
+    # Clients are made here, in this thread (a boto3 session is not thread-safe; clients are).
+    ec2s = {r: clients.session.client("ec2", region_name=r, endpoint_url=clients.settings.endpoint_url)
+            for r in regions}
+
+    def count(region):
         try:
-            ec2 = clients.session.client("ec2", region_name=region, endpoint_url=clients.settings.endpoint_url)
-            reply = ec2.describe_instances(Filters=[
+            reply = ec2s[region].describe_instances(Filters=[
                 {"Name": "tag:parm:experiment", "Values": [experiment_id]},
                 {"Name": "instance-state-name", "Values": ["pending", "running", "stopping", "stopped"]}])
         except (ClientError, BotoCoreError):
-            continue  # a region not enabled for the account
-        n = sum(len(r["Instances"]) for r in reply["Reservations"])
-        if n:
-            found.append((region, n))
-    return found
+            return 0  # a region not enabled for the account
+        return sum(len(r["Instances"]) for r in reply["Reservations"])
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        counts = list(pool.map(count, regions))
+    return [(region, n) for region, n in zip(regions, counts) if n]

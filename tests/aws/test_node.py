@@ -92,10 +92,10 @@ def test_upload_and_bootstrap_download_round_trip(clients, s3, tmp_path):
 
 
 def test_stdlib_s3_lists_every_page(s3, clients):
-    for i in range(1003):
+    for i in range(7):
         clients.s3.put_object(Bucket=BUCKET, Key=f"many/k{i:04d}", Body=b"")
-    keys = s3.list("many/")
-    assert len(keys) == 1003 and keys[0] == "many/k0000" and keys[-1] == "many/k1002"
+    clients.s3.put_object(Bucket=BUCKET, Key="manyx", Body=b"")
+    assert s3.list("many/", page_size=3) == [f"many/k{i:04d}" for i in range(7)]
 
 
 def test_bootstrap_cli_fetch_and_failure_report(clients, aws, tmp_path, capsys):
