@@ -246,10 +246,9 @@ def sweep_in_progress(clients, bucket, experiment_id, reuse):
         return None  # a stopped frontend runs nothing
     request = storage.get_json(clients, bucket, storage.key(experiment_id, "control", "request.json")) or {}
     status = storage.get_json(clients, bucket, storage.key(experiment_id, "control", "status.json")) or {}
+    # (A request the runner has not picked up yet may be replaced: request.json is one slot, not a queue.)
     if request.get("id") and status.get("id") == request["id"] and status.get("state") in ACTIVE_SWEEP_STATES:
         return request["id"]
-    if request.get("id") and status.get("id") != request.get("id"):
-        return request["id"]  # requested, not started yet
     return None
 
 

@@ -152,6 +152,14 @@ class SweepRunner:
             f.flush()
             os.fsync(f.fileno())
 
+    def _get_if_present(self, *parts):
+        """The JSON at ``EXP/parts``, or None. Lists first: under the node role a GET of a missing key is
+        403 (AccessDenied), not 404, because its ``ListBucket`` is scoped by a prefix condition."""
+        object_key = self._key(*parts)
+        if object_key not in storage.list_keys(self.clients, self.cfg.bucket, object_key):
+            return None
+        return storage.get_json(self.clients, self.cfg.bucket, object_key)
+
     def _status(self, request_id, state, **extra):
         storage.put_json(self.clients, self.cfg.bucket, self._key("control", "status.json"),
                          {"id": request_id, "state": state, "time": now_iso(), **extra})
@@ -161,8 +169,9 @@ class SweepRunner:
         ids = fleet_instance_ids(fleet)
         deadline = time.monotonic() + self.cfg.agent_wait_s
         while True:
+            present = set(storage.list_keys(self.clients, self.cfg.bucket, self._key("ready") + "/"))
             reports = {i: storage.get_json(self.clients, self.cfg.bucket, self._key("ready", f"{i}.json"))
-                       for i in ids}
+                       if self._key("ready", f"{i}.json") in present else None for i in ids}
             failed = {i: r for i, r in reports.items() if r and r.get("state") == "failed"}
             if failed:
                 raise AwsError("node(s) failed to boot: " + "; ".join(
@@ -177,7 +186,7 @@ class SweepRunner:
     def run_once(self):
         """Finishes pending uploads; runs the pending request, if any -> its id, or None."""
         self.flush_uploads()
-        request = storage.get_json(self.clients, self.cfg.bucket, self._key("control", "request.json"))
+        request = self._get_if_present("control", "request.json")
         if not request or request.get("id") in self.done_ids():
             return None
         request_id = request["id"]
@@ -189,7 +198,7 @@ class SweepRunner:
         try:
             config_path = run_dir / "config.json"
             config_path.write_text(json.dumps(request["config"], indent=1))
-            fleet = storage.get_json(self.clients, self.cfg.bucket, self._key("fleet.json"))
+            fleet = self._get_if_present("fleet.json")
             if fleet is None:
                 raise AwsError("no fleet.json in the experiment's prefix")
             hosts = hosts_from_fleet(fleet)

@@ -15,9 +15,32 @@ BUCKET = "parm-test-bucket"
 
 
 @pytest.fixture
-def clients(aws):
+def launcher(aws):
+    """The launching user's clients (full access to the bucket)."""
     c = Clients(AwsSettings(region=REGION, endpoint_url=aws["url"], bucket=BUCKET))
     storage.ensure_bucket(c, BUCKET)
+    return c
+
+
+@pytest.fixture
+def clients(aws, launcher):
+    """Clients that get S3's answers to the node role: a GET or HEAD of a missing key is 403, not 404
+    (its ListBucket is scoped by an s3:prefix condition; moto answers 404)."""
+    from botocore.exceptions import ClientError
+
+    c = Clients(AwsSettings(region=REGION, endpoint_url=aws["url"], bucket=BUCKET))
+    raw = aws["client"]("s3")
+
+    def missing_is_forbidden(model, params, **_):
+        try:
+            raw.head_object(Bucket=params["Bucket"], Key=params["Key"])
+        except ClientError as exc:
+            if exc.response["Error"]["Code"] in ("404", "NoSuchKey", "NotFound"):
+                raise ClientError({"Error": {"Code": "AccessDenied", "Message": "Access Denied"}},
+                                  model.name) from None
+
+    c.s3.meta.events.register("before-parameter-build.s3.GetObject", missing_is_forbidden)
+    c.s3.meta.events.register("before-parameter-build.s3.HeadObject", missing_is_forbidden)
     return c
 
 
@@ -64,7 +87,8 @@ def test_sigv4_matches_botocore():
         assert ours["Authorization"] == theirs.headers["Authorization"], (method, url)
 
 
-def test_upload_and_bootstrap_download_round_trip(clients, s3, tmp_path):
+def test_upload_and_bootstrap_download_round_trip(launcher, s3, tmp_path):
+    clients = launcher
     wheel = tmp_path / "parm-0.1.0-cp310-cp310-linux_x86_64.whl"
     wheel.write_bytes(bytes(range(256)) * 100)
     source = tmp_path / "parm-src.tar.gz"
@@ -98,7 +122,8 @@ def test_stdlib_s3_lists_every_page(s3, clients):
     assert s3.list("many/", page_size=3) == [f"many/k{i:04d}" for i in range(7)]
 
 
-def test_bootstrap_cli_fetch_and_failure_report(clients, aws, tmp_path, capsys):
+def test_bootstrap_cli_fetch_and_failure_report(launcher, aws, tmp_path, capsys):
+    clients = launcher
     wheel = tmp_path / "w.whl"
     wheel.write_bytes(b"w")
     storage.upload_release(clients, BUCKET, "exp", wheel, None)
@@ -197,6 +222,10 @@ def _runner(clients, tmp_path, **kw):
         bucket=BUCKET, experiment_id="simple", region=REGION, work_dir=str(tmp_path / "runs"),
         artifacts="/opt/parm/artifacts", endpoint_url=clients.settings.endpoint_url, poll_s=0.2,
         upload_backoff_s=0.05, **kw), clients)
+
+
+def test_runner_without_a_request_waits(clients, tmp_path):
+    assert _runner(clients, tmp_path).run_once() is None  # a 403 for the missing request is no error
 
 
 def test_runner_runs_the_request_once_and_uploads_results(clients, agent, tmp_path, capsys):
