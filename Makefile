@@ -7,24 +7,42 @@ PY := $(BIN)/python
 # ORT=gpu installs onnxruntime-gpu instead of onnxruntime.
 ORT ?= cpu
 STAMP := $(VENV)/.installed-$(ORT)
+# make deploy-aws and the aws-* targets need only the serving core and boto3
+# (no torch): on a fresh clone they install '.[deploy]'; in a tree where
+# `make build` already ran they use that environment.
+DEPLOY_STAMP := $(VENV)/.installed-deploy
+DEPLOY_ENV := $(if $(wildcard $(STAMP)),$(STAMP),$(DEPLOY_STAMP))
+# Everything a developer needs: ONNX Runtime, training, datasets, plots, AWS, tests.
+EXTRAS := $(ORT),train,data,report,deploy,dev
 BUILD_INPUTS := pyproject.toml setup.py $(wildcard protos/parm/*/*.proto) \
 	$(wildcard coding_ext/*.pyx coding_ext/*.pxi coding_ext/*.pxd coding_ext/*.h)
 CONFIG ?= configs/local.json
 ARTIFACTS ?= artifacts
 
-.PHONY: build build-deploy test local serve models bench deploy-aws aws-status aws-results aws-terminate chaos clean
+.PHONY: build test test-fast local serve models bench deploy-aws aws-status aws-results aws-terminate chaos clean
 
 build: $(STAMP)
 
 $(STAMP): $(BUILD_INPUTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
-	$(PY) -m pip install --quiet -e '.[$(ORT),train,dev]'
+	$(PY) -m pip install --quiet -e '.[$(EXTRAS)]'
 	rm -f $(VENV)/.installed-*
 	touch $@
 
+$(DEPLOY_STAMP): $(BUILD_INPUTS)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
+	$(PY) -m pip install --quiet -e '.[deploy]'
+	touch $@
+
+# The whole suite (CI).
 test: build
 	$(PY) -m pytest
+
+# The edit loop: everything but the slow end-to-end tests.
+test-fast: build
+	$(PY) -m pytest -m "not slow"
 
 models: build
 	$(PY) -m models.build --out $(ARTIFACTS)
@@ -37,29 +55,19 @@ serve: build
 
 bench: build
 	$(PY) -m coding_ext.bench --json results/bench/coding_ext.json
+	$(PY) -m services.coder.bench --json results/bench/coder.json
 	$(PY) -m services.frontend.bench --json results/bench/frontend.json
 
-# The AWS launcher needs the core and the `deploy` extra only (boto3, cryptography): no torch.
-# (A venv that `make build` made already has everything; this adds what is missing.)
-DEPLOY_STAMP := $(VENV)/.deploy-installed
-build-deploy: $(DEPLOY_STAMP)
-
-$(DEPLOY_STAMP): $(BUILD_INPUTS)
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
-	$(PY) -m pip install --quiet -e '.[deploy]'
-	touch $@
-
-deploy-aws: build-deploy
+deploy-aws: $(DEPLOY_ENV)
 	$(PY) -m deploy.aws launch $(CONFIG) $(if $(DRY_RUN),--dry-run,) $(if $(KEEP_RUNNING),--keep-running,) $(AWS_ARGS)
 
-aws-status: build-deploy
+aws-status: $(DEPLOY_ENV)
 	$(PY) -m deploy.aws status $(if $(filter-out configs/local.json,$(CONFIG)),$(CONFIG),) $(AWS_ARGS)
 
-aws-results: build-deploy
+aws-results: $(DEPLOY_ENV)
 	$(PY) -m deploy.aws results $(CONFIG) $(AWS_ARGS)
 
-aws-terminate: build-deploy
+aws-terminate: $(DEPLOY_ENV)
 	$(PY) -m deploy.aws terminate $(CONFIG) $(if $(STOP),--stop,) $(if $(CLEANUP),--cleanup,) $(AWS_ARGS)
 
 chaos: build

@@ -11,7 +11,6 @@ sums and decode, k x input bytes + output bytes for concat; copy: 2 x bytes /
 time) and the kernel/numpy speed-up. Speed targets live here, never in tests.
 """
 
-import argparse
 import json
 import os
 import pathlib
@@ -22,6 +21,7 @@ import time
 import numpy as np
 
 from coding_ext import concat_encode, subtract_decode, sum_encode
+from services.common import cli
 
 SHAPES = [(1, 784), (1, 3, 224, 224), (64, 3, 224, 224)]
 CONCAT_SHAPES = [(1, 3, 224, 224), (64, 3, 224, 224)]
@@ -164,19 +164,21 @@ def format_table(records):
     return "\n".join(lines)
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def _main(argv):
+    parser = cli.ArgumentParser(prog="python -m coding_ext.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=pathlib.Path, default=None,
                         help="write the records as JSON here (default: print only)")
-    parser.add_argument("--repeats", type=int, default=200,
-                        help="timing rounds per case, at most (default 200)")
+    parser.add_argument("--repeats", type=cli.number(int, at_least=1), default=200,
+                        help="timing rounds per case, at most")
     parser.add_argument("--quick", action="store_true",
                         help="skip the (64, 3, 224, 224) cases")
-    parser.add_argument("--cpu", type=int, default=None,
+    parser.add_argument("--cpu", type=cli.number(int, at_least=0), default=None,
                         help="core to pin to (default: the last allowed one)")
     args = parser.parse_args(argv)
     if hasattr(os, "sched_setaffinity"):
         allowed = sorted(os.sched_getaffinity(0))
+        if args.cpu is not None and args.cpu not in allowed:
+            raise cli.UsageError(f"--cpu {args.cpu} is not one of the allowed cores {allowed}")
         os.sched_setaffinity(0, {allowed[-1] if args.cpu is None else args.cpu})
     records = run(repeats=args.repeats, quick=args.quick)
     print(format_table(records))
@@ -185,6 +187,10 @@ def main(argv=None):
         args.json.write_text(json.dumps(records, indent=1) + "\n")
         print(f"wrote {args.json}", file=sys.stderr)
     return 0
+
+
+def main(argv=None):
+    return cli.run_main(_main, argv, prog="python -m coding_ext.bench")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,17 @@ wraparound, None and initialisation checks on; the kernel tests run against
 both builds.
 """
 
-from coding_ext import BufferPool, PoolExhausted, __all__, reference  # noqa: F401
+from coding_ext import (  # noqa: F401
+    ENCODERS,
+    KERNELS,
+    BufferPool,
+    Kernels,
+    OutputPool,
+    PoolExhausted,
+    __all__,
+    load_kernels,
+    reference,
+)
 from coding_ext._kernels_debug import (  # noqa: F401
     BUILD,
     MAX_K,

@@ -1,4 +1,10 @@
-"""A pool of aligned, page-locked buffers for parity queries and reconstructions."""
+"""Pools of aligned, page-locked buffers for parity queries and reconstructions.
+
+``BufferPool`` lends buffers of one fixed shape; ``OutputPool`` lends output
+arrays of any shape and dtype up to a byte capacity (views over a
+``BufferPool`` of bytes), for services whose tensor shapes arrive with the
+request.
+"""
 
 import collections
 import contextlib
@@ -11,7 +17,7 @@ import warnings
 
 import numpy as np
 
-__all__ = ["BufferPool", "PoolExhausted"]
+__all__ = ["BufferPool", "OutputPool", "PoolExhausted"]
 
 
 class PoolExhausted(RuntimeError):
@@ -218,3 +224,101 @@ class BufferPool:
     def __repr__(self):
         return (f"BufferPool(shape={self.shape}, count={self.count}, dtype={self.dtype}, "
                 f"alignment={self.alignment}, locked={self.locked})")
+
+
+class OutputPool:
+    """Output arrays of any shape and dtype up to ``capacity_bytes``, lent from a pool.
+
+    ``count`` buffers of ``capacity_bytes`` live in one ``BufferPool`` of
+    bytes (page-aligned, page-locked where the OS allows). ``lease(shape,
+    dtype)`` yields a view of the first ``nbytes`` of one of them, shaped as
+    asked: C-contiguous, writable, aligned to a page, so the kernels can
+    write into it with ``out=``.
+
+    Ownership (what callers rely on, and what the tests check):
+        - Inside ``with pool.lease(shape) as out:`` the caller owns ``out``
+          exclusively; its contents are whatever the last lessee left.
+        - The buffer returns to the pool when the ``with`` block exits,
+          however it exits: normally, by an exception, or by cancellation (a
+          ``CancelledError`` or ``KeyboardInterrupt`` raised inside the block
+          unwinds through the same ``finally``). A block that never starts
+          (a job cancelled while queued) never acquires.
+        - After the block, ``out`` and every view of it may be overwritten by
+          the next lessee at any time. Whatever must outlive the block (a
+          reply, a protobuf message, a result handed to another task) must
+          hold a copy made inside it. ``tensors.to_proto`` makes that copy.
+        - An array larger than ``capacity_bytes`` is not pooled: it is
+          allocated (``np.empty``), counted in ``misses``, and freed by the
+          garbage collector like any array. Pooled leases count in ``hits``.
+        - When every buffer is out, ``lease`` waits up to ``timeout_s``
+          (None: forever, 0: not at all) and then raises ``PoolExhausted``;
+          it never allocates instead. A service turns that into
+          RESOURCE_EXHAUSTED. Sizing the pool at one buffer per thread that
+          can hold a lease makes exhaustion impossible.
+
+    Args:
+        capacity_bytes: size of each buffer, >= 1.
+        count: number of buffers, >= 1.
+        lock: try to mlock the memory (default True).
+    """
+
+    def __init__(self, capacity_bytes, count, *, lock=True):
+        if isinstance(capacity_bytes, bool) or not isinstance(capacity_bytes, (int, np.integer)) \
+                or capacity_bytes < 1:
+            raise ValueError(f"capacity_bytes must be an int >= 1, got {capacity_bytes!r}")
+        self.capacity_bytes = int(capacity_bytes)
+        self._pool = BufferPool((self.capacity_bytes,), count, np.uint8, lock=lock)
+        self.count = self._pool.count
+        self.hits = 0
+        self.misses = 0
+        self._stats = threading.Lock()
+
+    @property
+    def locked(self):
+        """Whether the buffers are locked in RAM."""
+        return self._pool.locked
+
+    @property
+    def available(self):
+        """How many buffers are free right now (a snapshot)."""
+        return self._pool.available
+
+    @contextlib.contextmanager
+    def lease(self, shape, dtype=np.float32, timeout_s=None):
+        """Context manager: an ndarray of ``shape``/``dtype`` owned until the block exits.
+
+        Raises:
+            PoolExhausted: every buffer stayed out for timeout_s.
+            ValueError: negative dimension, or the pool is closed.
+        """
+        shape = tuple(int(d) for d in shape)
+        if any(d < 0 for d in shape):
+            raise ValueError(f"shape must have no negative dimension, got {shape}")
+        dtype = np.dtype(dtype)
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        if nbytes > self.capacity_bytes:
+            with self._stats:
+                self.misses += 1
+            yield np.empty(shape, dtype)
+            return
+        buf = self._pool.acquire(timeout_s)
+        try:
+            with self._stats:
+                self.hits += 1
+            yield buf[:nbytes].view(dtype).reshape(shape)
+        finally:
+            self._pool.release(buf)
+
+    def close(self):
+        """Unlocks the memory; every lease must have ended."""
+        self._pool.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self):
+        return (f"OutputPool(capacity_bytes={self.capacity_bytes}, count={self.count}, "
+                f"locked={self.locked}, hits={self.hits}, misses={self.misses})")

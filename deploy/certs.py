@@ -14,13 +14,14 @@ client. Keys are ECDSA P-256. Then start every service with::
     --tls-cert DIR/node.pem --tls-key DIR/node.key --tls-ca DIR/ca.pem [--tls-client-auth]
 """
 
-import argparse
 import datetime
 import ipaddress
 import os
 import pathlib
 import sys
 from dataclasses import dataclass
+
+from services.common import cli
 
 DEFAULT_HOSTS = ("127.0.0.1", "localhost")
 
@@ -140,28 +141,30 @@ def make_certs(out_dir, hosts=DEFAULT_HOSTS, *, days=30, name="parm"):
     return paths
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
+PROG = "python -m deploy.certs"
 
 
-def main(argv=None):
-    p = _Parser(prog="python -m deploy.certs", description="Make a private CA and certificates for TLS.",
-                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def _main(argv):
+    p = cli.ArgumentParser(prog=PROG, description="Make a private CA and certificates for TLS.")
     p.add_argument("--out", required=True, help="directory to write the PEM files to")
     p.add_argument("--hosts", default=",".join(DEFAULT_HOSTS),
                    help="comma-separated IPs/names the services are reached at (SANs of node.pem)")
     p.add_argument("--days", type=int, default=30, help="validity, days")
     a = p.parse_args(argv)
-    try:
-        certs = make_certs(a.out, a.hosts.split(","), days=a.days)
-    except (ValueError, OSError) as exc:
-        print(f"deploy.certs: error: {exc}", file=sys.stderr)
-        return 1
+    if a.days < 1:
+        raise cli.UsageError(f"--days {a.days} must be >= 1")
+    hosts = [h.strip() for h in a.hosts.split(",") if h.strip()]
+    if not hosts:
+        raise cli.UsageError("--hosts names no host")
+    certs = make_certs(a.out, hosts, days=a.days)
     print(f"wrote {certs.ca}, {certs.node_cert}, {certs.client_cert} (and keys) for hosts {a.hosts}")
     print(f"services: --tls-cert {certs.node_cert} --tls-key {certs.node_key} --tls-ca {certs.ca}"
           " [--tls-client-auth]")
-    return 0
+
+
+def main(argv=None):
+    # make_certs raises ValueError only for what the flags gave it (hosts, days)
+    return cli.run_main(_main, argv, prog=PROG, usage_errors=(ValueError,))
 
 
 if __name__ == "__main__":

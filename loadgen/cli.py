@@ -11,7 +11,6 @@ with rate/N and its own client index, records merged; the children are
 stopped on exit, Ctrl-C and SIGTERM). The second serves the control service.
 """
 
-import argparse
 import asyncio
 import logging
 import pathlib
@@ -21,16 +20,11 @@ import time
 from dataclasses import asdict, dataclass, replace
 
 from loadgen.client import DEFAULT_TARGET
+from services.common import cli
 from services.common import tls as tls_mod
 
+PROG = "python -m loadgen"
 DEFAULT_CONTROL_PORT = 50071
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports a mistake as one line on stderr (exit 2)."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 @dataclass(frozen=True)
@@ -61,46 +55,28 @@ class ServeConfig:
     tls: tls_mod.TlsConfig = tls_mod.PLAINTEXT
 
 
-def _positive(kind):
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-        return value
-    return parse
-
-
-def _non_negative_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
+POSITIVE = cli.number(above=0)
+POSITIVE_INT = cli.number(int, above=0)
+NON_NEGATIVE_INT = cli.number(int, at_least=0)
 
 
 def run_parser():
-    p = _Parser(prog="python -m loadgen",
-                description="Open-loop Poisson load on a ParM frontend; prints the latency table. "
-                            "`python -m loadgen serve --help` for the control service.",
-                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = cli.ArgumentParser(prog=PROG,
+                           description="Open-loop Poisson load on a ParM frontend; prints the latency table. "
+                                       "`python -m loadgen serve --help` for the control service.")
     p.add_argument("--target", default=DEFAULT_TARGET,
                    help="frontend host:port (the default is where `make serve` listens)")
-    p.add_argument("--rate", type=_positive(float), default=4.0, help="aggregate queries/s (Poisson)")
+    p.add_argument("--rate", type=POSITIVE, default=4.0, help="aggregate queries/s (Poisson)")
     count = p.add_mutually_exclusive_group()
-    count.add_argument("--num-queries", type=_positive(int), default=None,
+    count.add_argument("--num-queries", type=POSITIVE_INT, default=None,
                        help="measured queries (default 100 unless --duration-s)")
-    count.add_argument("--duration-s", type=_positive(float), default=None,
+    count.add_argument("--duration-s", type=POSITIVE, default=None,
                        help="send measured queries for this long instead of --num-queries")
-    p.add_argument("--warmup-queries", type=_non_negative_int, default=10,
+    p.add_argument("--warmup-queries", type=NON_NEGATIVE_INT, default=10,
                    help="queries sent first and excluded from statistics")
-    p.add_argument("--seed", type=_non_negative_int, default=0, help="seed of arrivals and example order")
-    p.add_argument("--deadline-s", type=_positive(float), default=10.0, help="per-query gRPC deadline")
-    p.add_argument("--clients", type=_positive(int), default=1,
+    p.add_argument("--seed", type=NON_NEGATIVE_INT, default=0, help="seed of arrivals and example order")
+    p.add_argument("--deadline-s", type=POSITIVE, default=10.0, help="per-query gRPC deadline")
+    p.add_argument("--clients", type=POSITIVE_INT, default=1,
                    help="generator processes; the rate and counts are split over them")
     p.add_argument("--manifest", default="",
                    help="base model manifest JSON whose dataset's test split is sent "
@@ -108,18 +84,17 @@ def run_parser():
     p.add_argument("--inputs", default="", help=".npz with arrays X, y to send instead of a dataset")
     p.add_argument("--out", default="", help="directory for records.csv and summary.json")
     p.add_argument("--run-id", default="", help="run id (request ids are RUNID-CLIENT-INDEX)")
-    p.add_argument("--channels", type=_positive(int), default=1, help="gRPC channels per generator")
+    p.add_argument("--channels", type=POSITIVE_INT, default=1, help="gRPC channels per generator")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     tls_mod.add_arguments(p)
     return p
 
 
 def serve_parser():
-    p = _Parser(prog="python -m loadgen serve",
-                description="Serve the load generator's control service (parm.v1.LoadGenerator).",
-                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = cli.ArgumentParser(prog=f"{PROG} serve",
+                           description="Serve the load generator's control service (parm.v1.LoadGenerator).")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 for remote runners)")
-    p.add_argument("--port", type=_non_negative_int, default=DEFAULT_CONTROL_PORT, help="0 picks a free port")
+    p.add_argument("--port", type=cli.PORT, default=DEFAULT_CONTROL_PORT, help="0 picks a free port")
     p.add_argument("--ready-file", default="", help="write {port, pid} JSON here once serving")
     p.add_argument("--log-level", default="INFO", help="logging level")
     tls_mod.add_arguments(p)
@@ -127,12 +102,12 @@ def serve_parser():
 
 
 def parse_config(argv):
-    """``RunConfig`` or ``ServeConfig`` from the command line (exits on mistakes)."""
+    """``RunConfig`` or ``ServeConfig`` from the command line; raises
+    ``cli.UsageError`` (one line) on a mistake."""
     argv = list(argv)
     if argv and argv[0] == "serve":
-        sp = serve_parser()
-        a = sp.parse_args(argv[1:])
-        return ServeConfig(a.host, a.port, a.ready_file, a.log_level, _tls(sp, a))
+        a = serve_parser().parse_args(argv[1:])
+        return ServeConfig(a.host, a.port, a.ready_file, a.log_level, tls_mod.from_args(a))
     parser = run_parser()
     a = parser.parse_args(argv)
     if a.manifest and a.inputs:
@@ -153,15 +128,8 @@ def parse_config(argv):
         warmup_queries=a.warmup_queries, seed=a.seed, deadline_s=a.deadline_s, clients=a.clients,
         manifest=manifest, inputs=str(pathlib.Path(a.inputs).resolve()) if a.inputs else "",
         out=a.out, run_id=a.run_id or time.strftime("run%Y%m%d-%H%M%S"),
-        progress=not a.no_progress, channels=a.channels, tls=_tls(parser, a),
+        progress=not a.no_progress, channels=a.channels, tls=tls_mod.from_args(a),
     )
-
-
-def _tls(parser, args):
-    try:
-        return tls_mod.from_args(args)
-    except tls_mod.TlsError as exc:
-        parser.error(str(exc))
 
 
 def spec_of(cfg):
@@ -259,22 +227,21 @@ def _report(cfg, result, meta):
 
 
 def main_run(cfg):
+    """Runs the load; returns the summary. Failures raise ``cli.Failure``;
+    SIGTERM, like Ctrl-C, ends in ``KeyboardInterrupt`` once the generators
+    have stopped."""
     from loadgen.client import TargetUnavailable
     from loadgen.control import RemoteRunError
     from loadgen.inputs import InputsError
     from services.common.procs import ServiceStartError
     try:
-        result = asyncio.run(_main_run(cfg))
+        result = cli.run_async(_main_run(cfg))
     except (TargetUnavailable, InputsError, RemoteRunError, ValueError) as exc:
-        print(f"loadgen: error: {exc}", file=sys.stderr)
-        return 1
+        raise cli.Failure(str(exc)) from None
     except ServiceStartError as exc:
-        print(f"loadgen: error: a generator process did not start: {str(exc).splitlines()[0]}",
-              file=sys.stderr)
-        return 1
-    except (KeyboardInterrupt, asyncio.CancelledError):
-        print("loadgen: interrupted; generators stopped", file=sys.stderr)
-        return 130
+        raise cli.Failure(f"a generator process did not start: {str(exc).splitlines()[0]}") from None
+    except asyncio.CancelledError:  # SIGTERM cancelled the run (see _main_run)
+        raise KeyboardInterrupt from None
     meta = dict(getattr(result, "meta", None) or {})
     meta.setdefault("spec", asdict(replace(spec_of(cfg), manifest_json="")))
     meta["clients"] = cfg.clients
@@ -282,8 +249,7 @@ def main_run(cfg):
         meta["generators"] = result.per_generator
     if result.stopped:
         meta["stopped"] = True
-    _report(cfg, result, meta)
-    return 0
+    return _report(cfg, result, meta)
 
 
 async def _serve(cfg):
@@ -318,27 +284,26 @@ def _port_taken(host, port):
 
 
 def main_serve(cfg):
-    from services.common.server import setup_logging
+    """Serves the control service until SIGTERM; failures raise ``cli.Failure``."""
     problem = _port_taken(cfg.host, cfg.port)
     if problem:
-        print(f"loadgen serve: error: cannot serve on {cfg.host}:{cfg.port}: {problem}", file=sys.stderr)
-        return 1
-    setup_logging(cfg.log_level)
+        raise cli.Failure(f"cannot serve on {cfg.host}:{cfg.port}: {problem}")
+    cli.setup_logging(cfg.log_level)
     try:
-        asyncio.run(_serve(cfg))
-    except OSError as exc:
-        print(f"loadgen serve: error: {exc}", file=sys.stderr)
-        return 1
-    except RuntimeError as exc:
-        print(f"loadgen serve: error: cannot serve on {cfg.host}:{cfg.port}: {exc}", file=sys.stderr)
-        return 1
-    return 0
+        cli.run_async(_serve(cfg))
+    except RuntimeError as exc:  # grpc could not bind
+        raise cli.Failure(f"cannot serve on {cfg.host}:{cfg.port}: {exc}") from None
 
 
-def main(argv=None):
-    cfg = parse_config(sys.argv[1:] if argv is None else argv)
+def _main(argv):
+    cfg = parse_config(argv)
     # every channel (to the frontend, to the generators) and the control server follow the flags
     tls_mod.install(cfg.tls)
     if isinstance(cfg, ServeConfig):
-        return main_serve(cfg)
-    return main_run(cfg)
+        main_serve(cfg)
+    else:
+        main_run(cfg)
+
+
+def main(argv=None):
+    return cli.run_main(_main, argv, prog=PROG)

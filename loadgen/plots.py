@@ -14,7 +14,6 @@ from run directories written by ``python -m loadgen --out``. A run's mode is
 ``--label`` order when given; its rate is ``meta.spec.rate``.
 """
 
-import argparse
 import json
 import pathlib
 import sys
@@ -23,6 +22,7 @@ import numpy as np
 
 from loadgen.records import CSV_NAME, SOURCES, read_csv
 from loadgen.stats import SUMMARY_NAME
+from services.common import cli
 
 
 # One colour per redundancy mode in every plot, so a mode reads the same
@@ -158,13 +158,11 @@ def plot_runs(run_dirs, out_dir, labels=None):
     return [cdf, vs_rate, acc]
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
+PROG = "python -m loadgen.plots"
 
 
-def main(argv=None):
-    parser = _Parser(prog="python -m loadgen.plots", description="Plot load-generator runs as PNG.")
+def _main(argv):
+    parser = cli.ArgumentParser(prog=PROG, description="Plot load-generator runs as PNG.")
     parser.add_argument("run_dirs", nargs="+", help="directories written by `python -m loadgen --out`")
     parser.add_argument("--out", required=True, help="directory for the PNG files")
     parser.add_argument("--label", action="append", default=None,
@@ -175,11 +173,14 @@ def main(argv=None):
     try:
         paths = plot_runs(args.run_dirs, args.out, args.label)
     except (OSError, ValueError, KeyError) as exc:
-        print(f"loadgen.plots: error: {exc}", file=sys.stderr)
-        return 1
+        raise cli.Failure(str(exc)) from None
     for p in paths:
         print(p)
     return 0
+
+
+def main(argv=None):
+    return cli.run_main(_main, argv, prog=PROG)
 
 
 if __name__ == "__main__":

@@ -8,16 +8,19 @@ Poisson arrival, ``latency_ms`` runs from the send to the answer (or error).
 ``status`` is the gRPC status code name ("OK", "DEADLINE_EXCEEDED", ...).
 ``source`` is one of ``SOURCES`` for answered queries and "" for errors;
 ``predicted`` is the argmax of the output (-1 on error), ``label`` the true
-label of the example that was sent. This module imports neither grpc nor
-the generated protobuf code.
+label of the example that was sent. The source names are the proto's
+``parm.v1.Source`` names in lower case (defined once, in the proto); this
+module imports the generated message module for them, never grpc.
 """
 
 import csv
 import pathlib
 from dataclasses import asdict, dataclass, fields
 
-# parm.v1.Source enum value -> record name (tests check it against the enum).
-SOURCE_NAMES = {0: "unspecified", 1: "original", 2: "reconstructed", 3: "backup", 4: "default"}
+from parm.v1.frontend_pb2 import Source
+
+# parm.v1.Source enum value -> record name (SOURCE_UNSPECIFIED -> "unspecified").
+SOURCE_NAMES = {value: name.lower().removeprefix("source_") for name, value in Source.items()}
 SOURCE_VALUES = {name: value for value, name in SOURCE_NAMES.items()}
 # The sources reported in every breakdown, in this order.
 SOURCES = ("original", "reconstructed", "backup", "default")

@@ -36,12 +36,12 @@ grpc.
 """
 
 import asyncio
-import time
 from dataclasses import dataclass
 
 import numpy as np
 
 from loadgen.records import Record
+from services.common.clock import REAL as REAL_CLOCK
 
 
 @dataclass(frozen=True)
@@ -79,11 +79,12 @@ class OpenLoopSender:
         labels: ndarray of shape (num_examples,), int.
         deadline_s: per-query deadline passed to ``call``.
         run_id, client_index: request ids are ``{run_id}-{client_index}-{i}``.
-        clock: monotonic clock in seconds (injectable for tests).
+        clock: ``services.common.clock.Clock`` that paces the arrivals and
+            times the queries (default the real one; tests inject a manual one).
     """
 
     def __init__(self, call, schedule, inputs, labels, *, deadline_s, run_id="run",
-                 client_index=0, clock=time.monotonic):
+                 client_index=0, clock=None):
         if len(inputs) != len(labels):
             raise ValueError(f"{len(inputs)} inputs but {len(labels)} labels")
         self._call = call
@@ -93,7 +94,7 @@ class OpenLoopSender:
         self._deadline_s = float(deadline_s)
         self._run_id = run_id
         self._client_index = int(client_index)
-        self._clock = clock
+        self._clock = clock or REAL_CLOCK
         self._records = [None] * len(schedule)
         self._tasks = set()
         self.counters = Counters(total=len(schedule))
@@ -110,13 +111,13 @@ class OpenLoopSender:
         outstanding queries, which are recorded as ``CANCELLED``; the records
         gathered so far stay available in ``self.records``.
         """
-        t0 = self._clock()
+        t0 = self._clock.now()
         try:
             for i, at in enumerate(self._schedule.times_s):
-                delay = t0 + at - self._clock()
+                delay = t0 + at - self._clock.now()
                 if delay > 0:
-                    await asyncio.sleep(delay)
-                now = self._clock()
+                    await self._clock.sleep(delay)
+                now = self._clock.now()
                 task = asyncio.create_task(self._one(i, now - t0, (now - t0 - at) * 1e3))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
@@ -138,7 +139,7 @@ class OpenLoopSender:
             send_lag_ms=max(lag_ms, 0.0), latency_ms=0.0, status="CANCELLED", source="",
             predicted=-1, label=int(self._labels[example]), warmup=i < self._schedule.num_warmup,
         )
-        start = self._clock()
+        start = self._clock.now()
         try:
             reply = await self._call(request_id, self._inputs[example], self._deadline_s)
         except QueryFailed as exc:
@@ -153,7 +154,7 @@ class OpenLoopSender:
         finally:
             # Runs on cancellation too (status stays CANCELLED); the
             # CancelledError itself propagates.
-            record.latency_ms = (self._clock() - start) * 1e3
+            record.latency_ms = (self._clock.now() - start) * 1e3
             self._records[i] = record
             self.counters.completed += 1
             if record.status != "OK":

@@ -14,7 +14,6 @@ tables of a run written with ``--out RUN_DIR`` and, given the frontend's
 ``--records-dir``, its encoding and decoding tables (microseconds).
 """
 
-import argparse
 import csv
 import json
 import math
@@ -25,6 +24,7 @@ from collections import Counter
 import numpy as np
 
 from loadgen.records import CSV_NAME, SOURCES, read_csv
+from services.common import cli
 
 SUMMARY_NAME = "summary.json"
 ROW_KEYS = ("num", "med", "mean", "p99", "p995", "p999")
@@ -94,7 +94,8 @@ def summarize(records, meta=None):
     Returns:
         dict with ``overall`` (a latency row of answered measured queries, in
         ms, plus ``accuracy``), ``by_source`` (one such row per source in
-        ``SOURCES``), ``errors`` (status name -> count), ``send_lag_ms`` (a
+        ``SOURCES``), ``shares`` (source -> fraction of the answered queries
+        it served, None when none was answered), ``errors`` (status name -> count), ``send_lag_ms`` (a
         row over every measured query that was sent), counts and ``meta``.
     """
     records = list(records)
@@ -113,6 +114,9 @@ def summarize(records, meta=None):
         group = [r for r in ok if r.source == source]
         by_source[source] = {**latency_row([r.latency_ms for r in group]), "accuracy": _accuracy(group)}
     errors = Counter(r.status for r in measured if not r.ok)
+    # What share of the answered queries each source served: with the top-1 of
+    # the whole, the cost of a redundancy scheme in accuracy (issue 14).
+    shares = {source: (row["num"] / len(ok) if ok else None) for source, row in by_source.items()}
     return {
         "units": "ms",
         "percentile_method": "numpy linear (type 7)",
@@ -121,6 +125,7 @@ def summarize(records, meta=None):
         "num_warmup": len(records) - len(measured),
         "overall": overall,
         "by_source": by_source,
+        "shares": shares,
         "errors": dict(sorted(errors.items())),
         "send_lag_ms": latency_row([r.send_lag_ms for r in measured]),
         "meta": dict(meta or {}),
@@ -141,6 +146,11 @@ def format_report(summary):
         rows.append((source, *(_fmt(row[k]) for k in ROW_KEYS), _fmt_acc(row.get("accuracy"))))
     widths = [max(len(r[i]) for r in rows) + 2 for i in range(len(head))]
     lines += ["".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    shares = summary.get("shares") or {}
+    served = [f"{source} {share * 100:.1f} %" for source, share in shares.items()
+              if share is not None and source not in ("unspecified", "default")]
+    if served:
+        lines.append("served by: " + ", ".join(served) + "  (share of answered queries)")
     lines.append("")
     if summary["errors"]:
         lines.append("ERRORS (by status code)")
@@ -229,7 +239,8 @@ def load_frontend_records(path):
         ``latency_us``, ``status`` ("OK" when absent), ``source`` (lower
         case), ``batch_id``, ``group_id``. Group: ``group_id``,
         ``encode_us`` and ``decode_us`` (None when absent, e.g. a group that
-        needed no decoding), ``missing`` (the reconstructed member or None).
+        needed no decoding), ``missing`` (the reconstructed member or None),
+        ``full`` (False for a group sealed partial, None when not recorded).
     """
     path = pathlib.Path(path)
     files = sorted(p for p in path.iterdir() if p.suffix in (".jsonl", ".json", ".csv")) \
@@ -244,11 +255,15 @@ def load_frontend_records(path):
             dec = _duration_us(row, ("decode", "decoding"))
             if kind == "group" or (kind is None and (enc is not None or dec is not None)):
                 missing = row.get("missing_index", row.get("missing", row.get("missing_member")))
+                full = row.get("full")
+                if isinstance(full, str):
+                    full = {"true": True, "false": False}.get(full.strip().lower())
                 groups.append({
                     "group_id": row.get("group_id"),
                     "encode_us": enc,
                     "decode_us": dec,
                     "missing": None if missing in ("", None) else missing,
+                    "full": full,
                 })
                 continue
             if kind not in (None, "query"):
@@ -266,14 +281,25 @@ def load_frontend_records(path):
     return queries, groups
 
 
+def partial_groups(groups):
+    """``{num, sealed_partial, share}`` of coding groups: how many were sealed with
+    fewer than k batches (no parity, so unprotected); None values without groups."""
+    known = [g for g in groups if g.get("full") is not None]
+    partial = sum(1 for g in known if g["full"] is False)
+    return {"num": len(known), "sealed_partial": partial,
+            "share": partial / len(known) if known else None}
+
+
 def frontend_summary(queries, groups):
     """Latency rows of the frontend's records: ``frontend_latency_ms``
     (answered queries), ``encoding_latency_us`` (groups with an encoding
-    duration), ``decoding_latency_us`` (groups that were decoded)."""
+    duration), ``decoding_latency_us`` (groups that were decoded); and
+    ``groups`` (``partial_groups``)."""
     return {
         "frontend_latency_ms": latency_row([q["latency_us"] / 1e3 for q in queries if q["status"] == "OK"]),
         "encoding_latency_us": latency_row([g["encode_us"] for g in groups if g["encode_us"] is not None]),
         "decoding_latency_us": latency_row([g["decode_us"] for g in groups if g["decode_us"] is not None]),
+        "groups": partial_groups(groups),
     }
 
 
@@ -286,18 +312,19 @@ def frontend_tables(queries, groups):
     """Text of the frontend's latency (ms) and coding (us) tables, from
     ``frontend_summary``; empty tables are left out."""
     rows = frontend_summary(queries, groups)
-    return "\n\n".join(format_table(title, rows[key]) for key, title in _FRONTEND_TITLES
-                        if rows[key]["num"])
+    parts = [format_table(title, rows[key]) for key, title in _FRONTEND_TITLES if rows[key]["num"]]
+    g = rows["groups"]
+    if g["num"]:
+        parts.append(f"GROUPS SEALED PARTIAL (fewer than k batches: no parity, unprotected): "
+                     f"{g['sealed_partial']} of {g['num']} ({g['share'] * 100:.1f} %)")
+    return "\n\n".join(parts)
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
+PROG = "python -m loadgen.stats"
 
 
-def main(argv=None):
-    parser = _Parser(prog="python -m loadgen.stats",
-                     description="Print the tables of a load-generator run.")
+def _main(argv):
+    parser = cli.ArgumentParser(prog=PROG, description="Print the tables of a load-generator run.")
     parser.add_argument("run_dir", help=f"a directory written by --out (holds {CSV_NAME})")
     parser.add_argument("--frontend-records", default=None,
                         help="the frontend's --records-dir (adds encoding/decoding tables)")
@@ -310,8 +337,7 @@ def main(argv=None):
     try:
         records = read_csv(csv_path)
     except (OSError, KeyError, ValueError) as exc:
-        print(f"loadgen.stats: error: cannot read records from {csv_path}: {exc}", file=sys.stderr)
-        return 1
+        raise cli.Failure(f"cannot read records from {csv_path}: {exc}") from None
     meta = {}
     summary_path = csv_path.parent / SUMMARY_NAME
     if summary_path.exists():
@@ -325,9 +351,7 @@ def main(argv=None):
         try:
             queries, groups = load_frontend_records(args.frontend_records)
         except (OSError, ValueError) as exc:
-            print(f"loadgen.stats: error: cannot read frontend records {args.frontend_records}: {exc}",
-                  file=sys.stderr)
-            return 1
+            raise cli.Failure(f"cannot read frontend records {args.frontend_records}: {exc}") from None
         summary["frontend"] = frontend_summary(queries, groups)
         text = frontend_tables(queries, groups)
     if args.write_summary:
@@ -337,6 +361,10 @@ def main(argv=None):
         print()
         print(text)
     return 0
+
+
+def main(argv=None):
+    return cli.run_main(_main, argv, prog=PROG)
 
 
 if __name__ == "__main__":

@@ -224,8 +224,12 @@ def source_archive(out_dir):
 
 def ensure_tls(clients, bucket, experiment_id):
     """The deployment's CA and node key under ``EXP/tls/`` (made once, kept for reused nodes) -> changes."""
-    from deploy.certs import make_certs
-    from deploy.remote.agent import TLS_SERVER_NAME
+    try:
+        from deploy.certs import make_certs
+        from deploy.remote.agent import TLS_SERVER_NAME
+    except ImportError as exc:  # the deploy extra without cryptography
+        raise AwsError(f"making the deployment's CA needs {exc.name or 'cryptography'}: "
+                       f"pip install cryptography (part of the deploy extra)") from None
 
     prefix = storage.key(experiment_id, storage.TLS_PREFIX)
     have = {k.rsplit("/", 1)[-1] for k in storage.list_keys(clients, bucket, prefix + "/")}

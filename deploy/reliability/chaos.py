@@ -36,7 +36,6 @@ import abc
 import argparse
 import asyncio
 import collections
-import contextlib
 import json
 import logging
 import pathlib
@@ -45,9 +44,13 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 
+import grpc
 import numpy as np
 
-from deploy.reliability.rig import frontend_status, run_spec, secret_env, set_hang, start_rig
+from deploy.reliability.rig import (add_rig_arguments, frontend_status, missing_models, rig_errors, run_spec,
+                                    secret_env, set_hang, start_rig)
+from services.common import cli
+from services.common.polls import PollTimeout, poll_until
 from services.common.registry import PASSWORD_ENV, split_password
 
 log = logging.getLogger(__name__)
@@ -58,18 +61,6 @@ RECOVERY_S = 1.0
 
 
 # --- faults -------------------------------------------------------------------
-
-
-async def _wait_for(predicate, timeout_s, period_s=0.2):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if await predicate():
-                return True
-        except Exception:  # noqa: BLE001 - not yet
-            pass
-        await asyncio.sleep(period_s)
-    return False
 
 
 class Fault(abc.ABC):
@@ -153,9 +144,12 @@ class RegistryOutage(Fault):
 
         async def joined():
             st = await frontend_status(dep.frontend_address)
-            return any(i.instance_id == "data-joined" and i.healthy for i in st.instances)
+            return True if any(i.instance_id == "data-joined" and i.healthy for i in st.instances) else None
 
-        ok = await _wait_for(joined, 15.0)
+        try:
+            ok = await poll_until(joined, 15.0, what="the joined instance")
+        except PollTimeout:
+            ok = False
         self.notes.append(f"join after restart seen: {'yes' if ok else 'NO'} ({before} -> {before + 1})")
         self.joined_seen = ok
         log.info("registry %s restarted", redact_url(dep.registry_url))
@@ -246,8 +240,7 @@ async def run_scenario(name, rig, args):
     finally:
         if not load.done():
             load.cancel()
-            with contextlib.suppress(BaseException):
-                await load
+            await asyncio.wait({load})  # cancelled: nothing to retrieve
     await fault.after()
     # serving must be back within RECOVERY_S of the heal, and stay back
     after_from = max(healed_at + RECOVERY_S, total_s - args.after_s / 2)
@@ -258,8 +251,11 @@ async def run_scenario(name, rig, args):
     out.notes = fault.notes + out.notes
     if getattr(fault, "joined_seen", True) is False:
         out.resumed = False
-    with contextlib.suppress(Exception):
+    try:
         st = await frontend_status(rig.dep.frontend_address)
+    except grpc.aio.AioRpcError as exc:  # the table still shows the rest
+        out.notes.append(f"no counters: {exc.code().name}")
+    else:
         out.counters = {k: int(v) for k, v in st.counters.items()
                         if k in ("reconstructions", "redispatches", "encode_errors", "decode_errors", "coder_fallbacks",
                                  "encodes", "decodes",
@@ -287,20 +283,25 @@ def _explain(name, out):
     return notes
 
 
-def run_scenarios(artifacts, names, args, work_dir):
+async def run_plan(artifacts, plan):
+    """Runs ``plan``, a list of ``(name, args, work_dir)``, one fresh rig per scenario."""
     outcomes = []
-    for name in names:
+    for name, args, work_dir in plan:
         spec = run_spec(num_models=args.num_models, k=args.k, compute_ms=args.compute_ms,
                         deadline_s=args.deadline_s)
-        sub = pathlib.Path(work_dir) / name
-        rig = start_rig(artifacts, spec, sub, with_coder=(name == "coder"))
+        rig = await asyncio.to_thread(start_rig, artifacts, spec, work_dir, with_coder=(name == "coder"))
         try:
-            out = asyncio.run(run_scenario(name, rig, args))
+            out = await run_scenario(name, rig, args)
         finally:
-            rig.stop()
+            await asyncio.to_thread(rig.stop)
         outcomes.append(out)
         print(format_row(out), flush=True)
     return outcomes
+
+
+def run_scenarios(artifacts, names, args, work_dir):
+    """Runs the scenarios ``names`` with the same ``args`` (work dirs under ``work_dir``)."""
+    return cli.run_async(run_plan(artifacts, [(name, args, pathlib.Path(work_dir) / name) for name in names]))
 
 
 # --- table ----------------------------------------------------------------------
@@ -325,27 +326,21 @@ def format_table(outcomes):
     return "\n".join(lines + (["notes:"] + notes if notes else []))
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
+PROG = "python -m deploy.reliability.chaos"
 
 
 def parse_args(argv):
-    p = _Parser(prog="python -m deploy.reliability.chaos", description=__doc__.split("\n\n")[0],
-                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--artifacts", default="artifacts", help="model artifacts (make models)")
+    """The flags; raises ``cli.UsageError`` (one line) on a mistake."""
+    p = cli.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    add_rig_arguments(p, num_models=2, compute_ms=5.0, deadline_s=5.0, out="results/chaos")
     p.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated subset of " + ", ".join(SCENARIOS))
-    p.add_argument("--num-models", type=int, default=2, help="data instances (parity: num_models / k)")
-    p.add_argument("--k", type=int, default=2, help="coding group size")
-    p.add_argument("--compute-ms", type=float, default=5.0, help="emulated compute per batch, ms")
+    p.add_argument("--k", type=int, default=2, help="coding group size (parity instances: num_models / k)")
     p.add_argument("--rate", type=float, default=30.0, help="queries/s")
-    p.add_argument("--deadline-s", type=float, default=5.0, help="per-query deadline, s")
     p.add_argument("--warmup-s", type=float, default=3.0, help="load before the fault, s")
     p.add_argument("--fault-s", type=float, default=6.0, help="fault length (registry: see --registry-outage-s), s")
     p.add_argument("--registry-outage-s", type=float, default=30.0, help="registry outage, s")
     p.add_argument("--after-s", type=float, default=6.0, help="load after healing, s")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="results/chaos", help="logs and chaos.json go here")
+    p.add_argument("--seed", type=int, default=0, help="seed of the load's arrivals")
     a = p.parse_args(argv)
     names = [n.strip() for n in a.scenarios.split(",") if n.strip()]
     bad = [n for n in names if n not in SCENARIOS]
@@ -360,21 +355,20 @@ def parse_args(argv):
     return a
 
 
-def main(argv=None):
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    if not pathlib.Path(args.artifacts, "index.json").exists():
-        print(f"deploy.reliability.chaos: error: no models in {args.artifacts}/; build them with `make models`",
-              file=sys.stderr)
-        return 1
+def _main(argv):
+    args = parse_args(argv)
+    cli.setup_logging("WARNING")
+    if missing_models(args.artifacts):
+        raise cli.Failure(missing_models(args.artifacts))
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     print(HEADER, flush=True)
-    outcomes = []
+    plan = []
     for name in args.scenarios:
         fault_s = args.registry_outage_s if name == "registry" else args.fault_s
-        a = argparse.Namespace(**{**vars(args), "fault_s": fault_s})
-        outcomes += run_scenarios(args.artifacts, [name], a, tempfile.mkdtemp(prefix=f"{name}-", dir=out))
+        plan.append((name, argparse.Namespace(**{**vars(args), "fault_s": fault_s}),
+                     tempfile.mkdtemp(prefix=f"{name}-", dir=out)))
+    outcomes = cli.run_async(run_plan(args.artifacts, plan))
     print()
     print(format_table(outcomes))
     (out / "chaos.json").write_text(json.dumps([{**asdict(o), "passed": o.passed} for o in outcomes], indent=2))
@@ -383,6 +377,10 @@ def main(argv=None):
         print(f"FAILED: {', '.join(failed)}", file=sys.stderr)
         return 1
     return 0
+
+
+def main(argv=None):
+    return cli.run_main(_main, argv, prog=PROG, runtime_errors=rig_errors())
 
 
 if __name__ == "__main__":

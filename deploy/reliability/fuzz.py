@@ -23,7 +23,6 @@ process must still be alive and answer a valid query. Prints the counts per
 kind and status.
 """
 
-import argparse
 import collections
 import json
 import pathlib
@@ -33,6 +32,9 @@ import time
 
 import grpc
 import numpy as np
+
+from deploy.reliability.rig import missing_models, rig_errors, run_spec, start_rig
+from services.common import cli
 
 ALLOWED = {"OK", "INVALID_ARGUMENT", "NOT_FOUND", "RESOURCE_EXHAUSTED"}
 PREDICT = "/parm.v1.Frontend/Predict"
@@ -235,21 +237,20 @@ def valid_query(target):
     return reply
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m deploy.reliability.fuzz", description="Fuzz Predict and ModelInfer.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+PROG = "python -m deploy.reliability.fuzz"
+
+
+def _main(argv):
+    p = cli.ArgumentParser(prog=PROG, description="Fuzz Predict and ModelInfer.")
     p.add_argument("--artifacts", default="artifacts", help="model artifacts (make models)")
     p.add_argument("--cases", type=int, default=10000, help="hypothesis cases in all")
     p.add_argument("--max-message-bytes", type=int, default=1 << 20, help="the frontend's message limit")
     p.add_argument("--out", default="results/fuzz", help="logs and fuzz.json go here")
     a = p.parse_args(argv)
     if a.cases < 10:
-        print("deploy.reliability.fuzz: error: --cases must be >= 10", file=sys.stderr)
-        return 2
-    if not pathlib.Path(a.artifacts, "index.json").exists():
-        print(f"deploy.reliability.fuzz: error: no models in {a.artifacts}/; build them with `make models`", file=sys.stderr)
-        return 1
-    from deploy.reliability.rig import run_spec, start_rig
+        raise cli.UsageError("--cases must be >= 10")
+    if missing_models(a.artifacts):
+        raise cli.Failure(missing_models(a.artifacts))
     from services.common import manifest as manifest_mod
 
     out = pathlib.Path(a.out)
@@ -270,8 +271,7 @@ def main(argv=None):
         alive = rig.dep.frontend.alive()
         rss = proc.memory_info().rss
     except FuzzFailure as exc:
-        print(f"FAILED: {exc}", file=sys.stderr)
-        return 1
+        raise cli.Failure(f"FAILED: {exc}") from None
     finally:
         target.close()
         rig.stop()
@@ -284,6 +284,10 @@ def main(argv=None):
                                                "counts": {f"{k}/{c}": n for (k, c), n in counts.items()}},
                                               indent=2))
     return 0 if alive else 1
+
+
+def main(argv=None):
+    return cli.run_main(_main, argv, prog=PROG, runtime_errors=rig_errors())
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ overload, every answered query came within its deadline, no query was lost,
 and the recovery phase is answered in full from its first second on.
 """
 
-import argparse
 import asyncio
 import collections
 import json
@@ -29,6 +28,9 @@ import time
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
+
+from deploy.reliability.rig import add_rig_arguments, missing_models, rig_errors, run_spec, start_rig
+from services.common import cli
 
 
 @dataclass
@@ -137,22 +139,20 @@ def format_table(phases, peak_rss, base_rss, deadline_s):
 
 
 def run(artifacts, *, num_models=1, compute_ms=20.0, deadline_s=1.0, max_in_system=None, factor=3.0,
-        base_fraction=0.8, base_s=5.0, overload_s=10.0, recovery_s=5.0, work_dir=None):
+        base_fraction=0.8, base_s=5.0, overload_s=10.0, recovery_s=5.0, work_dir):
     """Starts the deployment, runs the phases; returns (phases, peak_rss, base_rss, sustainable)."""
-    from deploy.reliability.rig import run_spec, start_rig
-
     sustainable = num_models * 1000.0 / compute_ms
     if max_in_system is None:
         max_in_system = max(1, int(sustainable * deadline_s / 2))
     rig = start_rig(artifacts, run_spec(mode="none", num_models=num_models, compute_ms=compute_ms,
                                         deadline_s=deadline_s),
-                    work_dir or tempfile.mkdtemp(prefix="overload-"),
+                    work_dir,
                     frontend_extra_args=["--max-in-system", str(max_in_system)])
     try:
         import psutil
 
         base_rss = psutil.Process(rig.dep.frontend.pid).memory_info().rss
-        phases, sampler = asyncio.run(run_phases(
+        phases, sampler = cli.run_async(run_phases(
             rig.dep.frontend_address, rig.dep.frontend.pid,
             [("base", sustainable * base_fraction, base_s), ("overload", sustainable * factor, overload_s),
              ("recovery", sustainable * base_fraction, recovery_s)], deadline_s))
@@ -161,26 +161,26 @@ def run(artifacts, *, num_models=1, compute_ms=20.0, deadline_s=1.0, max_in_syst
     return phases, sampler.peak, base_rss, sustainable, max_in_system
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m deploy.reliability.overload", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--artifacts", default="artifacts")
-    p.add_argument("--num-models", type=int, default=1)
-    p.add_argument("--compute-ms", type=float, default=20.0, help="emulated compute per query, ms")
-    p.add_argument("--deadline-s", type=float, default=1.0, help="per-query deadline, s")
+PROG = "python -m deploy.reliability.overload"
+
+
+def _main(argv):
+    p = cli.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    add_rig_arguments(p, num_models=1, compute_ms=20.0, deadline_s=1.0, out="results/overload")
     p.add_argument("--max-in-system", type=int, default=None,
                    help="frontend admission limit (default: sustainable rate x deadline / 2)")
     p.add_argument("--factor", type=float, default=3.0, help="overload = factor x sustainable rate")
     p.add_argument("--base-fraction", type=float, default=0.8, help="base/recovery rate / sustainable rate")
-    p.add_argument("--base-s", type=float, default=5.0)
-    p.add_argument("--overload-s", type=float, default=10.0)
-    p.add_argument("--recovery-s", type=float, default=5.0)
-    p.add_argument("--out", default="results/overload")
+    p.add_argument("--base-s", type=float, default=5.0, help="length of the base phase, s")
+    p.add_argument("--overload-s", type=float, default=10.0, help="length of the overload phase, s")
+    p.add_argument("--recovery-s", type=float, default=5.0, help="length of the recovery phase, s")
     a = p.parse_args(argv)
-    if not pathlib.Path(a.artifacts, "index.json").exists():
-        print(f"deploy.reliability.overload: error: no models in {a.artifacts}/; build them with `make models`",
-              file=sys.stderr)
-        return 1
+    for flag in ("num_models", "compute_ms", "deadline_s", "factor", "base_fraction", "base_s", "overload_s",
+                 "recovery_s"):
+        if not getattr(a, flag) > 0:
+            raise cli.UsageError(f"--{flag.replace('_', '-')} must be > 0")
+    if missing_models(a.artifacts):
+        raise cli.Failure(missing_models(a.artifacts))
     out = pathlib.Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     phases, peak, base, sustainable, limit = run(
@@ -196,6 +196,10 @@ def main(argv=None):
     for problem in problems:
         print(f"FAILED: {problem}", file=sys.stderr)
     return 1 if problems else 0
+
+
+def main(argv=None):
+    return cli.run_main(_main, argv, prog=PROG, runtime_errors=rig_errors())
 
 
 if __name__ == "__main__":

@@ -77,6 +77,31 @@ def start_rig(artifacts, spec, work_dir, *, with_coder=False, frontend_extra_arg
     return Rig(launcher, dep, models, work_dir / "logs", args, coder, tls)
 
 
+def add_rig_arguments(parser, *, num_models, compute_ms, deadline_s, out):
+    """The flags every benchmark's deployment takes, with that benchmark's defaults:
+    ``--artifacts``, ``--num-models``, ``--compute-ms``, ``--deadline-s``, ``--out``."""
+    parser.add_argument("--artifacts", default="artifacts", help="model artifacts (make models)")
+    parser.add_argument("--num-models", type=int, default=num_models, help="data instances")
+    parser.add_argument("--compute-ms", type=float, default=compute_ms, help="emulated compute per batch, ms")
+    parser.add_argument("--deadline-s", type=float, default=deadline_s, help="per-query deadline, s")
+    parser.add_argument("--out", default=out, help="logs and the JSON result go here")
+
+
+def rig_errors():
+    """The runtime failures of starting a rig (one line, exit 1 in the benchmarks' CLIs)."""
+    from deploy.runner.deployment import DeploymentError
+    from services.common.procs import ServiceStartError
+
+    return (OSError, DeploymentError, ServiceStartError)
+
+
+def missing_models(artifacts):
+    """A ``cli.Failure`` message when ``artifacts`` holds no models, else None."""
+    if not pathlib.Path(artifacts, "index.json").exists():
+        return f"no models in {artifacts}/; build them with `make models`"
+    return None
+
+
 def secret_env(rig):
     """The environment that passes the registry password to a restarted service, or None."""
     password = split_password(rig.dep.registry_url)[1]

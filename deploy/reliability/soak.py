@@ -18,7 +18,6 @@ tasks. After ``--warmup-s`` it checks:
 Prints a table per sample and a verdict; writes ``soak.json``.
 """
 
-import argparse
 import asyncio
 import json
 import pathlib
@@ -28,6 +27,9 @@ import time
 
 import psutil
 
+from deploy.reliability.rig import add_rig_arguments, frontend_status, missing_models, rig_errors, run_spec, start_rig
+from services.common import cli
+
 
 def _proc_sample(pid):
     p = psutil.Process(pid)
@@ -35,8 +37,6 @@ def _proc_sample(pid):
 
 
 async def _sample(rig):
-    from deploy.reliability.rig import frontend_status
-
     st = await frontend_status(rig.dep.frontend_address)
     procs = {"frontend": _proc_sample(rig.dep.frontend.pid)}
     for role, s in rig.dep.instances:
@@ -94,27 +94,23 @@ async def soak(rig, rate, duration_s, sample_s, deadline_s, on_sample):
     return samples, result.records
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m deploy.reliability.soak", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--artifacts", default="artifacts")
-    p.add_argument("--duration-s", type=float, default=1800.0)
+PROG = "python -m deploy.reliability.soak"
+
+
+def _main(argv):
+    p = cli.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    add_rig_arguments(p, num_models=2, compute_ms=5.0, deadline_s=5.0, out="results/soak")
+    p.add_argument("--duration-s", type=float, default=1800.0, help="length of the soak, s")
     p.add_argument("--warmup-s", type=float, default=60.0, help="samples before this are warm-up")
-    p.add_argument("--sample-s", type=float, default=10.0)
+    p.add_argument("--sample-s", type=float, default=10.0, help="sampling period, s")
     p.add_argument("--rate", type=float, default=40.0, help="queries/s")
-    p.add_argument("--num-models", type=int, default=2)
-    p.add_argument("--compute-ms", type=float, default=5.0)
-    p.add_argument("--deadline-s", type=float, default=5.0)
-    p.add_argument("--max-rss-growth", type=float, default=0.05)
-    p.add_argument("--out", default="results/soak")
+    p.add_argument("--max-rss-growth", type=float, default=0.05,
+                   help="largest accepted RSS growth after the warm-up, a fraction")
     a = p.parse_args(argv)
     if a.duration_s <= a.warmup_s + 2 * a.sample_s:
-        p.error("--duration-s must exceed --warmup-s by at least two samples")
-    if not pathlib.Path(a.artifacts, "index.json").exists():
-        print(f"deploy.reliability.soak: error: no models in {a.artifacts}/; build them with `make models`", file=sys.stderr)
-        return 1
-    from deploy.reliability.rig import run_spec, start_rig
-
+        raise cli.UsageError("--duration-s must exceed --warmup-s by at least two samples")
+    if missing_models(a.artifacts):
+        raise cli.Failure(missing_models(a.artifacts))
     out = pathlib.Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     rig = start_rig(a.artifacts, run_spec(num_models=a.num_models, compute_ms=a.compute_ms, deadline_s=a.deadline_s),
@@ -126,7 +122,7 @@ def main(argv=None):
               f"tasks {s['tasks']:>3}  {procs}", flush=True)
 
     try:
-        samples, records = asyncio.run(soak(rig, a.rate, a.duration_s, a.sample_s, a.deadline_s, show))
+        samples, records = cli.run_async(soak(rig, a.rate, a.duration_s, a.sample_s, a.deadline_s, show))
     finally:
         rig.stop()
     problems = verdict(samples, a.warmup_s, a.max_rss_growth)
@@ -139,6 +135,10 @@ def main(argv=None):
                                                "samples": [{"t_s": t, **s} for t, s in samples],
                                                "problems": problems}, indent=2))
     return 1 if problems else 0
+
+
+def main(argv=None):
+    return cli.run_main(_main, argv, prog=PROG, runtime_errors=rig_errors())
 
 
 if __name__ == "__main__":

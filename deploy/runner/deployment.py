@@ -21,7 +21,6 @@ import pathlib
 import secrets
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 
 from services.common import manifest as manifest_mod
@@ -246,26 +245,35 @@ def start_deployment(spec, launcher, placement, models, *, namespace, log_dir, r
 
 
 async def wait_healthy(frontend_address, expected, timeout_s, tls=None):
-    """Polls ``GetStatus`` until ``expected`` instances are healthy."""
+    """Polls ``GetStatus`` until ``expected`` instances are healthy.
+
+    Only "not up yet" is retried (``services.common.polls``); a TLS or
+    protocol mismatch fails at once with its real error.
+    """
+    import grpc
+
     from parm.v1 import frontend_pb2, frontend_pb2_grpc
+    from services.common.polls import PollTimeout, describe, poll_until
     from services.common.server import open_channel
 
-    deadline = time.monotonic() + timeout_s
-    seen = -1
+    seen = 0
     async with open_channel(frontend_address, tls=tls) as channel:
         stub = frontend_pb2_grpc.FrontendStub(channel)
-        while time.monotonic() < deadline:
-            try:
-                status = await stub.GetStatus(frontend_pb2.GetStatusRequest(), timeout=2.0)
-                seen = sum(1 for inst in status.instances if inst.healthy)
-                if seen >= expected:
-                    return status
-            except Exception:  # noqa: BLE001 - not up yet
-                pass
-            await asyncio.sleep(0.2)
-    raise DeploymentError(
-        f"frontend {frontend_address} saw {max(seen, 0)} of {expected} instances healthy after {timeout_s:.0f} s"
-    )
+
+        async def probe():
+            nonlocal seen
+            status = await stub.GetStatus(frontend_pb2.GetStatusRequest(), timeout=2.0)
+            seen = sum(1 for inst in status.instances if inst.healthy)
+            return status if seen >= expected else None
+
+        try:
+            return await poll_until(probe, timeout_s, what=f"frontend {frontend_address}")
+        except PollTimeout as exc:
+            last = f" (last answer {describe(exc.last_error)})" if exc.last_error is not None else ""
+            raise DeploymentError(f"frontend {frontend_address} saw {seen} of {expected} instances healthy "
+                                  f"after {timeout_s:.0f} s{last}") from None
+        except grpc.aio.AioRpcError as exc:
+            raise DeploymentError(f"frontend {frontend_address}: {describe(exc)}") from None
 
 
 def load_manifest(path):

@@ -5,12 +5,10 @@
 ready file and serves until SIGTERM.
 """
 
-import argparse
-import asyncio
-import sys
 from dataclasses import dataclass
 
 from parm.v1 import coder_pb2_grpc as pb_grpc
+from services.common import cli
 from services.common import tls as tls_mod
 from services.common.procs import write_ready_file
 from services.common.server import MAX_MESSAGE_BYTES, create_server, run_until_signal, setup_logging
@@ -31,41 +29,26 @@ class Config:
     tls: tls_mod.TlsConfig = tls_mod.PLAINTEXT
 
 
-class UsageError(ValueError):
-    """A command-line mistake (reported as one line, exit 2)."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise UsageError(message)
+PROG = "python -m services.coder"
 
 
 def parse_config(argv):
-    p = _Parser(prog="python -m services.coder", description="ParM encoder/decoder service.",
-                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    """``Config`` from the command line; raises ``UsageError`` (one line) on a mistake."""
+    p = cli.ArgumentParser(prog=PROG, description="ParM encoder/decoder service.")
     p.add_argument("--host", default="127.0.0.1", help="address to bind")
-    p.add_argument("--port", type=int, default=0, help="port to bind (0 = a free port)")
+    p.add_argument("--port", type=cli.PORT, default=0, help="port to bind (0 = a free port)")
     p.add_argument("--ready-file", default=None, help="write {port, pid} JSON here once serving")
     p.add_argument("--kernels", choices=("native", "reference"), default="native",
                    help="coding_ext (Cython) or coding_ext.reference (numpy)")
-    p.add_argument("--executor-workers", type=int, default=1, help="kernel threads")
-    p.add_argument("--max-message-bytes", type=int, default=MAX_MESSAGE_BYTES, help="gRPC message limit, bytes")
-    p.add_argument("--grace-s", type=float, default=2.0, help="graceful shutdown grace period, s")
+    p.add_argument("--executor-workers", type=cli.number(int, at_least=1), default=1, help="kernel threads")
+    p.add_argument("--max-message-bytes", type=cli.number(int, at_least=1024), default=MAX_MESSAGE_BYTES,
+                   help="gRPC message limit, bytes")
+    p.add_argument("--grace-s", type=cli.number(at_least=0), default=2.0, help="graceful shutdown grace period, s")
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ...")
     tls_mod.add_arguments(p)
     a = p.parse_args(argv)
-    if not 0 <= a.port < 65536:
-        raise UsageError(f"--port {a.port} out of range")
-    if a.executor_workers < 1:
-        raise UsageError("--executor-workers must be >= 1")
-    if a.max_message_bytes < 1024:
-        raise UsageError("--max-message-bytes must be >= 1024")
-    try:
-        tls = tls_mod.from_args(a)
-    except tls_mod.TlsError as exc:
-        raise UsageError(str(exc)) from None
     return Config(a.host, a.port, a.ready_file, a.kernels, a.executor_workers, a.max_message_bytes,
-                  a.grace_s, a.log_level, tls)
+                  a.grace_s, a.log_level, tls_mod.from_args(a))
 
 
 class CoderApp:
@@ -89,8 +72,8 @@ class CoderApp:
 
     async def run(self):
         await self.start()
-        print(f"coder on {self.cfg.host}:{self.port} kernels={self.core.kernels.__name__}", flush=True)
-        write_ready_file(self.cfg.ready_file, self.port, kernels=self.core.kernels.__name__)
+        print(f"coder on {self.cfg.host}:{self.port} kernels={self.core.kernels.module}", flush=True)
+        write_ready_file(self.cfg.ready_file, self.port, kernels=self.core.kernels.module)
         await run_until_signal(self.built, grace_s=self.cfg.grace_s, on_shutdown=self.shutdown)
 
 
@@ -102,16 +85,11 @@ async def serve(cfg):
     await build_server(cfg).run()
 
 
-def main(argv=None):
-    try:
-        cfg = parse_config(sys.argv[1:] if argv is None else argv)
-    except UsageError as exc:
-        print(f"coder: error: {exc}", file=sys.stderr)
-        return 2
+def _main(argv):
+    cfg = parse_config(argv)
     setup_logging(cfg.log_level)
-    try:
-        asyncio.run(serve(cfg))
-    except (ImportError, OSError) as exc:
-        print(f"coder: error: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    cli.run_async(serve(cfg))
+
+
+def main(argv=None):
+    return cli.run_main(_main, argv, prog=PROG, runtime_errors=(ImportError, OSError))

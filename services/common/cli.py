@@ -33,8 +33,8 @@ import logging
 import os
 import sys
 
-__all__ = ["ArgumentParser", "Failure", "HelpFormatter", "UsageError", "run_async", "run_main",
-           "setup_logging"]
+__all__ = ["PORT", "ArgumentParser", "Failure", "HelpFormatter", "UsageError", "number", "run_async",
+           "run_main", "setup_logging"]
 
 
 class UsageError(ValueError):
@@ -65,6 +65,36 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message):
         raise UsageError(message)
+
+
+def number(kind=float, *, at_least=None, above=None, at_most=None):
+    """An argparse ``type=``: a ``kind`` (int or float) within bounds.
+
+    A mistake reads ``argument --flag: must be >= 1, got 0`` (or ``not an
+    integer: 'x'``), one line through ``ArgumentParser``.
+    """
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"not {'an integer' if kind is int else 'a number'}: {text!r}") from None
+        if value != value:  # NaN
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}")
+        if at_least is not None and value < at_least:
+            raise argparse.ArgumentTypeError(f"must be >= {at_least}, got {text}")
+        if above is not None and not value > above:
+            raise argparse.ArgumentTypeError(f"must be > {above}, got {text}")
+        if at_most is not None and value > at_most:
+            raise argparse.ArgumentTypeError(f"must be <= {at_most}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its own messages
+    return parse
+
+
+#: A TCP port flag (0 = a free port).
+PORT = number(int, at_least=0, at_most=65535)
 
 
 def setup_logging(level="INFO"):

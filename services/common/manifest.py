@@ -29,7 +29,6 @@ is the encoder applied to raw examples.
 """
 
 import json
-import math
 import pathlib
 from dataclasses import asdict, dataclass, field
 
@@ -78,10 +77,6 @@ class Manifest:
     @property
     def onnx_path(self):
         return str(pathlib.Path(self.directory) / self.onnx_file)
-
-    @property
-    def input_size(self):
-        return math.prod(self.input_shape)
 
     def to_json(self):
         data = asdict(self)

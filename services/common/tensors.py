@@ -19,6 +19,7 @@ _TO_NUMPY = {
     DataType.INT64: np.dtype("<i8"),
 }
 _FROM_NUMPY = {dtype: code for code, dtype in _TO_NUMPY.items()}
+_MAX_BYTES = np.iinfo(np.intp).max
 _BY_NAME = {"float32": DataType.FLOAT32, "float16": DataType.FLOAT16,
             "uint8": DataType.UINT8, "int64": DataType.INT64}
 
@@ -40,11 +41,6 @@ def dtype_code(dtype):
         return _FROM_NUMPY[dtype]
     except KeyError:
         raise InvalidInput(f"unsupported tensor dtype {dtype}") from None
-
-
-def dtype_name(code):
-    """"float32" etc. for a ``DataType`` value."""
-    return numpy_dtype(code).name
 
 
 def _code_name(code):
@@ -80,8 +76,9 @@ def from_proto(tensor, what="tensor"):
     """Parses a ``Tensor`` into a read-only ndarray view of its bytes.
 
     Raises:
-        InvalidInput: unknown dtype, negative dimension, or a byte length that
-            does not match shape x itemsize. ``what`` names the field.
+        InvalidInput: unknown dtype, negative dimension, a shape no array can
+            have (even with zero elements), or a byte length that does not
+            match shape x itemsize. ``what`` names the field.
     """
     dtype = numpy_dtype(tensor.dtype) if tensor.dtype else None
     if dtype is None:
@@ -90,8 +87,12 @@ def from_proto(tensor, what="tensor"):
     if any(d < 0 for d in shape):
         raise InvalidInput(f"{what}: negative dimension in shape {list(shape)}")
     count = 1
+    nonzero = 1     # what numpy needs addressable even when a zero dimension empties the array
     for d in shape:
         count *= d
+        nonzero *= d or 1
+    if nonzero * dtype.itemsize > _MAX_BYTES:
+        raise InvalidInput(f"{what}: shape {list(shape)} is too large")
     expected = count * dtype.itemsize
     if len(tensor.data) != expected:
         raise InvalidInput(

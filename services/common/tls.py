@@ -26,9 +26,11 @@ Flags (``add_arguments``)::
 import pathlib
 from dataclasses import dataclass
 
+from services.common.cli import UsageError
 
-class TlsError(ValueError):
-    """Bad TLS flags or unreadable certificate files (one line)."""
+
+class TlsError(UsageError):
+    """Bad TLS flags or unreadable certificate files: a usage mistake (one line, exit 2)."""
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ from services.frontend.instances import GrpcInstanceClient
 from services.frontend.kserve import InferenceServicer
 from services.frontend.observe import Fanout, Metrics, Records
 from services.frontend.queues import make_queue_policy
-from services.frontend.redundancy import make_redundancy_policy
+from services.frontend.redundancy import Lateness, make_policy, policy_class
 from services.frontend.servicer import FrontendServicer
 from services.frontend.sources import RegistrySource, StaticSource
 
@@ -59,20 +59,24 @@ class FrontendApp:
                           if cfg.coder else local)
         self.metrics = Metrics()
         self.records = Records(cfg.records_dir, self.clock) if cfg.records_dir else None
+        lateness = Lateness(cfg.decode_policy, quantile=cfg.late_quantile,
+                            initial_s=cfg.late_initial_ms / 1e3, window=cfg.late_window,
+                            min_samples=min(20, cfg.late_window), margin_s=cfg.late_deadline_margin_ms / 1e3)
+        policy = make_policy(cfg.mode, k=cfg.k, coder=self.coder,
+                             hedge_delay_s=None if cfg.hedge_delay_ms is None else cfg.hedge_delay_ms / 1e3,
+                             hedge_initial_delay_s=cfg.hedge_initial_delay_ms / 1e3, lateness=lateness)
         self.engine = Engine(
-            base=self.base, mode=cfg.mode, queue=make_queue_policy(cfg.queue_mode), clock=self.clock,
-            client_factory=client_factory or GrpcInstanceClient, coder=self.coder, k=cfg.k,
+            base=self.base, policy=policy, queue=make_queue_policy(cfg.queue_mode), clock=self.clock,
+            client_factory=client_factory or GrpcInstanceClient,
             batch_size=cfg.batch_size, batch_timeout_s=cfg.batch_timeout_ms / 1e3,
             group_timeout_s=cfg.group_timeout_ms / 1e3, instance_timeout_s=cfg.instance_timeout_ms / 1e3,
             query_timeout_s=cfg.query_timeout_ms / 1e3, max_in_system=cfg.max_in_system,
             max_in_flight=cfg.max_in_flight, max_coalesce=cfg.max_coalesce, max_attempts=cfg.max_attempts,
-            hedge_delay_s=None if cfg.hedge_delay_ms is None else cfg.hedge_delay_ms / 1e3,
-            hedge_initial_delay_s=cfg.hedge_initial_delay_ms / 1e3,
             parity_output_shape=self.parity.output_shape if self.parity else None,
             backup_output_shape=self.backup.output_shape if self.backup else None,
             observer=Fanout(self.metrics, self.records))
         self.metrics.attach(self.engine)
-        roles = make_redundancy_policy(cfg.mode, self.engine).roles
+        roles = policy_class(cfg.mode).roles
         if source is not None:
             self.source = source
         elif cfg.registry_url:
@@ -111,7 +115,12 @@ class FrontendApp:
         for name, value in e.counters.items():
             reply.counters[name] = value
         reply.counters["in_system"] = e.in_system
-        # leak watch (deploy.soak): unfinished coding groups and live asyncio tasks
+        # policy gauges in seconds (hedge delay, lateness threshold) as integer microseconds
+        for name, value in e.policy.gauges().items():
+            reply.counters[name[:-2] + "_us" if name.endswith("_s") else name] = max(0, round(value * 1e6))
+        if cfg.mode in ("coded", "cheap"):
+            reply.counters["decode_policy_late"] = int(cfg.decode_policy == "late")
+        # leak watch (deploy.reliability.soak): unfinished coding groups and live asyncio tasks
         reply.counters["open_groups"] = len(e.groups)
         reply.counters["asyncio_tasks"] = len(asyncio.all_tasks())
         if isinstance(self.coder, RemoteCoder):

@@ -8,7 +8,7 @@ from services.common import manifest as manifest_mod
 from services.common import tls as tls_mod
 from services.common.registry import url_with_env_password
 from services.common.server import MAX_MESSAGE_BYTES
-from services.frontend.engine import MODES
+from services.frontend.redundancy import DECODE_POLICIES, MODES
 from services.frontend.instances import parse_static_instances
 
 
@@ -59,6 +59,11 @@ class Config:
     max_message_bytes: int = MAX_MESSAGE_BYTES
     coder_fallback: str = "local"
     tls: tls_mod.TlsConfig = tls_mod.PLAINTEXT
+    decode_policy: str = "late"
+    late_quantile: float = 0.95
+    late_initial_ms: float = 50.0
+    late_window: int = 1000
+    late_deadline_margin_ms: float = 2.0
 
 
 def build_parser():
@@ -106,6 +111,20 @@ def build_parser():
                    help="hedged mode: delay before the second copy (default: recent p95 of instance latency)")
     p.add_argument("--hedge-initial-delay-ms", type=float, default=50.0,
                    help="hedged mode: delay used until enough latencies are known, ms")
+    p.add_argument("--decode-policy", choices=DECODE_POLICIES, default="late",
+                   help="coded and cheap mode: when a reconstruction (or backup answer) may answer for a "
+                        "data batch: at once (immediate, the paper's rule), or only once the batch is late "
+                        "(late: formed longer ago than --late-quantile of recent data-batch latencies; "
+                        "an original arriving first answers instead)")
+    p.add_argument("--late-quantile", type=float, default=0.95,
+                   help="late policy: the quantile of recent formed-to-answered data-batch latencies "
+                        "that makes a batch late, in (0, 1]")
+    p.add_argument("--late-initial-ms", type=float, default=50.0,
+                   help="late policy: the lateness threshold until 20 latencies are known, ms")
+    p.add_argument("--late-window", type=int, default=1000,
+                   help="late policy: how many recent data-batch latencies the quantile is taken over")
+    p.add_argument("--late-deadline-margin-ms", type=float, default=2.0,
+                   help="late policy: a held reconstruction answers this long before a query's deadline, ms")
     p.add_argument("--host", default="0.0.0.0", help="address to bind")
     p.add_argument("--port", type=int, default=0, help="gRPC port (0 = a free port)")
     p.add_argument("--ready-file", default=None, help="write {port, pid, metrics_port} JSON here once serving")
@@ -118,6 +137,45 @@ def build_parser():
                         "(larger messages: RESOURCE_EXHAUSTED)")
     tls_mod.add_arguments(p)
     return p
+
+
+def check_models(mode, base, parity, backup, encoder, k):
+    """Refuses a deployment whose models do not fit together; ConfigError naming the mismatch.
+
+    A parity model must have been trained for this base model, with this
+    encoder (a parity model trained for ``sum`` fed ``concat`` parities serves
+    wrong reconstructions without any error), and give outputs of the base
+    model's shape (the decoder subtracts them). A backup model answers in the
+    base model's place, so its output shape must match too. In coded mode the
+    ``concat`` encoder needs per-example inputs (C, H, W) it can tile: k = 2
+    halves the width (W even), k = 4 both sides (H and W even).
+    """
+    if parity is not None:
+        if parity.base_model and parity.base_model != base.name:
+            raise ConfigError(f"--parity-model {parity.name!r} was trained for base model "
+                              f"{parity.base_model!r}, not {base.name!r}")
+        if tuple(parity.output_shape) != tuple(base.output_shape):
+            raise ConfigError(f"--parity-model {parity.name!r} outputs shape {list(parity.output_shape)}, "
+                              f"but the base model {base.name!r} outputs {list(base.output_shape)}")
+        if parity.encoder and encoder != parity.encoder:
+            raise ConfigError(f"--encoder {encoder} differs from the encoder the parity model "
+                              f"{parity.name!r} was trained with ({parity.encoder})")
+    if backup is not None and tuple(backup.output_shape) != tuple(base.output_shape):
+        raise ConfigError(f"--backup-model {backup.name!r} outputs shape {list(backup.output_shape)}, "
+                          f"but the base model {base.name!r} outputs {list(base.output_shape)}")
+    if encoder == "concat":
+        if k not in (2, 4):
+            raise ConfigError(f"the concat encoder needs k in (2, 4), got {k}")
+        shape = tuple(base.input_shape)
+        if mode == "coded":
+            if len(shape) != 3:
+                raise ConfigError(f"the concat encoder needs per-example inputs (C, H, W); model "
+                                  f"{base.name!r} takes {list(shape)} (use --encoder sum)")
+            _, h, w = shape
+            if w % 2 or (k == 4 and h % 2):
+                need = "an even width" if k == 2 else "an even height and width"
+                raise ConfigError(f"the concat encoder with k={k} needs {need}; model {base.name!r} "
+                                  f"takes {list(shape)} (use --encoder sum)")
 
 
 def parse_config(argv):
@@ -135,8 +193,7 @@ def parse_config(argv):
     if parity is not None and parity.k != k:
         raise ConfigError(f"--k {k} differs from the parity model's k {parity.k}")
     encoder = a.encoder or (parity.encoder if parity else "sum")
-    if encoder == "concat" and k not in (2, 4):
-        raise ConfigError(f"the concat encoder needs k in (2, 4), got {k}")
+    check_models(a.mode, base, parity, backup, encoder, k)
     if a.max_coalesce > 1 and a.mode == "coded":
         raise ConfigError("--max-coalesce > 1 is not available in coded mode")
     for name in ("batch_size", "max_in_system", "max_in_flight", "max_coalesce", "max_attempts",
@@ -146,6 +203,12 @@ def parse_config(argv):
     for name in ("batch_timeout_ms", "group_timeout_ms", "instance_timeout_ms", "query_timeout_ms"):
         if getattr(a, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be > 0")
+    if not 0.0 < a.late_quantile <= 1.0:
+        raise ConfigError(f"--late-quantile must be in (0, 1], got {a.late_quantile}")
+    if a.late_window < 1:
+        raise ConfigError("--late-window must be >= 1")
+    if a.late_initial_ms < 0 or a.late_deadline_margin_ms < 0:
+        raise ConfigError("--late-initial-ms and --late-deadline-margin-ms must be >= 0")
     if a.max_message_bytes < 1024:
         raise ConfigError("--max-message-bytes must be >= 1024")
     try:
@@ -173,7 +236,9 @@ def parse_config(argv):
         hedge_delay_ms=a.hedge_delay_ms, hedge_initial_delay_ms=a.hedge_initial_delay_ms,
         host=a.host, port=a.port, ready_file=a.ready_file, metrics_port=a.metrics_port,
         records_dir=a.records_dir, grace_s=a.grace_s, log_level=a.log_level,
-        max_message_bytes=a.max_message_bytes, tls=tls, coder_fallback=a.coder_fallback)
+        max_message_bytes=a.max_message_bytes, tls=tls, coder_fallback=a.coder_fallback,
+        decode_policy=a.decode_policy, late_quantile=a.late_quantile, late_initial_ms=a.late_initial_ms,
+        late_window=a.late_window, late_deadline_margin_ms=a.late_deadline_margin_ms)
 
 
 def parse_or_exit(argv):

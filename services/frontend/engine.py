@@ -18,15 +18,28 @@ Concurrency model and invariants
   ``Call`` objects, each owning one slot of one instance). A batch may be both
   queued and in flight (a hedged copy, a re-dispatch after a timeout). A
   batch leaves a queue by being taken by an instance or by ``remove`` of
-  exactly that batch; never by range.
+  exactly that batch; never by range. A query that is done before its batch
+  forms leaves it; a batch with no live query is never formed.
+* What cancels what: a query's end (answer, deadline, abandon) calls
+  ``release`` on its batch, which unqueues every *related* batch (itself, its
+  twin, its group's members and parity: ``policy.related``) that the policy
+  no longer calls ``needed``. A batch taken from a queue that is not needed
+  is dropped, not dispatched; a batch that is not needed is not queued again
+  (retries, instances leaving). A call is never cancelled because its queries
+  ended: it runs to its reply or its timeout, so a late original can still be
+  recorded.
 * A call carries one batch, or with ``max_coalesce`` > 1 (not in coded mode)
   several batches of one role taken from the queue together by one free
   instance (dynamic batching under load); its reply is split back by rows in
   the order taken, and an error or timeout is an erasure of every batch in it.
 * A call ends exactly once (``Call.finished``): by its reply, its error, its
   timeout timer, or its instance leaving. The end releases the instance slot
-  and pumps the instance's queue. Every call has a timeout (the instance
-  timeout, capped by the latest client deadline among its queries).
+  and pumps the instance's queue. Every call has a timeout: the instance
+  timeout, capped (``Call.capped``) by the latest deadline its batches can
+  still serve (``policy.deadline_s``). Health: an error or the instance
+  timeout is the instance's fault (backoff; in ``rr`` its queue moves to the
+  live instances, oldest first); reaching the cap is the client's deadline,
+  which ends the queries and leaves the instance's health untouched.
 * Coding groups (coded mode): group g holds data batch ids g(k+1)..g(k+1)+k-1
   and parity id g(k+1)+k. A group is *sealed* when it has k data batches (then
   its parity batch is encoded and queued) or when its formation timer fires
@@ -34,11 +47,20 @@ Concurrency model and invariants
   and erasures are re-dispatched). When k of the k+1 batches have an original
   output and the missing one is data, the missing one is decoded at once and
   removed from its queue if still queued (only it). When all k data outputs are
-  in, a still-queued parity batch is removed. A group is *finished* when it is
-  sealed, every member and the parity are neither queued nor in flight, and
-  every query is done; then its record is written and it is dropped. A sweep
-  every ``gc_interval_s`` drops groups older than ``gc_horizon_s`` as
-  abandoned, so no group outlives its timeouts.
+  in, a still-queued parity batch is removed. A data batch with spent attempts
+  waits for its decode while the decode is still possible, else fails. A
+  group is *finished* when it is sealed, every member and the parity are
+  neither queued nor in flight, and every query is done; then its record is
+  written and it is dropped. Since nothing unneeded is dispatched and every
+  call is capped, a group outlives its last query by at most one instance
+  timeout. A sweep every ``gc_interval_s`` drops groups older than
+  ``gc_horizon_s`` as abandoned, as a backstop.
+* The policy boundary: the engine owns queries, batches, calls, instances and
+  the group table; the redundancy policy (injected, ``redundancy/``) decides
+  what a formed batch becomes and what a reply or an erasure means, and acts
+  only through the public ``PolicyHost`` methods (``redundancy/host.py``).
+  State only one policy needs (the hedge latency window, the forming group)
+  lives in that policy.
 * Nothing waits forever: a forming batch is flushed after ``batch_timeout_s``;
   a forming group is sealed after ``group_timeout_s``; a query without a
   client deadline gets ``query_timeout_s``; a failed call is retried at most
@@ -46,24 +68,18 @@ Concurrency model and invariants
 """
 
 import asyncio
-import collections
 import itertools
 import logging
-import time
 
 import numpy as np
 
-from parm.v1 import tensor_pb2
 from services.common import tensors
 from services.common.errors import DeadlineExceeded, InstanceFailed, InvalidInput, NoInstance, Overloaded
+from services.frontend.batcher import Batcher
 from services.frontend.instances import Instance, check_rows
-from services.frontend.redundancy import make_redundancy_policy
+from services.frontend.records import BACKUP, ORIGINAL, RECONSTRUCTED, Answer, Batch, Call, Query
 
 log = logging.getLogger(__name__)
-
-ORIGINAL, RECONSTRUCTED, BACKUP, DEFAULT = 1, 2, 3, 4
-SOURCE_NAMES = {ORIGINAL: "ORIGINAL", RECONSTRUCTED: "RECONSTRUCTED", BACKUP: "BACKUP", DEFAULT: "DEFAULT"}
-MODES = ("none", "equal", "coded", "cheap", "hedged")
 
 COUNTERS = (
     "admitted", "answered", "answered_original", "answered_reconstructed", "answered_backup",
@@ -72,173 +88,9 @@ COUNTERS = (
     "groups_finished", "groups_abandoned", "encodes", "encode_errors", "decodes", "decode_errors",
     "reconstructions", "redispatches", "hedges", "removed_from_queue", "calls", "call_errors",
     "call_timeouts", "late_originals", "instances_joined", "instances_left",
+    "call_deadline_expired", "expired_forming", "skipped_unneeded", "dropped", "awaiting_decode",
+    "held_for_lateness", "substitutes_discarded",
 )
-
-
-class Query:
-    """One client query (one example)."""
-
-    __slots__ = ("qid", "request_id", "input", "received_s", "received_wall_s", "deadline_s",
-                 "future", "done", "batch", "row", "source", "answered_s", "deadline_handle",
-                 "instance_id", "status")
-
-    def __init__(self, qid, request_id, array, received_s, deadline_s, future):
-        self.qid = qid
-        self.request_id = request_id
-        self.input = array
-        self.received_s = received_s
-        self.received_wall_s = time.time()
-        self.deadline_s = deadline_s
-        self.future = future
-        self.done = False
-        self.batch = None
-        self.row = 0
-        self.source = 0
-        self.answered_s = None
-        self.deadline_handle = None
-        self.instance_id = ""
-        self.status = ""
-
-
-class Answer:
-    """What a query's future resolves to."""
-
-    __slots__ = ("output", "source", "batch_id", "group_id", "latency_ms")
-
-    def __init__(self, output, source, batch_id, group_id, latency_ms):
-        self.output = output
-        self.source = source
-        self.batch_id = batch_id
-        self.group_id = group_id
-        self.latency_ms = latency_ms
-
-
-class Batch:
-    """A unit of dispatch: data, parity or backup rows for one instance call."""
-
-    __slots__ = ("batch_id", "group_id", "role", "queries", "inputs", "rows", "group", "index",
-                 "queue", "calls", "exclude", "attempts", "output", "created_s", "dispatched_s",
-                 "answered_s", "reconstruction", "reconstructed_s", "twin", "hedge_handle",
-                 "_payload", "closed", "encode_us")
-
-    def __init__(self, batch_id, role, queries, inputs, created_s):
-        self.batch_id = batch_id
-        self.group_id = batch_id
-        self.role = role
-        self.queries = queries
-        self.inputs = inputs
-        self.rows = len(queries)
-        self.group = None
-        self.index = 0
-        self.queue = None
-        self.calls = 0
-        self.exclude = set()
-        self.attempts = 0
-        self.output = None
-        self.created_s = created_s
-        self.dispatched_s = None
-        self.answered_s = None
-        self.reconstruction = None
-        self.reconstructed_s = None
-        self.twin = None
-        self.hedge_handle = None
-        self._payload = None
-        self.closed = False
-        self.encode_us = None
-
-    def payload(self):
-        """The ``Tensor`` proto of ``inputs``, serialised once (reused by retries)."""
-        p = self._payload
-        if p is None:
-            x = self.inputs
-            p = self._payload = tensor_pb2.Tensor(
-                dtype=tensors.dtype_code(x.dtype), shape=x.shape, data=x.tobytes())
-        return p
-
-    def needed(self):
-        """True while some query of the batch still waits for an answer."""
-        for q in self.queries:
-            if not q.done:
-                return True
-        return False
-
-
-class Coalesced:
-    """Several queued batches of one role sent as one instance call (rows concatenated)."""
-
-    __slots__ = ("batches", "inputs", "batch_id", "role", "_payload")
-
-    def __init__(self, batches):
-        self.batches = batches
-        self.inputs = np.concatenate([b.inputs for b in batches])
-        self.batch_id = batches[0].batch_id
-        self.role = batches[0].role
-        self._payload = None
-
-    payload = Batch.payload
-
-
-class Call:
-    """One outstanding instance call (one batch, or several coalesced); ends exactly once."""
-
-    __slots__ = ("batches", "unit", "instance", "started_s", "timer", "task", "finished")
-
-    def __init__(self, batches, instance, started_s):
-        self.batches = batches
-        self.unit = batches[0] if len(batches) == 1 else Coalesced(batches)
-        self.instance = instance
-        self.started_s = started_s
-        self.timer = None
-        self.task = None
-        self.finished = False
-
-
-class Group:
-    """A coding group: k data batches + one parity batch."""
-
-    __slots__ = ("group_id", "k", "members", "outputs", "n_outputs", "parity", "parity_output",
-                 "sealed", "coded", "formed_s", "timer", "missing", "encode_us", "decode_us",
-                 "late", "finished", "encoding", "decoding")
-
-    def __init__(self, group_id, k, formed_s):
-        self.group_id = group_id
-        self.k = k
-        self.members = []
-        self.outputs = [None] * k
-        self.n_outputs = 0
-        self.parity = None
-        self.parity_output = None
-        self.sealed = False
-        self.coded = False
-        self.formed_s = formed_s
-        self.timer = None
-        self.missing = None
-        self.encode_us = None
-        self.decode_us = None
-        self.late = None
-        self.finished = False
-        self.encoding = False
-        self.decoding = False
-
-
-class LatencyWindow:
-    """Recent call latencies; ``p95()`` recomputed every ``every`` samples."""
-
-    def __init__(self, size=1000, every=50, min_samples=20):
-        self._values = collections.deque(maxlen=size)
-        self._every = every
-        self._min = min_samples
-        self._count = 0
-        self._p95 = None
-
-    def add(self, value_s):
-        self._values.append(value_s)
-        self._count += 1
-        if self._count % self._every == 0 or (self._p95 is None and len(self._values) >= self._min):
-            self._p95 = float(np.percentile(np.fromiter(self._values, float), 95))
-
-    def p95(self):
-        return self._p95
 
 
 class NullObserver:
@@ -250,91 +102,46 @@ class NullObserver:
     def encoded(self, seconds): ...
     def decoded(self, seconds): ...
     def dispatched(self, batch, queue_s): ...
-
-
-class Batcher:
-    """Forms batches of ``batch_size`` queries, flushed after ``timeout_s``.
-
-    Algorithm: queries are appended to the forming list; the first one starts
-    a timer; the list is flushed (``on_batch(queries)``) when it is full or
-    the timer fires, whichever is first. ``batch_size == 1`` flushes at once
-    with no timer.
-    """
-
-    def __init__(self, batch_size, timeout_s, clock, on_batch):
-        self.batch_size = batch_size
-        self.timeout_s = timeout_s
-        self.clock = clock
-        self.on_batch = on_batch
-        self._forming = []
-        self._timer = None
-
-    def add(self, query):
-        if self.batch_size == 1:
-            self.on_batch([query])
-            return
-        forming = self._forming
-        forming.append(query)
-        if len(forming) == 1:
-            self._timer = self.clock.call_later(self.timeout_s, self._expire)
-        if len(forming) >= self.batch_size:
-            self.flush()
-
-    def _expire(self):
-        self._timer = None
-        self.flush()
-
-    def flush(self):
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        if self._forming:
-            queries, self._forming = self._forming, []
-            self.on_batch(queries)
-
-    def forming(self):
-        return len(self._forming)
+    def call_failed(self, call, exc, timeout, health): ...
 
 
 class Engine:
     """Admission, batching, dispatch and recovery for one deployment.
 
+    Implements ``redundancy.host.PolicyHost`` (the public methods a policy
+    may call); everything whose name starts with ``_`` is the engine's own.
+
     Args:
         base: ``Manifest`` of the deployed model (validation, output shape).
-        mode: redundancy mode, one of ``MODES``.
+        policy: the redundancy policy (``redundancy.make_policy``), built by
+            the caller; the engine attaches itself to it as its host.
         queue: a queue policy (``queues.SingleQueue`` / ``RoundRobinQueues``).
         clock: ``Clock``.
-        client_factory: ``address -> InstanceClient``.
-        coder: ``LocalCoder``/``RemoteCoder`` (coded mode).
-        k, batch_size: coding group size and batch size.
+        client_factory: ``address -> InstanceClient`` (a class with a
+            ``prepare(batch)`` classmethod serialises parity batches at encode time).
+        batch_size: queries per batch.
         *_s: timeouts in seconds (see the module docstring).
         max_in_system: admission bound (queries admitted and not yet done).
         max_in_flight: concurrent calls per instance.
         max_coalesce: queued batches an instance may take in one call (1 = off;
-            not in coded mode, where a group's batches must stay on separate calls).
+            refused by policies whose batches must stay apart, e.g. coded).
         max_attempts: calls per batch before its queries fail.
-        hedge_delay_s: fixed hedge delay, or None for the recent p95.
         observer: receives records and metric events.
     """
 
-    def __init__(self, *, base, mode="none", queue, clock, client_factory, coder=None,
-                 k=2, batch_size=1, batch_timeout_s=0.005, group_timeout_s=1.0,
+    def __init__(self, *, base, policy, queue, clock, client_factory,
+                 batch_size=1, batch_timeout_s=0.005, group_timeout_s=1.0,
                  instance_timeout_s=2.0, query_timeout_s=30.0, max_in_system=10000,
-                 max_in_flight=1, max_coalesce=1, max_attempts=3, hedge_delay_s=None, hedge_initial_delay_s=0.05,
+                 max_in_flight=1, max_coalesce=1, max_attempts=3,
                  parity_output_shape=None, backup_output_shape=None, observer=None,
                  gc_interval_s=1.0):
-        if mode not in MODES:
-            raise ValueError(f"unknown mode {mode!r} ({'|'.join(MODES)})")
-        if mode == "coded" and coder is None:
-            raise ValueError("coded mode needs a coder")
         self.base = base
-        self.mode = mode
-        self.k = int(k)
+        self.policy = policy
+        self.mode = policy.mode
         self.batch_size = int(batch_size)
         self.queue = queue
         self.clock = clock
         self.client_factory = client_factory
-        self.coder = coder
         self.batch_timeout_s = batch_timeout_s
         self.group_timeout_s = group_timeout_s
         self.instance_timeout_s = instance_timeout_s
@@ -342,12 +149,11 @@ class Engine:
         self.max_in_system = max_in_system
         self.max_in_flight = max_in_flight
         self.max_coalesce = max(1, int(max_coalesce))
-        if mode == "coded" and self.max_coalesce > 1:
-            raise ValueError("coalescing is not available in coded mode (a group's batches must stay apart)")
+        if not policy.coalescing and self.max_coalesce > 1:
+            raise ValueError(f"coalescing is not available in {policy.mode} mode "
+                             "(a group's batches must stay apart)")
         self.max_attempts = max_attempts
-        self.hedge_delay_s = hedge_delay_s
-        self.hedge_initial_delay_s = hedge_initial_delay_s
-        self.obs = observer or NullObserver()
+        self.observer = observer or NullObserver()
         self.input_shape = tuple(base.input_shape)
         self.input_dtype = np.dtype(base.input_dtype)
         self.output_shapes = {
@@ -361,9 +167,9 @@ class Engine:
         self.by_role = {"data": [], "parity": [], "backup": []}
         self._rotation = {"data": 0, "parity": 0, "backup": 0}
         self.groups = {}                            # group_id -> Group (unfinished)
-        self.latencies = LatencyWindow()
         self._qids = itertools.count()
         self._batch_ids = itertools.count()
+        self._seqs = itertools.count()             # formation order of data batches (age)
         self._tasks = set()
         self._gc_interval_s = gc_interval_s
         self.gc_horizon_s = (group_timeout_s + query_timeout_s
@@ -371,7 +177,8 @@ class Engine:
         self._gc_handle = None
         self._closed = False
         self.batcher = Batcher(self.batch_size, batch_timeout_s, clock, self._on_batch_formed)
-        self.policy = make_redundancy_policy(mode, self)
+        self._prepare = getattr(client_factory, "prepare", None)
+        policy.attach(self)
 
     # ------------------------------------------------------------ lifecycle
     def start(self):
@@ -407,7 +214,7 @@ class Engine:
         self.by_role[role].append(inst)
         if old is not None:     # after the new one is in, so the old one's erasures can go to it
             self._detach(old, "changed")
-            self._spawn(self._close_client(old))
+            self.spawn(self._close_client(old))
         self.counters["instances_joined"] += 1
         log.info("instance joined: %s %s %s", role, instance_id, address)
         self._pump(role)
@@ -428,12 +235,12 @@ class Engine:
         self.by_role[inst.role].remove(inst)
         self.counters["instances_left"] += 1
         log.info("instance left (%s): %s %s", reason, inst.role, instance_id)
+        # Its queue moves first (by age), then its calls are erased (retried at the front).
+        self._requeue(self.queue.drain_instance(inst))
         for call in list(inst.calls):
             if call.task is not None:
                 call.task.cancel()
             self._end_call_failed(call, InstanceFailed(f"instance {instance_id} {reason}"), timeout=False)
-        for batch in self.queue.drain_instance(inst):
-            self._enqueue(batch, front=True)
         if not self.by_role[inst.role]:
             self._role_gone(inst.role)
             return
@@ -455,12 +262,22 @@ class Engine:
             log.debug("closing client of %s", inst.instance_id, exc_info=True)
 
     def _role_gone(self, role):
-        """No instance of ``role`` is left: fail (data) or drop (others) its queued batches."""
+        """No instance of ``role`` is left: its queued batches are dropped (the policy decides
+        what that means: a data batch fails UNAVAILABLE, a parity batch leaves its group uncoded)."""
         for batch in self.queue.drain_role(role):
-            if role == "data":
-                self._fail_batch(batch, NoInstance("no data instance is available"))
-            else:
-                self._after_batch_event(batch)
+            self._drop(batch, NoInstance(f"no {role} instance is available"))
+
+    def _requeue(self, batches):
+        """Pushes ``batches`` (a drained queue, oldest first) again, oldest first, each into
+        its new queue by age (so they are not served after younger batches, nor reversed)."""
+        for batch in batches:
+            self.enqueue(batch, where="age")
+
+    def _drop(self, batch, exc):
+        """``batch`` cannot be queued (no instance of its role, or shutting down)."""
+        self.counters["dropped"] += 1
+        self.policy.on_dropped(batch, exc)
+        self._after_batch_event(batch)
 
     def has_role(self, role):
         return bool(self.by_role[role])
@@ -519,9 +336,9 @@ class Engine:
         if self._finish_query(query, "CANCELLED"):
             query.future.cancel()
             self.counters["abandoned"] += 1
-            self.obs.query_done(query, query.batch, query.batch.group_id if query.batch else 0)
+            self.observer.query_done(query, query.batch, query.batch.group_id if query.batch else 0)
             if query.batch is not None:
-                self._release_if_unneeded(query.batch)
+                self.release(query.batch)
 
     def _deadline(self, query):
         query.deadline_handle = None
@@ -531,7 +348,7 @@ class Engine:
         self._fail_query(query, DeadlineExceeded("deadline exceeded before an answer arrived"),
                          "DEADLINE_EXCEEDED")
         if query.batch is not None:
-            self._release_if_unneeded(query.batch)
+            self.release(query.batch)
 
     # ------------------------------------------------------------ queries
     def _finish_query(self, q, status):
@@ -547,10 +364,11 @@ class Engine:
             q.deadline_handle = None
         return True
 
-    def _answer(self, q, output, source, batch, instance_id=""):
+    def _answer(self, q, output, source, batch, instance_id="", waited_s=None):
         if not self._finish_query(q, "OK"):
             return False
         q.source = source
+        q.lateness_wait_s = waited_s
         q.instance_id = instance_id
         c = self.counters
         c["answered"] += 1
@@ -563,7 +381,7 @@ class Engine:
         if not q.future.done():
             q.future.set_result(Answer(output, source, batch.batch_id, batch.group_id,
                                        (q.answered_s - q.received_s) * 1e3))
-        self.obs.query_done(q, batch, batch.group_id)
+        self.observer.query_done(q, batch, batch.group_id)
         return True
 
     def _fail_query(self, q, exc, status):
@@ -573,15 +391,15 @@ class Engine:
             self.counters["failed"] += 1
         if not q.future.done():
             q.future.set_exception(exc)
-        self.obs.query_done(q, q.batch, q.batch.group_id if q.batch else 0)
+        self.observer.query_done(q, q.batch, q.batch.group_id if q.batch else 0)
         return True
 
-    def answer_batch(self, batch, output, source, instance_id=""):
+    def answer_batch(self, batch, output, source, instance_id="", waited_s=None):
         """Answers every not-yet-done query of ``batch`` from ``output`` rows."""
         n = 0
         for q in batch.queries:
             if not q.done:
-                self._answer(q, output[q.row], source, batch, instance_id)
+                self._answer(q, output[q.row], source, batch, instance_id, waited_s)
                 n += 1
         return n
 
@@ -589,12 +407,23 @@ class Engine:
         status = "UNAVAILABLE"
         for q in batch.queries:
             self._fail_query(q, exc, status)
-        self._release_if_unneeded(batch)
+        self.release(batch)
 
     # ------------------------------------------------------------ batching
     def _on_batch_formed(self, queries):
+        # A query that expired or was abandoned while its batch was forming is left out;
+        # a batch with no live query is not formed at all (nothing to dispatch).
+        live = [q for q in queries if not q.done]
+        if len(live) < len(queries):
+            self.counters["expired_forming"] += len(queries) - len(live)
+            for q in queries:
+                if q.done:
+                    q.batch = None
+            queries = live
+            if not queries:
+                return
         n = len(queries)
-        rows = self.batch_size if self.mode == "coded" else n
+        rows = self.batch_size if self.policy.pads_batches else n
         if n == 1 and rows == 1:
             inputs = queries[0].input.reshape((1,) + self.input_shape)
         else:
@@ -604,6 +433,7 @@ class Engine:
         for i, q in enumerate(queries):
             q.row = i
         batch = Batch(0, "data", queries, inputs, self.clock.now())
+        batch.seq = next(self._seqs)
         for q in queries:
             q.batch = batch
         self.counters["batches"] += 1
@@ -614,21 +444,49 @@ class Engine:
     def new_batch_id(self):
         return next(self._batch_ids)
 
+    def open_group(self, group):
+        self.groups[group.group_id] = group
+        self.counters["groups"] += 1
+
+    def can_copy(self, batch):
+        return any(i.instance_id not in batch.exclude for i in self.by_role[batch.role])
+
+    def prepare(self, batch):
+        if self._prepare is not None:
+            self._prepare(batch)
+
+    def fail_batch(self, batch, exc):
+        self._fail_batch(batch, exc)
+
+    def snapshot(self):
+        """Plain values of the engine's state (taken on the loop; safe to read from any thread)."""
+        by_role = self.by_role
+        return {
+            "counters": dict(self.counters),
+            "in_system": self.in_system,
+            "open_groups": len(self.groups),
+            "queue_depths": dict(self.queue.depths()),
+            "in_flight": {role: sum(i.in_flight for i in insts) for role, insts in by_role.items()},
+            "instances": {role: len(insts) for role, insts in by_role.items()},
+            "gauges": dict(self.policy.gauges()),
+        }
+
     # ------------------------------------------------------------ dispatch
-    def _enqueue(self, batch, front=False):
+    def enqueue(self, batch, front=False, where=None):
         """Queues ``batch`` for its role and starts calls on free instances."""
         if batch.queue is not None:
             return
         if self._closed:
-            if batch.role != "parity":
-                self._fail_batch(batch, NoInstance("the frontend is shutting down"))
+            self._drop(batch, NoInstance("the frontend is shutting down"))
             return
         role = batch.role
         if not self.by_role[role]:
-            if role == "data":
-                self._fail_batch(batch, NoInstance("no data instance is available"))
+            self._drop(batch, NoInstance(f"no {role} instance is available"))
             return
-        if self.queue.push(batch, front, self.by_role[role]):
+        if not self.policy.needed(batch):
+            self._after_batch_event(batch)      # e.g. re-queued after its queries went
+            return
+        if self.queue.push(batch, front, self.by_role[role], where):
             self._pump(role)
 
     def remove_from_queue(self, batch):
@@ -648,26 +506,40 @@ class Engine:
         for j in range(n):
             inst = insts[(start + j) % n]
             while inst.in_flight < self.max_in_flight and now >= inst.down_until_s:
-                batch = self.queue.take(inst)
+                batch = self._take(inst)
                 if batch is None:
                     break
                 batches = [batch]
                 while len(batches) < self.max_coalesce:
-                    more = self.queue.take(inst)
+                    more = self._take(inst)
                     if more is None:
                         break
                     batches.append(more)
                 self._rotation[role] = (start + j + 1) % n
                 self._start_call(inst, batches)
 
+    def _take(self, inst):
+        """The next queued batch for ``inst`` that someone still needs; the others are dropped."""
+        while True:
+            batch = self.queue.take(inst)
+            if batch is None or self.policy.needed(batch):
+                return batch
+            self.counters["skipped_unneeded"] += 1
+            self._after_batch_event(batch)
+
     def _start_call(self, inst, batches):
         now = self.clock.now()
+        # The call serves until the latest deadline any of its batches can still serve.
         timeout = self.instance_timeout_s
-        for batch in batches:
-            if batch.queries:
-                latest = max(q.deadline_s for q in batch.queries)
-                timeout = max(0.001, min(timeout, latest - now))
+        capped = False
+        deadlines = [self.policy.deadline_s(batch) for batch in batches]
+        if None not in deadlines:
+            latest = max(deadlines)
+            if latest - now < timeout:
+                timeout = max(0.001, latest - now)
+                capped = True
         call = Call(batches, inst, now)
+        call.capped = capped
         inst.in_flight += 1
         inst.calls.add(call)
         self.counters["calls"] += 1
@@ -677,13 +549,13 @@ class Engine:
             batch.exclude.add(inst.instance_id)
             if batch.dispatched_s is None:
                 batch.dispatched_s = now
-                self.obs.dispatched(batch, now - batch.created_s)
+                self.observer.dispatched(batch, now - batch.created_s)
         call.timer = self.clock.call_later(timeout, self._call_timed_out, call)
-        call.task = self._spawn(self._run_call(call, timeout))
+        call.task = self.spawn(self._run_call(call, timeout))
         for batch in batches:
             self.policy.on_dispatched(batch, inst)
 
-    def _spawn(self, coro):
+    def spawn(self, coro):
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -719,6 +591,17 @@ class Engine:
             return
         if call.task is not None:
             call.task.cancel()
+        if call.capped:
+            # The call reached its queries' deadline, not the instance timeout: the
+            # queries end (DEADLINE_EXCEEDED), the instance's health is untouched.
+            now = self.clock.now()
+            for batch in call.batches:
+                for q in batch.queries:
+                    if not q.done and q.deadline_s <= now:
+                        self._deadline(q)
+            self._end_call_failed(call, DeadlineExceeded("instance call reached its queries' deadline"),
+                                  timeout=True, health=False)
+            return
         self._end_call_failed(call, DeadlineExceeded("instance call timed out"), timeout=True)
 
     def _end_call_ok(self, call, output):
@@ -730,35 +613,43 @@ class Engine:
         inst.mark_ok()
         now = self.clock.now()
         batches = call.batches
-        if batches[0].role == "data":
-            self.latencies.add(now - call.started_s)
+        self.policy.on_call_done(batches[0].role, now - call.started_s)
         if len(batches) == 1:
             self.policy.on_result(batches[0], output, inst)
-            self._release_if_unneeded(batches[0])
+            self.release(batches[0])
         else:
             offset = 0
             for batch in batches:
                 rows = batch.inputs.shape[0]
                 self.policy.on_result(batch, output[offset:offset + rows], inst)
                 offset += rows
-                self._release_if_unneeded(batch)
+                self.release(batch)
         if not inst.removed:
             self._pump(inst.role)
 
-    def _end_call_failed(self, call, exc, *, timeout):
+    def _end_call_failed(self, call, exc, *, timeout, health=True):
+        """An erasure of every batch of ``call``. ``health``: the instance is to blame
+        (an error, its own timeout): it goes into backoff and its rr queue moves to the
+        live instances of its role, oldest first. A call that only reached its queries'
+        deadline (``health=False``) leaves the instance as it was."""
         if call.finished:
             return
         self._release_call(call)
         inst = call.instance
-        inst.errors += 1
-        self.counters["call_errors"] += 1
-        if timeout:
-            inst.timeouts += 1
-            self.counters["call_timeouts"] += 1
+        if health:
+            inst.errors += 1
+            self.counters["call_errors"] += 1
+            if timeout:
+                inst.timeouts += 1
+                self.counters["call_timeouts"] += 1
+        else:
+            self.counters["call_deadline_expired"] += 1
+        self.observer.call_failed(call, exc, timeout, health)
         log.debug("call of batch %d on %s failed: %r", call.unit.batch_id, inst.instance_id, exc)
-        if not inst.removed:
+        if health and not inst.removed:
             backoff = inst.mark_failed()
             self.clock.call_later(backoff, self._pump, inst.role)
+            self._requeue(self.queue.drain_instance(inst))
         for batch in reversed(call.batches):    # re-queued at the front: keep their order
             self.policy.on_failure(batch, inst, exc)
             self._after_batch_event(batch)
@@ -781,12 +672,13 @@ class Engine:
         if not others:
             batch.exclude.clear()       # every instance tried: allow them again
         self.counters["redispatches"] += 1
-        self._enqueue(batch, front=True)
+        self.enqueue(batch, front=True)
 
-    def _release_if_unneeded(self, batch):
-        """A queued batch (or cheap-mode twin) that can no longer help is removed."""
-        for b in (batch, batch.twin):
-            if b is not None and b.queue is not None and not self.policy.needed(b):
+    def release(self, batch):
+        """A queued batch related to ``batch`` (itself, its twin, its group) that can no
+        longer help is removed (only it)."""
+        for b in self.policy.related(batch):
+            if b.queue is not None and not self.policy.needed(b):
                 self.remove_from_queue(b)
         self._after_batch_event(batch)
 
@@ -807,7 +699,7 @@ class Engine:
         if batch.group is not None:
             batch.group.late = {"batch_id": batch.batch_id, "delay_ms": delay_ms,
                                 "max_abs_error": max_abs_error, "argmax_agreement": agree}
-        self.obs.late_original(batch, delay_ms, max_abs_error, agree)
+        self.observer.late_original(batch, delay_ms, max_abs_error, agree)
 
     # ------------------------------------------------------------ groups
     def maybe_finish_group(self, g):
@@ -837,7 +729,7 @@ class Engine:
             self.counters["groups_abandoned"] += 1
             for b in g.members + ([g.parity] if g.parity is not None else []):
                 self.remove_from_queue(b)
-        self.obs.group_done(g, reason)
+        self.observer.group_done(g, reason)
 
     def _gc(self):
         self._gc_handle = None
@@ -850,12 +742,6 @@ class Engine:
         self._gc_handle = self.clock.call_later(self._gc_interval_s, self._gc)
 
     # ------------------------------------------------------------ status
-    def hedge_delay(self):
-        if self.hedge_delay_s is not None:
-            return self.hedge_delay_s
-        p95 = self.latencies.p95()
-        return self.hedge_initial_delay_s if p95 is None else p95
-
     def queue_depths(self):
         return self.queue.depths()
 

@@ -30,7 +30,8 @@ class InstanceClient(abc.ABC):
 
     @abc.abstractmethod
     async def infer(self, batch, timeout_s):
-        """Runs ``batch`` (``Batch``: ``payload()`` proto, ``inputs`` ndarray).
+        """Runs ``batch`` (``records.Batch`` or ``records.Coalesced``: ``inputs``
+        ndarray of shape (B, *input_shape), ``batch_id``, ``wire``).
 
         Returns:
             ndarray of shape (B, *output_shape).
@@ -38,21 +39,36 @@ class InstanceClient(abc.ABC):
             Any exception: the call failed (an erasure for the engine).
         """
 
+    @classmethod
+    def prepare(cls, batch):
+        """Serialises ``batch`` ahead of its first call (default: nothing to do)."""
+
     async def close(self):
         """Releases the transport."""
 
 
 class GrpcInstanceClient(InstanceClient):
-    """``parm.v1.ModelServer.Infer`` over one aio channel."""
+    """``parm.v1.ModelServer.Infer`` over one aio channel.
+
+    The batch's ``Tensor`` is built once, through ``services.common.tensors``
+    (little-endian, C order), cached in ``batch.wire`` and reused by retries,
+    hedges and the backup twin.
+    """
 
     def __init__(self, address):
         self.address = address
         self._channel = open_channel(address)
         self._infer = model_server_pb2_grpc.ModelServerStub(self._channel).Infer
 
+    @classmethod
+    def prepare(cls, batch):
+        if batch.wire is None:
+            batch.wire = tensors.to_proto(batch.inputs)
+        return batch.wire
+
     async def infer(self, batch, timeout_s):
         reply = await self._infer(
-            model_server_pb2.InferRequest(input=batch.payload(), batch_id=batch.batch_id),
+            model_server_pb2.InferRequest(input=self.prepare(batch), batch_id=batch.batch_id),
             timeout=timeout_s,
         )
         try:

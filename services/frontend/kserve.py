@@ -11,13 +11,14 @@ string parameters ``parm_sources`` and ``parm_batch_ids``.
 """
 
 import asyncio
+import math
 
 import numpy as np
 
 from parm.inference import grpc_service_pb2 as pb
 from parm.inference import grpc_service_pb2_grpc as pb_grpc
 from services.common.errors import InvalidInput, NotFound
-from services.frontend.engine import SOURCE_NAMES
+from services.frontend.records import source_name
 
 _V2_DTYPES = {"float32": "FP32", "float16": "FP16", "uint8": "UINT8", "int64": "INT64"}
 _CONTENTS_FIELD = {"FP32": "fp32_contents", "INT64": "int64_contents", "UINT8": "uint_contents"}
@@ -66,6 +67,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         if len(request.inputs) != 1:
             raise InvalidInput(f"expected exactly 1 input tensor, got {len(request.inputs)}")
         t = request.inputs[0]
+        if t.name != "input":
+            raise InvalidInput(f"unknown input {t.name!r} (model {self.model!r} has one input, 'input')")
         if t.datatype != self.datatype:
             raise InvalidInput(f"input {t.name!r}: datatype {t.datatype!r}, expected {self.datatype!r}")
         shape = tuple(t.shape)
@@ -75,7 +78,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         for o in request.outputs:
             if o.name != "output":
                 raise InvalidInput(f"unknown requested output {o.name!r} (only 'output')")
-        count = int(np.prod(shape))
+        count = math.prod(shape)        # Python ints: no int64 overflow
+        field = _CONTENTS_FIELD.get(self.datatype)
+        values = getattr(t.contents, field) if field else ()
+        if request.raw_input_contents and len(values):
+            raise InvalidInput(f"input {t.name!r}: both raw_input_contents and typed contents are set "
+                               "(give one of them)")
         if request.raw_input_contents:
             if len(request.raw_input_contents) != 1:
                 raise InvalidInput("raw_input_contents must have one entry per input")
@@ -84,11 +92,16 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 raise InvalidInput(f"input {t.name!r}: {len(raw)} raw bytes, shape {list(shape)} "
                                    f"needs {count * self.dtype.itemsize}")
             return np.frombuffer(raw, dtype=self.dtype.newbyteorder("<")).reshape(shape)
-        field = _CONTENTS_FIELD.get(self.datatype)
-        values = getattr(t.contents, field) if field else ()
         if len(values) != count:
             raise InvalidInput(f"input {t.name!r}: {len(values)} values in contents, shape "
                                f"{list(shape)} needs {count}")
+        if self.dtype.kind in "ui":
+            info = np.iinfo(self.dtype)
+            low, high = min(values), max(values)
+            if low < info.min or high > info.max:
+                bad = high if high > info.max else low
+                raise InvalidInput(f"input {t.name!r}: value {bad} is out of range for {self.datatype} "
+                                   f"[{info.min}, {info.max}]")
         return np.asarray(values, dtype=self.dtype).reshape(shape)
 
     async def ModelInfer(self, request, context):
@@ -108,6 +121,6 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         reply = pb.ModelInferResponse(model_name=self.model, model_version=VERSION, id=request.id)
         reply.outputs.add(name="output", datatype=_V2_DTYPES[out.dtype.name], shape=out.shape)
         reply.raw_output_contents.append(np.ascontiguousarray(out, dtype=out.dtype.newbyteorder("<")).tobytes())
-        reply.parameters["parm_sources"].string_param = ",".join(SOURCE_NAMES[a.source] for a in answers)
+        reply.parameters["parm_sources"].string_param = ",".join(source_name(a.source) for a in answers)
         reply.parameters["parm_batch_ids"].string_param = ",".join(str(a.batch_id) for a in answers)
         return reply

@@ -16,6 +16,8 @@ appear as ``e2e_latency_ms``, ``queue_latency_ms``, ``encoding_latency_us``
 and ``decoding_latency_us``.
 """
 
+import asyncio
+import concurrent.futures
 import json
 import logging
 import os
@@ -25,7 +27,8 @@ import time
 from prometheus_client import CollectorRegistry, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from services.frontend.engine import SOURCE_NAMES, NullObserver
+from services.frontend.engine import NullObserver
+from services.frontend.records import Source, source_name
 
 log = logging.getLogger(__name__)
 
@@ -34,36 +37,91 @@ _CODE_BUCKETS = (1e-6, 5e-6, 1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 5e-3, 1e-
 
 
 class _EngineCollector:
-    def __init__(self, engine):
+    """Gauges and counters of the engine, from ``engine.snapshot()`` taken on the loop.
+
+    The HTTP server runs in its own thread while the event loop mutates the
+    engine (queues, dicts); iterating them from that thread raced ("deque
+    mutated during iteration"). So a scrape asks the loop for a snapshot of
+    plain values and waits for it (``SNAPSHOT_TIMEOUT_S``); if the loop does
+    not answer in time (blocked, or closed), the last snapshot is served.
+    """
+
+    SNAPSHOT_TIMEOUT_S = 2.0
+
+    def __init__(self, engine, metrics):
         self.engine = engine
+        self.metrics = metrics
+        self._last = None
+
+    def _snapshot(self):
+        loop = self.metrics.loop
+        on_loop = False
+        try:
+            on_loop = asyncio.get_running_loop() is loop
+        except RuntimeError:
+            pass
+        if loop is None or on_loop:
+            snap = self.engine.snapshot()
+        else:
+            fut = concurrent.futures.Future()
+
+            def take():
+                try:
+                    fut.set_result(self.engine.snapshot())
+                except Exception as exc:  # noqa: BLE001 - handed to the scraping thread
+                    fut.set_exception(exc)
+            try:
+                loop.call_soon_threadsafe(take)
+                snap = fut.result(self.SNAPSHOT_TIMEOUT_S)
+            except (RuntimeError, concurrent.futures.TimeoutError):
+                snap = self._last
+                if snap is None:
+                    return None
+        self._last = snap
+        return snap
 
     def collect(self):
-        e = self.engine
+        snap = self._snapshot()
+        if snap is None:
+            return
+        counters = snap["counters"]
         depth = GaugeMetricFamily("parm_frontend_queue_depth", "batches queued, by role", labels=["role"])
-        depths = e.queue_depths()
+        depths = snap["queue_depths"]
         for role in ("data", "parity", "backup"):
             depth.add_metric([role], depths.get(role, 0))
         yield depth
         flight = GaugeMetricFamily("parm_frontend_batches_in_flight", "instance calls in flight, by role",
                                    labels=["role"])
-        for role, insts in e.by_role.items():
-            flight.add_metric([role], sum(i.in_flight for i in insts))
+        for role, n in snap["in_flight"].items():
+            flight.add_metric([role], n)
         yield flight
-        yield GaugeMetricFamily("parm_frontend_queries_in_system", "admitted, not yet done", value=e.in_system)
+        yield GaugeMetricFamily("parm_frontend_queries_in_system", "admitted, not yet done",
+                                value=snap["in_system"])
+        yield GaugeMetricFamily("parm_frontend_open_groups", "coding groups not yet finished",
+                                value=snap["open_groups"])
         inst = GaugeMetricFamily("parm_frontend_instances", "known instances, by role", labels=["role"])
-        for role, insts in e.by_role.items():
-            inst.add_metric([role], len(insts))
+        for role, n in snap["instances"].items():
+            inst.add_metric([role], n)
         yield inst
+        for name, value in snap["gauges"].items():      # seconds: *_s -> *_seconds
+            metric = name[:-2] + "_seconds" if name.endswith("_s") else name
+            yield GaugeMetricFamily(f"parm_frontend_{metric}", f"redundancy policy: {name}", value=value)
         c = CounterMetricFamily("parm_frontend_events", "engine event counters", labels=["event"])
-        for name, value in e.counters.items():
+        for name, value in counters.items():
             c.add_metric([name], value)
         yield c
-        for name, metric in (("encodes", "encodes"), ("decodes", "decodes"),
-                             ("reconstructions", "reconstructions"), ("redispatches", "redispatches"),
-                             ("rejections", None)):
-            value = (e.counters["rejected_invalid"] + e.counters["rejected_overloaded"]
-                     + e.counters["rejected_unavailable"]) if metric is None else e.counters[metric]
-            yield CounterMetricFamily(f"parm_frontend_{name}", f"{name} so far", value=value)
+        for name, metric, doc in (
+                ("encodes", "encodes", "parity batches encoded"),
+                ("decodes", "decodes", "decodes run"),
+                ("reconstructions", "reconstructions", "batches answered by reconstruction"),
+                ("redispatches", "redispatches", "batches re-dispatched after an erasure"),
+                ("groups", "groups", "coding groups formed"),
+                ("partial_groups", "partial_groups",
+                 "coding groups sealed partial (fewer than k batches: no parity, unprotected)"),
+                ("rejections", None, "queries rejected at admission")):
+            value = (counters["rejected_invalid"] + counters["rejected_overloaded"]
+                     + counters["rejected_unavailable"]) if metric is None else counters[metric]
+            yield CounterMetricFamily(f"parm_frontend_{name}", doc, value=value)
 
 
 class Metrics(NullObserver):
@@ -73,7 +131,7 @@ class Metrics(NullObserver):
         self.registry = CollectorRegistry()
         self.e2e = Histogram("parm_frontend_e2e_latency_seconds", "E2E_LATENCY: admission to answer",
                              ["source"], buckets=_LAT_BUCKETS, registry=self.registry)
-        self._e2e_by_source = {code: self.e2e.labels(name) for code, name in SOURCE_NAMES.items()}
+        self._e2e_by_source = {s.value: self.e2e.labels(s.name) for s in Source if s.value}
         self.queue = Histogram("parm_frontend_queue_latency_seconds",
                                "QUEUE_LATENCY: batch formed to first dispatch", ["role"],
                                buckets=_LAT_BUCKETS, registry=self.registry)
@@ -85,14 +143,19 @@ class Metrics(NullObserver):
                                   "DECODING_LATENCY: gather + kernel", buckets=_CODE_BUCKETS,
                                   registry=self.registry)
         self._server = None
+        self.loop = None        # the engine's loop: scrapes take their snapshot on it
         if engine is not None:
             self.attach(engine)
 
     def attach(self, engine):
-        self.registry.register(_EngineCollector(engine))
+        self.registry.register(_EngineCollector(engine, self))
 
     def serve(self, port, host="0.0.0.0"):
-        """Starts the HTTP endpoint; returns the bound port."""
+        """Starts the HTTP endpoint (call on the engine's loop); returns the bound port."""
+        try:
+            self.loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.loop = None
         self._server, self._thread = start_http_server(port, addr=host, registry=self.registry)
         return self._server.server_port
 
@@ -137,13 +200,14 @@ class Records(NullObserver):
             "batch_id": b.batch_id if b is not None else None,
             "group_id": group_id if b is not None else None,
             "row": q.row, "status": q.status,
-            "source": SOURCE_NAMES.get(q.source, "NONE"),
+            "source": source_name(q.source),
             "received_s": q.received_s + off, "answered_s": q.answered_s + off,
             "e2e_latency_ms": (q.answered_s - q.received_s) * 1e3,
             "queue_latency_ms": ((b.dispatched_s - b.created_s) * 1e3
                                  if b is not None and b.dispatched_s is not None else None),
             "batch_wait_ms": (b.created_s - q.received_s) * 1e3 if b is not None else None,
             "instance_id": q.instance_id, "attempts": b.attempts if b is not None else 0,
+            "lateness_wait_ms": q.lateness_wait_s * 1e3 if q.lateness_wait_s is not None else None,
         }
         self._queries.write(self._dumps(rec) + "\n")
 
@@ -156,6 +220,8 @@ class Records(NullObserver):
             "parity_batch_id": g.parity.batch_id if g.parity is not None else None,
             "encoding_latency_us": g.encode_us, "decoding_latency_us": g.decode_us,
             "missing_index": g.missing,
+            "decoded_index": g.decoded,
+            "late_threshold_ms": g.late_threshold_s * 1e3 if g.late_threshold_s is not None else None,
             "missing_batch_id": g.members[g.missing].batch_id if g.missing is not None else None,
             "parity_answered": g.parity_output is not None,
             "originals_answered": g.n_outputs,

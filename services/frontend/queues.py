@@ -16,6 +16,23 @@ class _BatchQueues:
     """What both policies share: a queued batch records its deque in
     ``batch.queue`` (None when not queued), so removal is per batch."""
 
+    @staticmethod
+    def _put(q, batch, where):
+        """``where``: "back", "front", or "age" (before the first batch formed after it,
+        so a queue that was oldest first stays so: moved batches keep their place in age)."""
+        if where == "front":
+            q.appendleft(batch)
+        elif where == "age":
+            for i, other in enumerate(q):
+                if other.seq > batch.seq:
+                    q.insert(i, batch)
+                    break
+            else:
+                q.append(batch)
+        else:
+            q.append(batch)
+        batch.queue = q
+
     def remove(self, batch):
         """Removes exactly ``batch`` if it is queued; True if it was."""
         q = batch.queue
@@ -47,13 +64,8 @@ class SingleQueue(_BatchQueues):
             q = self._queues[role] = deque()
         return q
 
-    def push(self, batch, front=False, instances=()):
-        q = self._q(batch.role)
-        if front:
-            q.appendleft(batch)
-        else:
-            q.append(batch)
-        batch.queue = q
+    def push(self, batch, front=False, instances=(), where=None):
+        self._put(self._q(batch.role), batch, where or ("front" if front else "back"))
         return True
 
     def take(self, instance):
@@ -102,8 +114,9 @@ class RoundRobinQueues(_BatchQueues):
     starting after the last one used, and appends the batch to the first
     instance that is healthy and not in ``batch.exclude`` (falling back to any
     instance not excluded, then to any instance). ``take(instance)`` pops the
-    head of the instance's own FIFO. When an instance leaves, the engine
-    drains its FIFO (``drain_instance``) and pushes those batches again.
+    head of the instance's own FIFO. When an instance leaves, fails or times
+    out, the engine drains its FIFO (``drain_instance``) and pushes those
+    batches again, oldest first, each into its new queue by age (``where="age"``).
     """
 
     name = "rr"
@@ -112,8 +125,9 @@ class RoundRobinQueues(_BatchQueues):
         self._queues = {}       # instance_id -> deque
         self._next = {}         # role -> rotation index
 
-    def push(self, batch, front=False, instances=()):
-        """``instances``: the role's instances in rotation order (engine-supplied)."""
+    def push(self, batch, front=False, instances=(), where=None):
+        """``instances``: the role's instances in rotation order (engine-supplied);
+        ``where``: see ``_put`` (default "front" if ``front`` else "back")."""
         if not instances:
             return False
         start = self._next.get(batch.role, 0)
@@ -135,11 +149,7 @@ class RoundRobinQueues(_BatchQueues):
         q = self._queues.get(inst.instance_id)
         if q is None:
             q = self._queues[inst.instance_id] = deque()
-        if front:
-            q.appendleft(batch)
-        else:
-            q.append(batch)
-        batch.queue = q
+        self._put(q, batch, where or ("front" if front else "back"))
         return True
 
     def take(self, instance):

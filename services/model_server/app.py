@@ -13,14 +13,14 @@ import asyncio
 import logging
 import os
 import signal
-import sys
 
 from parm.v1 import model_server_pb2_grpc as pb_grpc
+from services.common import cli
 from services.common import manifest as manifest_mod
 from services.common.procs import write_ready_file
 from services.common.registry import Heartbeat, Instance, RedisRegistry, RegistryError
 from services.common.server import create_server, run_until_signal, setup_logging
-from services.model_server.config import UsageError, parse_config
+from services.model_server.config import PROG, parse_config
 from services.model_server.instance import ModelInstance
 from services.model_server.providers import ProviderError, select_providers, short_name
 from services.model_server.runner import OnnxRunner
@@ -30,6 +30,10 @@ log = logging.getLogger("services.model_server")
 
 MANIFEST_ROLES = {"base": "data", "parity": "parity", "backup": "backup"}
 STOP_AFTER_S = 0.1
+
+
+class ModelLoadError(RuntimeError):
+    """ONNX Runtime could not create a session for the model (one line, exit 1)."""
 
 
 def _kill_self():
@@ -89,7 +93,12 @@ class ModelServerApp:
         """Creates the session (after ``startup_delay_s``), then health SERVING."""
         if self.cfg.startup_delay_s:
             await asyncio.sleep(self.cfg.startup_delay_s)
-        runner = await self.instance.load(self._make_runner)
+        try:
+            runner = await self.instance.load(self._make_runner)
+        except ProviderError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - ONNX Runtime's errors share no base but Exception
+            raise ModelLoadError(f"cannot load {self.manifest.onnx_path}: {type(exc).__name__}: {exc}") from exc
         self.info["provider"] = runner.provider
         log.info("session loaded: %s with providers %s (in use: %s)", self.manifest.onnx_path,
                  runner.providers, runner.provider)
@@ -150,19 +159,12 @@ async def serve(cfg):
     await app.run()
 
 
-def main(argv=None):
-    try:
-        cfg = parse_config(sys.argv[1:] if argv is None else argv)
-    except UsageError as exc:
-        print(f"model_server: error: {exc}", file=sys.stderr)
-        return 2
+def _main(argv):
+    cfg = parse_config(argv)
     setup_logging(cfg.log_level)
-    try:
-        asyncio.run(serve(cfg))
-    except (manifest_mod.ManifestError, ProviderError, RegistryError, ValueError, OSError) as exc:
-        print(f"model_server: error: {exc}", file=sys.stderr)
-        return 1
-    except Exception as exc:  # noqa: BLE001 - e.g. ONNX Runtime cannot load the model
-        print(f"model_server: error: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    cli.run_async(serve(cfg))
+
+
+def main(argv=None):
+    return cli.run_main(_main, argv, prog=PROG, runtime_errors=(
+        manifest_mod.ManifestError, ModelLoadError, ProviderError, RegistryError, OSError))

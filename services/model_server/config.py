@@ -1,19 +1,21 @@
 """Command line -> ``Config`` for ``python -m services.model_server``."""
 
-import argparse
 import os
 import socket
 import zlib
 from dataclasses import dataclass, field
 
-from services.common.errors import InvalidInput
+from services.common import cli
 from services.common import tls as tls_mod
+from services.common.cli import UsageError
+from services.common.errors import InvalidInput
 from services.common.registry import DEFAULT_HEARTBEAT_S, DEFAULT_TTL_S, url_with_env_password
 from services.common.server import MAX_MESSAGE_BYTES
 from services.model_server.distributions import PARAMS, DistSpec, parse_params
 from services.model_server.perturbation import PerturbationSpec
 from services.model_server.providers import CHOICES as PROVIDER_CHOICES
 
+PROG = "python -m services.model_server"
 ROLE_CHOICES = ("data", "parity", "backup")
 
 
@@ -45,27 +47,17 @@ class Config:
     tls: tls_mod.TlsConfig = tls_mod.PLAINTEXT
 
 
-class UsageError(ValueError):
-    """A command-line mistake (reported as one line, exit 2)."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise UsageError(message)
-
-
 def build_parser():
-    p = _Parser(
-        prog="python -m services.model_server",
+    p = cli.ArgumentParser(
+        prog=PROG,
         description="Serves one ONNX model (ParM model instance) over gRPC.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--model", required=True, help="manifest .json, or the .onnx with its manifest beside it")
     p.add_argument("--role", choices=ROLE_CHOICES, default=None,
                    help="role to register with (default: from the manifest; base -> data)")
     p.add_argument("--k", type=int, default=None, help="k to register with (default: the manifest's k, else 0)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind")
-    p.add_argument("--port", type=int, default=0, help="port to bind (0 = a free port)")
+    p.add_argument("--port", type=cli.PORT, default=0, help="port to bind (0 = a free port)")
     p.add_argument("--ready-file", default=None, help="write {port, pid, ...} JSON here once serving")
     p.add_argument("--instance-id", default="", help="instance id (default: ROLE-HOSTNAME-PID)")
     p.add_argument("--advertise-address", default=None,
@@ -78,10 +70,11 @@ def build_parser():
     p.add_argument("--ttl-s", type=float, default=DEFAULT_TTL_S, help="registry key TTL, s")
     p.add_argument("--provider", choices=PROVIDER_CHOICES, default="auto",
                    help="ONNX Runtime provider: auto = CUDA if available, else CPU")
-    p.add_argument("--intra-op-threads", type=int, default=1, help="ONNX Runtime intra-op threads")
-    p.add_argument("--executor-workers", type=int, default=1,
+    p.add_argument("--intra-op-threads", type=cli.number(int, at_least=1), default=1,
+                   help="ONNX Runtime intra-op threads")
+    p.add_argument("--executor-workers", type=cli.number(int, at_least=1), default=1,
                    help="inference executor threads = batches on the (emulated) device at once")
-    p.add_argument("--max-batch", type=int, default=0, help="largest accepted batch (0 = no limit)")
+    p.add_argument("--max-batch", type=cli.number(int, at_least=0), default=0, help="largest accepted batch (0 = no limit)")
     p.add_argument("--compute-dist", choices=sorted(PARAMS), default="none",
                    help="emulated compute time added to real inference (distribution kind)")
     p.add_argument("--compute-params", default="", help="its parameters, NAME=VALUE,... (ms; sigma unitless)")
@@ -97,11 +90,11 @@ def build_parser():
     p.add_argument("--hang", action="store_true", help="perturbation: accept requests, never answer")
     p.add_argument("--perturb-duration-s", type=float, default=0.0,
                    help="clear the start-up perturbation after this many s (0 = never)")
-    p.add_argument("--startup-delay-s", type=float, default=0.0,
+    p.add_argument("--startup-delay-s", type=cli.number(at_least=0), default=0.0,
                    help="emulated model load time before the session is created, s")
-    p.add_argument("--grace-s", type=float, default=2.0, help="graceful shutdown grace period, s")
+    p.add_argument("--grace-s", type=cli.number(at_least=0), default=2.0, help="graceful shutdown grace period, s")
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ...")
-    p.add_argument("--max-message-bytes", type=int, default=MAX_MESSAGE_BYTES,
+    p.add_argument("--max-message-bytes", type=cli.number(int, at_least=1024), default=MAX_MESSAGE_BYTES,
                    help="gRPC send/receive message limit, bytes (larger: RESOURCE_EXHAUSTED)")
     tls_mod.add_arguments(p)
     return p
@@ -110,20 +103,7 @@ def build_parser():
 def parse_config(argv):
     """Parses ``argv``; raises UsageError (one line) on any mistake."""
     args = build_parser().parse_args(argv)
-    if not 0 <= args.port < 65536:
-        raise UsageError(f"--port {args.port} out of range")
-    for name in ("intra_op_threads", "executor_workers"):
-        if getattr(args, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be >= 1")
-    for name in ("max_batch", "startup_delay_s", "grace_s"):
-        if getattr(args, name) < 0:
-            raise UsageError(f"--{name.replace('_', '-')} must be >= 0")
-    if args.max_message_bytes < 1024:
-        raise UsageError("--max-message-bytes must be >= 1024")
-    try:
-        tls = tls_mod.from_args(args)
-    except tls_mod.TlsError as exc:
-        raise UsageError(str(exc)) from None
+    tls = tls_mod.from_args(args)
     if not 0 < args.heartbeat_s < args.ttl_s:
         raise UsageError(f"need 0 < --heartbeat-s ({args.heartbeat_s}) < --ttl-s ({args.ttl_s})")
     instance_id = args.instance_id or f"{args.role or 'model'}-{socket.gethostname()}-{os.getpid()}"

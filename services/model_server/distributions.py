@@ -64,9 +64,6 @@ class DistSpec:
     def is_none(self):
         return self.kind == "none"
 
-    def param(self, name):
-        return dict(self.params)[name]
-
     def to_proto(self, msg):
         msg.kind = self.kind
         msg.params.clear()

@@ -17,6 +17,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+from services.common.clock import REAL as REAL_CLOCK
 from services.common.errors import NoInstance
 from services.model_server.distributions import DistSpec, Sampler
 from services.model_server.perturbation import PerturbationController
@@ -33,16 +34,21 @@ class InferResult:
 
 
 class ModelInstance:
-    """One served model. ``load(runner)`` makes it ready; ``infer`` serves."""
+    """One served model. ``load(runner)`` makes it ready; ``infer`` serves.
+
+    ``clock`` (a ``services.common.clock.Clock``, default the real one) awaits
+    the emulated compute time and runs the perturbations.
+    """
 
     def __init__(self, *, instance_id, role, k=0, compute=DistSpec(), seed=0,
-                 device_slots=1, on_stop=None, clock=time.monotonic):
+                 device_slots=1, on_stop=None, clock=None):
         self.instance_id = instance_id
         self.role = role
         self.k = k
         self.compute = compute
         self._compute = Sampler(compute)
-        self.perturbations = PerturbationController(seed=seed, clock=clock, on_stop=on_stop)
+        self._clock = clock or REAL_CLOCK
+        self.perturbations = PerturbationController(seed=seed, clock=self._clock, on_stop=on_stop)
         self.runner = None
         self.device_slots = int(device_slots)
         self._executor = ThreadPoolExecutor(max_workers=self.device_slots, thread_name_prefix="onnx")
@@ -97,7 +103,7 @@ class ModelInstance:
             inference_ms = (time.perf_counter() - start) * 1000.0
             emulated_ms = self._compute.sample_ms()
             if emulated_ms > 0:
-                await asyncio.sleep(emulated_ms / 1000.0)
+                await self._clock.sleep(emulated_ms / 1000.0)
         perturbation_ms = await self.perturbations.after_inference()
         return InferResult(output, inference_ms, emulated_ms, perturbation_ms)
 

@@ -25,11 +25,11 @@ a generator seeded from the same value, so a run is reproducible.
 """
 
 import asyncio
-import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from services.common.clock import REAL as REAL_CLOCK
 from services.common.errors import InstanceFailed, InvalidInput
 from services.model_server.distributions import DistSpec, Sampler
 
@@ -102,13 +102,14 @@ class PerturbationSpec:
 class PerturbationController:
     """Holds the current perturbation and applies it to requests.
 
-    Must be used from one event loop. ``clock`` is injectable (monotonic
-    seconds); ``on_stop`` is called when a perturbation with ``stop`` is set.
+    Must be used from one event loop. ``clock`` (a ``services.common.clock.Clock``,
+    default the real one) reads time, times ``duration_s`` and awaits the
+    delays; ``on_stop`` is called when a perturbation with ``stop`` is set.
     """
 
-    def __init__(self, *, seed=0, clock=time.monotonic, on_stop=None):
+    def __init__(self, *, seed=0, clock=None, on_stop=None):
         self._seed = int(seed)
-        self._clock = clock
+        self._clock = clock or REAL_CLOCK
         self._on_stop = on_stop
         self._sets = 0
         self._clear_handle = None
@@ -127,7 +128,7 @@ class PerturbationController:
         seed = spec.delay.seed or (self._seed * 1_000_003 + self._sets)
         self._delay = Sampler(DistSpec(spec.delay.kind, spec.delay.params, seed))
         self._rng = np.random.default_rng(seed + 1)
-        self._expires_at = self._clock() + spec.duration_s if spec.duration_s > 0 else None
+        self._expires_at = self._clock.now() + spec.duration_s if spec.duration_s > 0 else None
         if spec.hang:
             if self._hang_released.is_set():
                 self._hang_released = asyncio.Event()
@@ -142,11 +143,9 @@ class PerturbationController:
         self._apply(spec)
         if spec.duration_s > 0:
             try:
-                loop = asyncio.get_running_loop()
-            except RuntimeError:
-                loop = None
-            if loop is not None:
-                self._clear_handle = loop.call_later(spec.duration_s, self._auto_clear)
+                self._clear_handle = self._clock.call_later(spec.duration_s, self._auto_clear)
+            except RuntimeError:  # no running loop: the clock's expiry check clears it
+                self._clear_handle = None
         if spec.stop and self._on_stop is not None:
             self._on_stop()
         return self.spec
@@ -159,7 +158,7 @@ class PerturbationController:
         self._apply(PerturbationSpec())
 
     def _expire(self):
-        if self._expires_at is not None and self._clock() >= self._expires_at:
+        if self._expires_at is not None and self._clock.now() >= self._expires_at:
             self._auto_clear()
 
     async def before_inference(self):
@@ -179,5 +178,5 @@ class PerturbationController:
         if spec.stall_probability and self._rng.random() < spec.stall_probability:
             delay_ms += spec.stall_ms
         if delay_ms > 0:
-            await asyncio.sleep(delay_ms / 1000.0)
+            await self._clock.sleep(delay_ms / 1000.0)
         return delay_ms

@@ -11,6 +11,8 @@ import urllib.request
 
 import pytest
 
+from tests.leaks import no_leaked_tasks  # noqa: F401 - autouse: no asyncio task left pending
+
 REGION = "us-east-1"
 
 

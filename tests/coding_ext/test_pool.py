@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import coding_ext
-from coding_ext import BufferPool, PoolExhausted
+from coding_ext import BufferPool, OutputPool, PoolExhausted
 from coding_ext import pool as pool_module
 
 
@@ -220,3 +220,82 @@ def test_concurrent_use_from_threads():
     assert max_out[0] <= count
     assert pool.available == count
     pool.close()
+
+
+# --- OutputPool: any shape up to a capacity
+
+
+def test_output_pool_lends_shaped_aligned_views_of_pooled_memory():
+    import mmap
+
+    with OutputPool(4096 * 3, count=2) as pool:
+        with pool.lease((2, 3, 5)) as a, pool.lease((7,), np.uint8) as b:
+            assert a.shape == (2, 3, 5) and a.dtype == np.float32
+            assert b.shape == (7,) and b.dtype == np.uint8
+            for x in (a, b):
+                assert x.flags.c_contiguous and x.flags.writeable
+                assert x.ctypes.data % mmap.PAGESIZE == 0
+            assert a.ctypes.data != b.ctypes.data
+            assert pool.available == 0
+        assert pool.available == 2
+        assert (pool.hits, pool.misses) == (2, 0)
+
+
+def test_output_pool_reuses_the_same_memory():
+    with OutputPool(1024, count=1) as pool:
+        with pool.lease((4,)) as first:
+            address = first.ctypes.data
+            first[...] = 1.0
+        with pool.lease((2, 2)) as again:
+            assert again.ctypes.data == address
+            np.testing.assert_array_equal(again, np.ones((2, 2), np.float32))  # left by the last lessee
+
+
+def test_output_pool_larger_than_capacity_is_allocated_and_counted():
+    with OutputPool(64, count=1) as pool:
+        with pool.lease((17,)) as big:  # 68 bytes
+            assert big.shape == (17,)
+            assert pool.available == 1  # no pooled buffer taken
+        with pool.lease((16,)):         # exactly 64 bytes: pooled
+            assert pool.available == 0
+        assert (pool.hits, pool.misses) == (1, 1)
+
+
+def test_output_pool_returns_the_buffer_on_error():
+    with OutputPool(64, count=1) as pool:
+        with pytest.raises(ZeroDivisionError):
+            with pool.lease((4,)):
+                assert pool.available == 0
+                1 / 0
+        assert pool.available == 1
+
+
+def test_output_pool_exhaustion_raises_after_the_timeout_and_allocates_nothing():
+    with OutputPool(64, count=1) as pool:
+        with pool.lease((4,)):
+            with pytest.raises(PoolExhausted, match="all 1 buffers"):
+                with pool.lease((4,), timeout_s=0):
+                    pass
+            start = time.monotonic()
+            with pytest.raises(PoolExhausted):
+                with pool.lease((4,), timeout_s=0.05):
+                    pass
+            assert time.monotonic() - start >= 0.04
+        assert (pool.hits, pool.misses, pool.available) == (1, 0, 1)
+
+
+def test_output_pool_close_needs_every_lease_ended():
+    pool = OutputPool(64, count=1)
+    cm = pool.lease((2,))
+    cm.__enter__()
+    with pytest.raises(ValueError, match="1 buffers still acquired"):
+        pool.close()
+    cm.__exit__(None, None, None)
+    pool.close()
+
+
+@pytest.mark.parametrize("kwargs", [{"capacity_bytes": 0, "count": 1}, {"capacity_bytes": 1.5, "count": 1},
+                                    {"capacity_bytes": 64, "count": 0}])
+def test_output_pool_rejects_bad_arguments(kwargs):
+    with pytest.raises(ValueError):
+        OutputPool(**kwargs)

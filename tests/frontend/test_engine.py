@@ -11,21 +11,30 @@ import pytest
 from services.common.errors import DeadlineExceeded, InstanceFailed, InvalidInput, NoInstance, Overloaded
 from services.frontend.clock import ManualClock
 from services.frontend.coding import LocalCoder
-from services.frontend.engine import BACKUP, ORIGINAL, RECONSTRUCTED, Engine
+from services.frontend.engine import Engine
 from services.frontend.queues import make_queue_policy
+from services.frontend.records import BACKUP, ORIGINAL, RECONSTRUCTED
+from services.frontend.redundancy import Lateness, make_policy
 from tests.frontend.fakes import FakeFleet, base_manifest, linear, settle
 
 pytestmark = pytest.mark.timeout(30)
 
 
 def make_engine(mode="none", queue_mode="single_queue", *, data=2, parity=0, backup=0, modes=None,
-                fns=None, **kw):
+                fns=None, k=2, coder=None, hedge_delay_s=None, hedge_initial_delay_s=0.05,
+                decode_policy="immediate", lateness=None, **kw):
+    """An engine over fakes and a ManualClock. The decode policy defaults to
+    ``immediate`` here, so the tests written for the paper's rule run it unchanged."""
     clock = ManualClock()
     fleet = FakeFleet(modes=modes, fns=fns)
-    coder = LocalCoder("sum") if mode == "coded" else None
+    if coder is None and mode == "coded":
+        coder = LocalCoder("sum")
+    policy = make_policy(mode, k=k, coder=coder, hedge_delay_s=hedge_delay_s,
+                         hedge_initial_delay_s=hedge_initial_delay_s,
+                         lateness=lateness or Lateness(decode_policy))
     kw.setdefault("gc_interval_s", 0)
-    e = Engine(base=base_manifest(), mode=mode, queue=make_queue_policy(queue_mode), clock=clock,
-               client_factory=fleet, coder=coder, **kw)
+    e = Engine(base=base_manifest(), policy=policy, queue=make_queue_policy(queue_mode), clock=clock,
+               client_factory=fleet, **kw)
     for i in range(data):
         e.add_instance(f"d{i}", f"d{i}:1", "data")
     for i in range(parity):
@@ -397,10 +406,10 @@ async def test_hedged_no_copy_when_answered_in_time():
 
 async def test_hedge_delay_defaults_to_recent_p95():
     e, clock, fleet = make_engine("hedged", data=1, hedge_initial_delay_s=0.05)
-    assert e.hedge_delay() == 0.05
+    assert e.policy.delay() == 0.05
     for i in range(100):
-        e.latencies.add(0.001 * (i + 1))
-    assert e.hedge_delay() == pytest.approx(0.09505, rel=1e-3)
+        e.policy.on_call_done("data", 0.001 * (i + 1))
+    assert e.policy.delay() == pytest.approx(0.09505, rel=1e-3)
 
 
 
@@ -519,8 +528,10 @@ async def test_coded_through_the_executor_path():
     pool = concurrent.futures.ThreadPoolExecutor(1)
     clock = ManualClock()
     fleet = FakeFleet()
-    e = Engine(base=base_manifest(), mode="coded", queue=SingleQueue(), clock=clock, client_factory=fleet,
-               coder=LocalCoder("sum", executor=pool, inline_max_bytes=0), k=2, gc_interval_s=0)
+    e = Engine(base=base_manifest(), policy=make_policy("coded", k=2, coder=LocalCoder(
+        "sum", executor=pool, inline_max_bytes=0), lateness=Lateness("immediate")), queue=SingleQueue(),
+        clock=clock, client_factory=fleet,
+        gc_interval_s=0)
     for name, role in (("d0", "data"), ("d1", "data"), ("p0", "parity")):
         e.add_instance(name, f"{name}:1", role)
     qs = [e.submit(x(i)) for i in range(2)]

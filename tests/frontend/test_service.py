@@ -184,11 +184,13 @@ async def test_coded_over_grpc_records_metrics_and_status(models, tmp_path):
         assert status.manifest_path.endswith("lin.json")
         assert sorted(i.role for i in status.instances) == ["data", "data", "parity"]
         assert status.counters["reconstructions"] == 1 and status.counters["encodes"] == 1
+        assert status.counters["groups"] == 1 and status.counters["partial_groups"] == 0
         body = await asyncio.to_thread(
             lambda: urllib.request.urlopen(f"http://127.0.0.1:{d.app.metrics_port}/metrics").read().decode())
         assert 'parm_frontend_e2e_latency_seconds_count{source="RECONSTRUCTED"} 1.0' in body
         assert "parm_frontend_reconstructions_total 1.0" in body
         assert "parm_frontend_encoding_latency_seconds_count 1.0" in body
+        assert "parm_frontend_partial_groups_total 0.0" in body and "parm_frontend_groups_total 1.0" in body
         assert 'parm_frontend_queue_depth{role="data"}' in body
         await asyncio.sleep(1.6)        # the late original arrives and the group finishes
     finally:

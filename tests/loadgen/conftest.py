@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 
 from tests.loadgen.fake_frontend import FakeFrontend, make_inputs
+from tests.leaks import no_leaked_tasks  # noqa: F401 - autouse: no asyncio task left pending
 
 
 @pytest.fixture

@@ -129,4 +129,4 @@ def test_serve_on_a_taken_port_is_one_line(generators):
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == [
-        f"loadgen serve: error: cannot serve on 127.0.0.1:{generators[0].port}: Address already in use"]
+        f"python -m loadgen: error: cannot serve on 127.0.0.1:{generators[0].port}: Address already in use"]

@@ -40,6 +40,8 @@ def test_loadgen_against_a_real_coded_deployment(tmp_path):
         frontend = ServiceProcess.python_module("services.frontend", [
             "--mode", "coded", "--model", models["base"], "--parity-model", models["parity"],
             "--instances", instances, "--host", "127.0.0.1", "--port", "0",
+            # the paper's rule: every decode answers, so decodes == reconstructed answers below
+            "--decode-policy", "immediate",
             "--records-dir", records_dir], name="frontend")
         procs.append(frontend)
         proc = subprocess.run([sys.executable, "-m", "loadgen", "--target", frontend.address,

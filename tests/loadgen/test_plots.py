@@ -59,3 +59,11 @@ def test_plots_cli_missing_run_is_one_line(tmp_path):
                            str(tmp_path)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1
     assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+
+
+def test_plots_cli_label_count_mismatch_is_a_usage_error(tmp_path, capsys):
+    from loadgen import plots
+
+    assert plots.main([str(tmp_path), "--out", str(tmp_path), "--label", "a", "--label", "b"]) == 2
+    err = capsys.readouterr().err
+    assert err == "python -m loadgen.plots: error: 2 --label for 1 run dirs\n"

@@ -96,3 +96,30 @@ def test_cancelling_a_run_records_outstanding_queries_as_cancelled():
     assert 0 < len(records) < 1000
     assert {r.status for r in records} == {"CANCELLED"}
     assert sender.counters.completed == sender.counters.sent == len(records)
+
+
+def test_arrivals_and_latency_on_an_injected_clock():
+    """With a manual clock, sends happen exactly at the schedule's times and
+    latency is exactly the transport's delay on that clock (no real sleeping)."""
+    from services.common.clock import ManualClock
+
+    clock = ManualClock(start_s=0.0)
+
+    async def transport(request_id, x, timeout_s):
+        await clock.sleep(0.25)
+        return Reply(np.eye(10, dtype=np.float32)[int(x[0])], "original")
+
+    x, y = _data()
+    schedule = build_schedule(20.0, num_examples=len(x), seed=3, num_queries=12)
+
+    async def body():
+        sender = OpenLoopSender(transport, schedule, x, y, deadline_s=1.0, clock=clock)
+        run = asyncio.create_task(sender.run())
+        await clock.run_for(float(schedule.times_s[-1]) + 1.0)
+        return await run
+
+    records = asyncio.run(body())
+    assert [r.send_time_s for r in records] == list(schedule.times_s)
+    assert all(r.send_lag_ms == 0.0 for r in records)
+    np.testing.assert_allclose([r.latency_ms for r in records], 250.0, rtol=1e-12)
+    assert all(r.status == "OK" and r.predicted == r.label for r in records)

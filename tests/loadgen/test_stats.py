@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from loadgen.records import SOURCE_NAMES, Record, read_csv, write_csv
-from loadgen.stats import (format_table, frontend_tables, latency_row, load_frontend_records,
-                           percentile, summarize)
+from loadgen.stats import (format_report, format_table, frontend_summary, frontend_tables, latency_row,
+                           load_frontend_records, percentile, summarize)
 from parm.v1 import frontend_pb2
 
 
@@ -127,6 +127,19 @@ def test_frontend_record_adapter_reads_the_frontends_records_dir(tmp_path):
     assert "FRONTEND_LATENCY (ms)\nNUM   MED   MEAN  P99     P99.5   P99.9\n1     6.70" in text
     assert "ENCODING_LATENCY (us)\nNUM   MED   MEAN  P99     P99.5   P99.9\n2     19.20" in text
     assert "DECODING_LATENCY (us)\nNUM   MED   MEAN  P99     P99.5   P99.9\n1     9.10" in text
+    assert "GROUPS SEALED PARTIAL (fewer than k batches: no parity, unprotected): 0 of 2 (0.0 %)" in text
+
+
+def test_frontend_records_count_groups_sealed_partial(tmp_path):
+    rows = [{"type": "group", "group_id": i, "k": 2, "full": i % 4 != 0, "coded": i % 4 != 0,
+             "encoding_latency_us": 10.0 if i % 4 else None} for i in range(8)]
+    (tmp_path / "groups.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    (tmp_path / "g.csv").write_text("group_id,full,encode_latency_us\n9,False,4\n10,true,3\n")
+    queries, groups = load_frontend_records(tmp_path)
+    summary = frontend_summary(queries, groups)
+    assert summary["groups"] == {"num": 10, "sealed_partial": 3, "share": 0.3}
+    assert "GROUPS SEALED PARTIAL (fewer than k batches: no parity, unprotected): 3 of 10 (30.0 %)" in \
+        frontend_tables(queries, groups)
 
 
 from hypothesis import given, settings
@@ -149,3 +162,28 @@ def test_summary_partitions_queries_and_matches_type7(latencies, kinds):
         for key, q in (("med", 50), ("p99", 99), ("p995", 99.5), ("p999", 99.9)):
             assert s["overall"][key] == pytest.approx(type7(ok, q), rel=1e-9, abs=1e-9)
         assert min(ok) <= s["overall"]["med"] <= s["overall"]["p99"] <= s["overall"]["p999"] <= max(ok)
+
+
+def test_report_gives_the_share_each_source_served():
+    recs = [Record(request_id=str(i), client_index=0, send_time_s=0.0, send_lag_ms=0.0, latency_ms=1.0 + i,
+                   status="OK", source="reconstructed" if i < 3 else "original", predicted=1,
+                   label=1 if i else 0, warmup=False)
+            for i in range(12)]
+    summary = summarize(recs)
+    assert summary["shares"]["reconstructed"] == 0.25 and summary["shares"]["original"] == 0.75
+    assert summary["shares"]["backup"] == 0.0
+    assert "served by: original 75.0 %, reconstructed 25.0 %, backup 0.0 %" in format_report(summary)
+    assert summarize([])["shares"]["original"] is None
+
+
+@pytest.mark.parametrize("argv, code, text", [
+    (["--bogus"], 2, "error: the following arguments are required: run_dir"),
+    (["/nonexistent-run"], 1, "error: cannot read records from /nonexistent-run"),
+])
+def test_stats_cli_mistakes_are_one_line(argv, code, text, capsys):
+    from loadgen import stats
+
+    assert stats.main(argv) == code
+    err = capsys.readouterr().err
+    assert err.startswith("python -m loadgen.stats: ") and text in err
+    assert len(err.strip().splitlines()) == 1

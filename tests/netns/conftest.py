@@ -8,6 +8,7 @@ import psutil
 import pytest
 
 from deploy.network.netns import TestbedUnavailable, require_netns
+from tests.leaks import no_leaked_tasks  # noqa: F401 - autouse: no asyncio task left pending
 
 # What a testbed creates in the root namespace's view: namespaces
 # parm-<pid>-<n>-{br,h<i>} (parm-probe-<pid> for the preflight) and control links pm<pid>c<n>.

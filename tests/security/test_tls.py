@@ -39,7 +39,7 @@ def test_certs_cli_writes_a_ca_and_certificates(tmp_path, capsys):
     usages = node.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
     assert {u.dotted_string for u in usages} == {"1.3.6.1.5.5.7.3.1", "1.3.6.1.5.5.7.3.2"}
     assert "--tls-cert" in capsys.readouterr().out
-    assert certs_mod.main(["--out", str(tmp_path), "--days", "0"]) == 1
+    assert certs_mod.main(["--out", str(tmp_path), "--days", "0"]) == 2  # a usage mistake
     assert capsys.readouterr().err.strip().count("\n") == 0
 
 

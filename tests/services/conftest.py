@@ -7,6 +7,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from services.common.manifest import Manifest
 from services.common.registry import EmbeddedRedis
+from tests.leaks import no_leaked_tasks  # noqa: F401 - autouse: no asyncio task left pending
 
 INPUT_SHAPE = (2, 3)
 OUTPUT_SHAPE = (5,)

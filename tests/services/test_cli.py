@@ -62,3 +62,26 @@ def test_bugs_keep_their_traceback_and_debug_reraises(monkeypatch):
     monkeypatch.setenv("PARM_DEBUG", "1")
     with pytest.raises(cli.UsageError):
         cli.run_main(lambda argv: _parser().parse_args(["--bogus"]), [], prog="p")
+
+
+@pytest.mark.parametrize("kind, bounds, text, expected", [
+    (int, {"at_least": 1}, "0", "argument --n: must be >= 1, got 0"),
+    (int, {"at_least": 1}, "x", "argument --n: not an integer: 'x'"),
+    (float, {"above": 0}, "0", "argument --n: must be > 0, got 0"),
+    (float, {"above": 0}, "nan", "argument --n: not a number: 'nan'"),
+    (int, {"at_least": 0, "at_most": 65535}, "70000", "argument --n: must be <= 65535, got 70000"),
+])
+def test_number_rejects_out_of_bounds_in_one_line(kind, bounds, text, expected):
+    p = cli.ArgumentParser(prog="demo")
+    p.add_argument("--n", type=cli.number(kind, **bounds))
+    with pytest.raises(cli.UsageError) as info:
+        p.parse_args(["--n", text])
+    assert str(info.value) == expected
+
+
+def test_number_and_port_accept_values_in_bounds():
+    p = cli.ArgumentParser(prog="demo")
+    p.add_argument("--n", type=cli.number(int, at_least=1))
+    p.add_argument("--port", type=cli.PORT)
+    a = p.parse_args(["--n", "3", "--port", "0"])
+    assert (a.n, a.port) == (3, 0)

@@ -150,4 +150,4 @@ def test_cli_mistake_is_one_line():
     out = subprocess.run([sys.executable, "-m", "services.coder", "--executor-workers", "0"],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2
-    assert out.stderr.strip() == "coder: error: --executor-workers must be >= 1"
+    assert out.stderr.strip() == "python -m services.coder: error: argument --executor-workers: must be >= 1, got 0"

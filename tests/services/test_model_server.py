@@ -409,7 +409,36 @@ def test_admin_cli_set_info_clear(server):
         assert infer(server.address, batch_of(1)).perturbation_ms == 30.0
         assert '"instanceId": "ms-test"' in admin("info").stdout
         bad = admin("set", "--stall-probability", "-1")
-        assert bad.returncode == 1 and bad.stderr.startswith("admin: INVALID_ARGUMENT: perturbation stall_probability")
+        assert bad.returncode == 1 and bad.stderr.startswith(
+            "python -m services.model_server.admin: error: INVALID_ARGUMENT: perturbation stall_probability")
     finally:
         assert admin("clear").returncode == 0
     assert infer(server.address, batch_of(1)).perturbation_ms == 0
+
+
+@pytest.mark.parametrize("args, code, text", [
+    (["127.0.0.1:1", "set", "--delay-params", "value_ms"], 2, "--delay-params: parameter 'value_ms'"),
+    (["127.0.0.1:1", "bogus"], 2, "invalid choice: 'bogus'"),
+    (["127.0.0.1:1", "--timeout-s", "0.5", "info"], 1, "UNAVAILABLE"),
+])
+def test_admin_cli_mistakes_are_one_line(args, code, text, capsys):
+    from services.model_server import admin
+
+    assert admin.main(args) == code
+    err = capsys.readouterr().err
+    assert err.startswith("python -m services.model_server.admin: error: ") and text in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_cli_unloadable_model_is_one_line(tiny_model, tmp_path):
+    import shutil
+
+    manifest = tmp_path / tiny_model.name
+    shutil.copy(tiny_model, manifest)
+    (tmp_path / tiny_model.name.replace(".json", ".onnx")).write_bytes(b"not an onnx model")
+    out = subprocess.run([sys.executable, "-m", "services.model_server", "--model", str(manifest)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1
+    last = out.stderr.strip().splitlines()[-1]  # after the log lines of the start
+    assert last.startswith("python -m services.model_server: error: cannot load ") and "Protobuf" in last
+    assert "Traceback" not in out.stderr

@@ -5,17 +5,10 @@ import asyncio
 import numpy as np
 import pytest
 
+from services.common.clock import ManualClock
 from services.common.errors import InstanceFailed, InvalidInput
 from services.model_server.distributions import DistSpec, Sampler, parse_params
 from services.model_server.perturbation import PerturbationController, PerturbationSpec
-
-
-class FakeClock:
-    def __init__(self):
-        self.now = 100.0
-
-    def __call__(self):
-        return self.now
 
 
 @pytest.mark.parametrize(
@@ -79,7 +72,7 @@ def test_bad_perturbation():
 
 
 def test_auto_clear_by_clock_and_stop_callback():
-    clock = FakeClock()
+    clock = ManualClock()
     stopped = []
     controller = PerturbationController(seed=1, clock=clock, on_stop=lambda: stopped.append(True))
 
@@ -87,15 +80,33 @@ def test_auto_clear_by_clock_and_stop_callback():
         controller.set(PerturbationSpec(fail_probability=1.0, duration_s=2.0))
         with pytest.raises(InstanceFailed):
             await controller.before_inference()
-        clock.now += 1.9
+        clock.advance(1.9)
         assert controller.current.fail_probability == 1.0
-        clock.now += 0.2
+        clock.advance(0.2)  # fires the auto-clear timer
+        assert controller.spec == PerturbationSpec()
         await controller.before_inference()  # cleared: no failure
-        assert controller.current == PerturbationSpec()
         controller.set(PerturbationSpec(stop=True))
+        return clock.pending()
 
-    asyncio.run(body())
+    assert asyncio.run(body()) == 0
     assert stopped == [True]
+
+
+def test_delay_and_stall_are_awaited_on_the_injected_clock():
+    clock = ManualClock(start_s=0.0)
+    controller = PerturbationController(seed=1, clock=clock)
+
+    async def body():
+        controller.set(PerturbationSpec(delay=DistSpec.make("constant", {"value_ms": 30}),
+                                        stall_probability=1.0, stall_ms=20))
+        delayed = asyncio.create_task(controller.after_inference())
+        await clock.run_for(0.049)
+        early = delayed.done()
+        await clock.run_for(0.002)
+        return early, delayed.done(), await delayed
+
+    early, done, added = asyncio.run(body())
+    assert (early, done, added) == (False, True, 50.0)
 
 
 def test_hang_holds_until_cleared_and_delay_is_awaited():

@@ -54,3 +54,27 @@ def test_strict_runner_refuses_a_silent_fallback(tiny_model):
     with pytest.raises(ProviderError, match="requested CUDAExecutionProvider, but ONNX Runtime created"):
         OnnxRunner(manifest, [CUDA, CPU], strict=True)
     assert OnnxRunner(manifest, [CPU], strict=True).provider == CPU
+
+
+# --- input memory: pinned on CUDA, pageable elsewhere
+
+from services.model_server.providers import select_input_memory  # noqa: E402
+
+
+@pytest.mark.parametrize("requested, provider, expected", [
+    ("auto", CUDA, "pinned"), ("auto", CPU, "pageable"), ("auto", "TensorrtExecutionProvider", "pageable"),
+    ("pageable", CUDA, "pageable"), ("pageable", CPU, "pageable"), ("pinned", CUDA, "pinned"),
+])
+def test_select_input_memory(requested, provider, expected):
+    assert select_input_memory(requested, provider) == expected
+
+
+def test_pinned_without_cuda_is_a_clear_error():
+    with pytest.raises(ProviderError, match="pinned input memory needs CUDAExecutionProvider; "
+                                            "the session uses CPUExecutionProvider"):
+        select_input_memory("pinned", CPU)
+
+
+def test_unknown_input_memory():
+    with pytest.raises(ProviderError, match="'locked' not in"):
+        select_input_memory("locked", CUDA)

@@ -11,7 +11,7 @@ import pytest
 
 from services.common.procs import ServiceProcess
 from services.common.registry import (EmbeddedRedis, Heartbeat, Instance, RedisRegistry, RegistryError,
-                                      RegistryEvent, registry_server)
+                                      RegistryEvent)
 
 
 def _inst(iid, role="data", address="127.0.0.1:1", **kw):
@@ -203,25 +203,37 @@ def test_standalone_cli_mistake_is_one_line():
     assert "Traceback" not in out.stderr
 
 
+@pytest.mark.parametrize("argv, code, text", [
+    (["serve", "--port", "70000"], 2, "error: argument --port: must be <= 65535, got 70000"),
+    (["serve", "--bogus"], 2, "error: unrecognized arguments: --bogus"),
+    ([], 2, "error: the following arguments are required: command"),
+])
+def test_standalone_cli_usage_errors_in_process(argv, code, text, capsys):
+    from services.common import registry
+
+    assert registry.main(argv) == code
+    err = capsys.readouterr().err
+    assert err.startswith("python -m services.common.registry") and text in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_standalone_cli_port_taken_is_one_line_exit_1(capsys):
+    import socket
+
+    from services.common import registry
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        code = registry.main(["serve", "--port", str(taken.getsockname()[1]), "--log-level", "WARNING"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1
+    assert err[-1].startswith("python -m services.common.registry: error: could not start ")
+
+
 def test_instance_json_roundtrip():
     inst = _inst("j", role="backup", meta={"pid": 3})
     assert Instance.from_json(inst.to_json()) == inst
     assert json.loads(inst.to_json())["role"] == "backup"
     with pytest.raises(ValueError, match="role 'primary'"):
         Instance("x", "a:1", "primary")
-
-
-def test_registry_server_uses_given_url_or_starts_one(redis_server):
-    assert registry_server(redis_server.url) == (redis_server.url, None)
-    url, owned = registry_server(password="pw")
-    try:
-        assert url == owned.url and url.startswith("redis://:pw@127.0.0.1:") and owned.proc.poll() is None
-
-        async def body(r):
-            await r.register(_inst("e1"), 30)
-            return [i.instance_id for i in await r.list()]
-
-        assert run(_with_registry(url, "t-helper", body)) == ["e1"]
-    finally:
-        owned.stop()
-    assert owned.proc.poll() is not None
