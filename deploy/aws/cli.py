@@ -224,12 +224,8 @@ def source_archive(out_dir):
 
 def ensure_tls(clients, bucket, experiment_id):
     """The deployment's CA and node key under ``EXP/tls/`` (made once, kept for reused nodes) -> changes."""
-    try:
-        from deploy.certs import make_certs
-        from deploy.remote.agent import TLS_SERVER_NAME
-    except ImportError as exc:  # the deploy extra without cryptography
-        raise AwsError(f"making the deployment's CA needs {exc.name or 'cryptography'}: "
-                       f"pip install cryptography (part of the deploy extra)") from None
+    from deploy.certs import make_certs
+    from deploy.remote.agent import TLS_SERVER_NAME
 
     prefix = storage.key(experiment_id, storage.TLS_PREFIX)
     have = {k.rsplit("/", 1)[-1] for k in storage.list_keys(clients, bucket, prefix + "/")}
@@ -282,9 +278,18 @@ def launch(sweep, config_path, args, settings, clients, out, confirm=None):
         raise AwsError(f"{exc}. {_where(clients, sweep.experiment_id)}") from None
 
 
+def _require_cryptography():
+    try:
+        import cryptography  # noqa: F401 - deploy.certs makes the deployment's CA with it
+    except ImportError:
+        raise AwsError("making the deployment's CA needs the cryptography package: pip install cryptography "
+                       "(part of the deploy extra)") from None
+
+
 def _launch(sweep, config_path, args, settings, clients, out, confirm):
     fleet_plan = plan_mod.plan_fleet(sweep, settings)
     check_types(fleet_plan, settings)
+    _require_cryptography()  # before anything is created
     exp = sweep.experiment_id
     bucket = _bucket(clients)
     account = clients.account_id()
