@@ -68,16 +68,16 @@ bench: build
 	$(PY) -m services.frontend.coding_bench --json results/bench/frontend_coding.json
 
 deploy-aws: $(DEPLOY_ENV)
-	$(PY) -m deploy.aws launch $(CONFIG) $(if $(DRY_RUN),--dry-run,) $(AWS_ARGS)
+	$(PY) -m deploy.aws launch $(CONFIG) $(if $(DRY_RUN),--dry-run,) $(if $(KEEP_RUNNING),--keep-running,) $(AWS_ARGS)
 
 aws-status: $(DEPLOY_ENV)
-	$(PY) -m deploy.aws status $(AWS_ARGS)
+	$(PY) -m deploy.aws status $(if $(filter-out configs/local.json,$(CONFIG)),$(CONFIG),) $(AWS_ARGS)
 
 aws-results: $(DEPLOY_ENV)
 	$(PY) -m deploy.aws results $(CONFIG) $(AWS_ARGS)
 
 aws-terminate: $(DEPLOY_ENV)
-	$(PY) -m deploy.aws terminate $(CONFIG) $(if $(STOP),--stop,) $(AWS_ARGS)
+	$(PY) -m deploy.aws terminate $(CONFIG) $(if $(STOP),--stop,) $(if $(CLEANUP),--cleanup,) $(AWS_ARGS)
 
 chaos: build
 	$(PY) -m deploy.reliability.chaos

@@ -1,9 +1,12 @@
 """The instances' IAM role and instance profile (``parm-<experiment>-node``).
 
-The nodes may read their experiment's prefix of the bucket and write only
-their ready reports, the runner's status and the results; nothing else (no
-EC2, no other bucket or prefix). Created if missing; the inline policy is
-rewritten on every launch so that it follows the bucket setting.
+The nodes may read their experiment's prefix of the bucket, write only
+their ready reports, the runner's status and the results, and stop or
+terminate only the instances tagged with their experiment (the fleet stops
+itself after the sweep); nothing else (no other bucket, prefix or
+instance). Created if missing; the inline policy is rewritten on every
+launch so that it follows the bucket setting. ``delete_instance_profile``
+removes it all (``terminate --cleanup``).
 """
 
 import json
@@ -22,8 +25,12 @@ def role_name(experiment_id):
     return f"parm-{experiment_id}-node"
 
 
-def node_policy(bucket, experiment_id):
-    """The inline policy: read ``EXP/*``, write ``EXP/{ready,results,control/status}``."""
+def role_arn(account_id, experiment_id):
+    return f"arn:aws:iam::{account_id}:role/{role_name(experiment_id)}"
+
+
+def node_policy(bucket, experiment_id, region="*", account_id="*"):
+    """The inline policy: read ``EXP/*``, write ``EXP/{ready,results,control/status}``, stop the fleet."""
     prefix = f"arn:aws:s3:::{bucket}/{experiment_id}"
     return {
         "Version": "2012-10-17",
@@ -33,6 +40,9 @@ def node_policy(bucket, experiment_id):
              "Condition": {"StringLike": {"s3:prefix": [f"{experiment_id}/*"]}}},
             {"Effect": "Allow", "Action": ["s3:PutObject"],
              "Resource": [f"{prefix}/ready/*", f"{prefix}/results/*", f"{prefix}/control/status.json"]},
+            {"Effect": "Allow", "Action": ["ec2:StopInstances", "ec2:TerminateInstances"],
+             "Resource": [f"arn:aws:ec2:{region}:{account_id}:instance/*"],
+             "Condition": {"StringEquals": {"aws:ResourceTag/parm:experiment": experiment_id}}},
         ],
     }
 
@@ -50,8 +60,8 @@ def ensure_instance_profile(clients, bucket, experiment_id):
                             Description=f"ParM experiment {experiment_id} nodes: read/write its S3 prefix only",
                             Tags=[{"Key": "parm:experiment", "Value": experiment_id}])
             changes.append(f"created IAM role {name}")
-        iam.put_role_policy(RoleName=name, PolicyName=POLICY_NAME,
-                            PolicyDocument=json.dumps(node_policy(bucket, experiment_id)))
+        iam.put_role_policy(RoleName=name, PolicyName=POLICY_NAME, PolicyDocument=json.dumps(
+            node_policy(bucket, experiment_id, clients.settings.region, clients.account_id())))
         try:
             profile = iam.get_instance_profile(InstanceProfileName=name)["InstanceProfile"]
         except iam.exceptions.NoSuchEntityException:
@@ -63,3 +73,27 @@ def ensure_instance_profile(clients, bucket, experiment_id):
             if clients.settings.endpoint_url is None:
                 time.sleep(10)  # a new profile takes a few seconds to be usable by RunInstances
     return name, changes
+
+
+def delete_instance_profile(clients, experiment_id):
+    """Removes the experiment's instance profile and role (if they exist) -> list of changes."""
+    name = role_name(experiment_id)
+    iam = clients.iam
+    changes = []
+    with aws_errors("removing the IAM role: "):
+        try:
+            profile = iam.get_instance_profile(InstanceProfileName=name)["InstanceProfile"]
+            for role in profile.get("Roles", []):
+                iam.remove_role_from_instance_profile(InstanceProfileName=name, RoleName=role["RoleName"])
+            iam.delete_instance_profile(InstanceProfileName=name)
+            changes.append(f"deleted instance profile {name}")
+        except iam.exceptions.NoSuchEntityException:
+            pass
+        try:
+            for policy in iam.list_role_policies(RoleName=name)["PolicyNames"]:
+                iam.delete_role_policy(RoleName=name, PolicyName=policy)
+            iam.delete_role(RoleName=name)
+            changes.append(f"deleted IAM role {name}")
+        except iam.exceptions.NoSuchEntityException:
+            pass
+    return changes

@@ -11,13 +11,18 @@ A role's missing instances are launched in one ``RunInstances`` call
 (MinCount = MaxCount: all or none), in the first zone with capacity; the
 zone of instances already in the fleet is tried first, so the fleet stays
 in one zone when it can. Capacity errors move on to the next zone; a quota
-or any other error stops the launch with ``LaunchFailed``, which lists
-what was launched before it, so nothing is left running unknowingly.
+or any other error stops the launch with ``LaunchFailed``: the instances
+this launch created are terminated (unless ``keep_partial``), and the
+message names the region and what is still running.
+
+Root volumes are encrypted gp3, as large as the setting or the image's
+root snapshot, whichever is larger.
 """
 
 import time
 from dataclasses import dataclass
 
+from deploy.aws.network import root_device
 from deploy.aws.session import CAPACITY_CODES, QUOTA_CODES, AwsError, aws_errors, describe, error_code
 
 TAG_EXPERIMENT = "parm:experiment"
@@ -84,14 +89,6 @@ def select_reuse(instances, plan):
     return ReusePlan(reuse, skipped)
 
 
-def _root_device(clients, ami):
-    with aws_errors(f"describing image {ami}: "):
-        images = clients.ec2.describe_images(ImageIds=[ami])["Images"]
-    if not images:
-        raise AwsError(f"image {ami} not found in region {clients.settings.region}")
-    return images[0].get("RootDeviceName", "/dev/sda1")
-
-
 def launch_group(clients, *, experiment_id, role, instance_type, count, ami, user_data, security_group_id,
                  instance_profile, subnets, preferred_zone=None):
     """Launches ``count`` instances of one role -> their descriptions."""
@@ -99,6 +96,7 @@ def launch_group(clients, *, experiment_id, role, instance_type, count, ami, use
 
     settings = clients.settings
     ordered = sorted(subnets, key=lambda s: s[1] != preferred_zone)
+    device, snapshot_gb = root_device(clients, ami)
     tags = [{"Key": "Name", "Value": f"parm-{experiment_id}-{role}"},
             {"Key": TAG_EXPERIMENT, "Value": experiment_id},
             {"Key": TAG_ROLE, "Value": role},
@@ -107,8 +105,9 @@ def launch_group(clients, *, experiment_id, role, instance_type, count, ami, use
         ImageId=ami, InstanceType=instance_type, MinCount=count, MaxCount=count,
         SecurityGroupIds=[security_group_id], IamInstanceProfile={"Name": instance_profile},
         UserData=user_data, MetadataOptions={"HttpTokens": "required", "HttpEndpoint": "enabled"},
-        BlockDeviceMappings=[{"DeviceName": _root_device(clients, ami), "Ebs": {
-            "VolumeSize": settings.volume_size_gb, "VolumeType": "gp3", "DeleteOnTermination": True}}],
+        BlockDeviceMappings=[{"DeviceName": device, "Ebs": {
+            "VolumeSize": max(settings.volume_size_gb, snapshot_gb), "VolumeType": "gp3",
+            "DeleteOnTermination": True, "Encrypted": True}}],
         TagSpecifications=[{"ResourceType": "instance", "Tags": tags}, {"ResourceType": "volume", "Tags": tags}],
     )
     if settings.key_name:
@@ -135,11 +134,15 @@ def launch_group(clients, *, experiment_id, role, instance_type, count, ami, use
                    + "; ".join(capacity))
 
 
-def launch_fleet(clients, plan, reuse, *, amis, user_data, security_group_id, instance_profile, subnets):
+def launch_fleet(clients, plan, reuse, *, amis, user_data, security_group_id, instance_profile, subnets,
+                 keep_partial=False, before_start=None):
     """Starts stopped reused instances and launches the rest -> {role: [instance ids]}.
 
-    ``amis`` and ``user_data`` map role -> value. Raises ``LaunchFailed``
-    (naming what was launched) if any step fails.
+    ``amis`` and ``user_data`` map role -> value. ``before_start(ids)`` is
+    called with the stopped instances right before they are started (the
+    launcher deletes their old ready reports there). Raises ``LaunchFailed``
+    if any step fails, after terminating what this call launched unless
+    ``keep_partial``.
     """
     from botocore.exceptions import BotoCoreError, ClientError
 
@@ -152,6 +155,8 @@ def launch_fleet(clients, plan, reuse, *, amis, user_data, security_group_id, in
                    if i["State"]["Name"] in ("stopped", "stopping")]
         if stopped:
             clients.ec2.get_waiter("instance_stopped").wait(InstanceIds=stopped)
+            if before_start is not None:
+                before_start(stopped)
             clients.ec2.start_instances(InstanceIds=stopped)
         for role in LAUNCH_ORDER:
             group = plan.group(role)
@@ -172,10 +177,22 @@ def launch_fleet(clients, plan, reuse, *, amis, user_data, security_group_id, in
         code = error_code(exc)
         if code in QUOTA_CODES:
             reason = f"quota: {reason} (ask for a limit increase, or a smaller fleet)"
-        already = ", ".join(launched) if launched else "none"
+        region = clients.settings.region
+        cleanup = ""
+        if launched and not keep_partial:
+            try:
+                clients.ec2.terminate_instances(InstanceIds=launched)
+                cleanup = f" Terminated what this launch created: {', '.join(launched)}."
+            except (ClientError, BotoCoreError) as term_exc:
+                cleanup = f" Could NOT terminate {', '.join(launched)}: {describe(term_exc)}."
+        elif launched:
+            cleanup = f" Kept (--keep-partial): {', '.join(launched)}."
+        running = [i for ids in fleet.values() for i in ids if i not in launched or keep_partial or "NOT" in cleanup]
+        still = ", ".join(running) if running else "none"
         raise LaunchFailed(
-            f"launch of {plan.experiment_id} stopped: {reason}. Launched before the failure: {already}. "
-            f"Remove them with `python -m deploy.aws terminate CONFIG`.", launched,
+            f"launch of {plan.experiment_id} in {region} stopped: {reason}.{cleanup} Still in {region}: {still}"
+            f"{' (remove with `python -m deploy.aws terminate CONFIG --region ' + region + '`)' if running else ''}.",
+            launched,
         ) from None
     return fleet
 

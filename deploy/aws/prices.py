@@ -40,3 +40,12 @@ def hourly_usd(instance_type, *, spot=False, spot_discount=0.0):
     if price is None:
         return None
     return price * (1.0 - spot_discount) if spot else price
+
+
+# gp3 storage, USD per GB-month (us-east-1, recorded as above): what a stopped fleet still costs.
+EBS_GP3_USD_PER_GB_MONTH = 0.08
+
+
+def ebs_monthly_usd(total_gb):
+    """USD per month of ``total_gb`` of gp3 volumes (a stopped fleet's standing cost)."""
+    return total_gb * EBS_GP3_USD_PER_GB_MONTH

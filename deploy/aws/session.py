@@ -74,6 +74,7 @@ class Clients:
         self.settings = settings
         self.session = session or boto3.session.Session(region_name=settings.region)
         self._clients = {}
+        self._account = None
 
     def __getattr__(self, service):
         if service.startswith("_") or service in ("settings", "session"):
@@ -82,12 +83,18 @@ class Clients:
             from botocore.config import Config
 
             self._clients[service] = self.session.client(
-                service, region_name=self.settings.region, endpoint_url=self.settings.endpoint_url,
+                service.replace("_", "-"), region_name=self.settings.region, endpoint_url=self.settings.endpoint_url,
                 config=Config(retries={"max_attempts": 5, "mode": "standard"}),
             )
         return self._clients[service]
 
     def account_id(self):
         """The caller's account id; fails with the no-credentials message if there are none."""
-        with aws_errors("checking credentials: "):
-            return self.sts.get_caller_identity()["Account"]
+        if self._account is None:
+            with aws_errors("checking credentials: "):
+                self._account = self.sts.get_caller_identity()["Account"]
+        return self._account
+
+    def bucket_owner(self):
+        """The account every S3 call expects to own the bucket: ``settings.bucket_owner`` or the caller's."""
+        return self.settings.bucket_owner or self.account_id()

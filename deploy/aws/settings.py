@@ -5,8 +5,8 @@ about *where* and *how* a fleet runs is here. Each flag has an environment
 variable (``PARM_AWS_*``) so that a shell or CI can set it once.
 """
 
+import ipaddress
 import os
-import re
 from dataclasses import dataclass
 
 # Public SSM parameters that always point at a current image (no hard-coded AMI ids).
@@ -39,6 +39,7 @@ class AwsSettings:
     market: str = "on-demand"
     spot_discount: float = 0.65         # estimate only: spot ~ 35% of on-demand
     bucket: str | None = None           # None: parm-<account>-<region>
+    bucket_owner: str | None = None     # expected owner of the bucket (None: the caller's account)
     frontend_type: str | None = None    # overrides the config's instance types
     worker_type: str | None = None
     client_type: str | None = None
@@ -70,8 +71,8 @@ def add_arguments(parser):
                    help="comma-separated subnets, tried in order (env PARM_AWS_SUBNET_IDS; default: default VPC)")
     g.add_argument("--key-name", default=None, help="EC2 key pair for SSH (env PARM_AWS_KEY_NAME; default none)")
     g.add_argument("--ssh-cidr", default=None,
-                   help="address range allowed to SSH: a CIDR, 'auto' (your public address/32) or 'none' "
-                        "(env PARM_AWS_SSH_CIDR; default auto)")
+                   help="address allowed to SSH, only with --key-name: one address as a /32 (or /128) CIDR, "
+                        "'auto' (your public address/32) or 'none' (env PARM_AWS_SSH_CIDR; default auto)")
     g.add_argument("--ami", default=None, help="AMI id for every role (env PARM_AWS_AMI; default: SSM lookup)")
     g.add_argument("--ami-ssm-cpu", default=None,
                    help=f"SSM parameter of the CPU image (env PARM_AWS_AMI_SSM_CPU; default {UBUNTU_AMI_PARAMETER})")
@@ -94,7 +95,18 @@ def add_arguments(parser):
                         f"(default {DEFAULT_RUNNER_COMMAND!r})")
 
 
-_CIDR = re.compile(r"^\d{1,3}(\.\d{1,3}){3}/\d{1,2}$")
+def check_ssh_cidr(value):
+    """``value`` if it names one host (a /32 or /128 network), else ``SettingsError``."""
+    if value in ("auto", "none"):
+        return value
+    try:
+        net = ipaddress.ip_network(value, strict=False)
+    except ValueError:
+        raise SettingsError(f"--ssh-cidr: {value!r} is not a CIDR like 203.0.113.7/32, 'auto' or 'none'") from None
+    if net.prefixlen != net.max_prefixlen or "/" not in value:
+        raise SettingsError(f"--ssh-cidr: {value} is wider than one address; give a /{net.max_prefixlen} "
+                            f"(e.g. {net.network_address}/{net.max_prefixlen})")
+    return str(net)
 
 
 def from_args(args, env=None):
@@ -112,11 +124,7 @@ def from_args(args, env=None):
     market = pick(args.market, "PARM_AWS_MARKET", default="on-demand")
     if market not in MARKETS:
         raise SettingsError(f"market {market!r} is not one of {', '.join(MARKETS)}")
-    ssh_cidr = pick(args.ssh_cidr, "PARM_AWS_SSH_CIDR", default="auto")
-    if ssh_cidr not in ("auto", "none") and not _CIDR.match(ssh_cidr):
-        raise SettingsError(f"--ssh-cidr: {ssh_cidr!r} is not a CIDR like 203.0.113.7/32, 'auto' or 'none'")
-    if ssh_cidr in ("0.0.0.0/0",):
-        raise SettingsError("--ssh-cidr: refusing to open SSH to the whole internet (0.0.0.0/0)")
+    ssh_cidr = check_ssh_cidr(pick(args.ssh_cidr, "PARM_AWS_SSH_CIDR", default="auto"))
     discount = args.spot_discount if args.spot_discount is not None else float(env.get("PARM_AWS_SPOT_DISCOUNT", 0.65))
     if not 0 <= discount < 1:
         raise SettingsError(f"--spot-discount: {discount} is not within [0, 1)")

@@ -1,38 +1,59 @@
 """The user data of each role: a bash script that boots the node.
 
 The user data runs once (cloud-init, first boot). It writes
-``$PARM_HOME/bootstrap.py`` (``deploy.aws.bootstrap``, verbatim),
-``$PARM_HOME/boot.sh`` and a ``parm-boot`` systemd unit that runs
-``boot.sh`` at *every* boot, so a stopped instance that is reused comes
-back up with the current release. ``boot.sh``:
+``$PARM_HOME/bootstrap.py`` (``deploy.aws.bootstrap``, gzip+base64 to fit
+EC2's 16 KB), ``$PARM_HOME/boot.sh`` and a ``parm-boot`` systemd unit that
+runs ``boot.sh`` at *every* boot, so a stopped instance that is reused
+comes back up with the current release. Only ``parm-boot`` is enabled at
+boot: the agent and runner units are started by ``boot.sh`` once the new
+install is in place, never by systemd from the previous install.
+``boot.sh``:
 
-1. installs Python tooling (apt), makes a venv, fetches the release and the
-   artifacts from the experiment's S3 prefix (``bootstrap.py``), installs
-   the wheel with the role's ONNX Runtime extra (``gpu`` on GPU types, else
-   ``cpu``) — and, if the wheel does not fit this node's Python, builds the
-   project from the source archive instead;
-2. starts the node agent (``python -m deploy.remote.agent``, a systemd unit bound
-   to the instance's private address) on every role: the runner starts the
-   registry and the frontend (frontend node), the model servers and shuffle
-   agents (workers), and the load generators' control services
-   (``python -m loadgen serve``, clients) through it, fresh for every run;
-3. on the frontend only, starts the sweep runner
-   (``python -m deploy.aws.node runner``, a systemd unit): it waits for a
-   sweep request in S3, runs it, and uploads the results;
+1. stops (and disables, for fleets of older launches) the agent and runner
+   units, so nothing of the previous install runs while it reinstalls;
+2. fetches the release, the artifacts and the deployment's TLS files from
+   the experiment's S3 prefix with ``bootstrap.py`` (standard library only,
+   the image's ``python3``), installs Python tooling (apt, waiting for the
+   dpkg lock that first-boot upgrades hold; apt and pip retry), makes a
+   *fresh* venv and installs the wheel with the role's extras (workers
+   ``cpu`` or ``gpu``, clients ``data``, frontend ``report,deploy``) — or,
+   if the wheel does not fit this node's Python, the source archive;
+3. runs every service as the unprivileged system user ``parm``: the node
+   agent (``python -m deploy.remote.agent``, bound to the private address,
+   mutual TLS with the deployment's CA; on GPU workers with
+   ``--model-server-provider cuda`` and the CUDA libraries of the ``gpu``
+   extra on ``LD_LIBRARY_PATH``) on every role, and the sweep runner
+   (``python -m deploy.aws.node runner``) on the frontend;
 4. reports ready: ``python -m deploy.aws.node ready`` waits until the local
-   agent answers and writes ``ready/<instance-id>.json`` to S3.
+   agent answers (and, on GPU workers, until ONNX Runtime's CUDA provider
+   really runs a model) and writes ``ready/<instance-id>.json`` with this
+   boot's id and the execution provider.
 
-``PARM_HOME``, ``PARM_SYSTEMD_DIR`` and ``PARM_LOG_DIR`` default to
-``/opt/parm``, ``/etc/systemd/system`` and ``/var/log/parm``; the tests set
-them to run the script in a sandbox.
+If any step fails, a trap writes ``ready/<instance-id>.json`` with state
+``failed``, the step and the tail of the boot log (``bootstrap.py
+report``), so ``python -m deploy.aws status`` shows why.
+
+``PARM_HOME``, ``PARM_SYSTEMD_DIR``, ``PARM_LOG_DIR`` and ``PARM_USER``
+default to ``/opt/parm``, ``/etc/systemd/system``, ``/var/log/parm`` and
+``parm``; the tests set them to run the script in a sandbox.
 """
 
+import base64
+import gzip
 import inspect
 import shlex
 
 from deploy.aws import bootstrap
 
 MAX_USER_DATA_BYTES = 16 * 1024  # EC2's limit (before base64)
+ROLE_EXTRAS = {"frontend": "report,deploy", "client": "data"}  # workers: "gpu" or "cpu"
+
+
+def role_extras(role, gpu):
+    """The pip extras a node of ``role`` installs."""
+    if role == "worker":
+        return "gpu" if gpu else "cpu"
+    return ROLE_EXTRAS[role]
 
 
 def _assign(name, value):
@@ -45,34 +66,93 @@ export DEBIAN_FRONTEND=noninteractive
 PARM_HOME="${PARM_HOME:-/opt/parm}"
 PARM_SYSTEMD_DIR="${PARM_SYSTEMD_DIR:-/etc/systemd/system}"
 PARM_LOG_DIR="${PARM_LOG_DIR:-/var/log/parm}"
+PARM_USER="${PARM_USER:-parm}"
 mkdir -p "$PARM_LOG_DIR"
 exec >>"$PARM_LOG_DIR/boot.log" 2>&1
 echo "parm boot: role $ROLE, experiment $EXPERIMENT, $(date -u +%FT%TZ)"
+STEP="start"
+INSTANCE_ID="unknown"
+S3ARGS=(--bucket "$BUCKET" --experiment "$EXPERIMENT" --region "$REGION" --bucket-owner "$BUCKET_OWNER")
 
-TOKEN="$(curl -sS -X PUT http://169.254.169.254/latest/api/token -H 'X-aws-ec2-metadata-token-ttl-seconds: 300')"
-imds() { curl -sS -H "X-aws-ec2-metadata-token: $TOKEN" "http://169.254.169.254/latest/meta-data/$1"; }
+report_failure() {
+    local rc=$?
+    trap - ERR
+    echo "parm boot: FAILED at step '$STEP' (exit $rc), $(date -u +%FT%TZ)"
+    python3 "$PARM_HOME/bootstrap.py" report "${S3ARGS[@]}" --role "$ROLE" --instance-id "$INSTANCE_ID" \
+        --reason "boot failed at step '$STEP' (exit $rc)" --log "$PARM_LOG_DIR/boot.log" \
+        || echo "parm boot: could not write the failure report to S3"
+    exit "$rc"
+}
+trap report_failure ERR
+
+retry() {
+    local n=1 rc
+    while true; do
+        "$@" && return 0
+        rc=$?
+        if [ "$n" -ge 5 ]; then return "$rc"; fi
+        echo "parm boot: retry $n of: $*"
+        sleep $((n * 15))
+        n=$((n + 1))
+    done
+}
+
+STEP="stopping the previous install's services"
+systemctl stop parm-runner.service parm-agent.service >/dev/null 2>&1 || true
+systemctl disable parm-runner.service parm-agent.service >/dev/null 2>&1 || true
+
+STEP="instance metadata"
+TOKEN="$(curl -sSf -X PUT http://169.254.169.254/latest/api/token -H 'X-aws-ec2-metadata-token-ttl-seconds: 300')"
+imds() { curl -sSf -H "X-aws-ec2-metadata-token: $TOKEN" "http://169.254.169.254/latest/meta-data/$1"; }
 INSTANCE_ID="$(imds instance-id)"
 PRIVATE_IP="$(imds local-ipv4)"
 
-apt-get update -q
-apt-get install -y -q python3-venv python3-dev build-essential
+STEP="fetching the release from s3://$BUCKET/$EXPERIMENT"
+python3 "$PARM_HOME/bootstrap.py" fetch "${S3ARGS[@]}" --dest "$PARM_HOME" >"$PARM_HOME/release.json"
+
+STEP="apt-get"
+APT=(apt-get -q -y -o DPkg::Lock::Timeout=1200)
+retry "${APT[@]}" update
+retry "${APT[@]}" install python3-venv python3-dev build-essential
+
+STEP="service user $PARM_USER"
+id -u "$PARM_USER" >/dev/null 2>&1 || useradd --system --home-dir "$PARM_HOME" --shell /usr/sbin/nologin "$PARM_USER"
+
+STEP="installing the release"
+rm -rf "$PARM_HOME/venv"
 python3 -m venv "$PARM_HOME/venv"
 PY="$PARM_HOME/venv/bin/python"
-"$PY" -m pip install -q --upgrade pip boto3
-"$PY" "$PARM_HOME/bootstrap.py" --bucket "$BUCKET" --experiment "$EXPERIMENT" --dest "$PARM_HOME" \
-    --region "$REGION" >"$PARM_HOME/release.json"
-WHEEL="$("$PY" -c 'import json, sys; print(json.load(open(sys.argv[1]))["wheel"] or "")' "$PARM_HOME/release.json")"
-SOURCE="$("$PY" -c 'import json, sys; print(json.load(open(sys.argv[1]))["source"] or "")' "$PARM_HOME/release.json")"
-if [ -n "$WHEEL" ] && "$PY" -m pip install -q --force-reinstall "${WHEEL}[${ORT_EXTRA}]"; then
+PIP=("$PY" -m pip install -q --retries 10 --timeout 60)
+retry "${PIP[@]}" --upgrade pip
+WHEEL="$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["wheel"] or "")' "$PARM_HOME/release.json")"
+SOURCE="$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["source"] or "")' "$PARM_HOME/release.json")"
+if [ -n "$WHEEL" ] && retry "${PIP[@]}" --force-reinstall "${WHEEL}[${EXTRAS}]"; then
     echo "installed $WHEEL"
 elif [ -n "$SOURCE" ]; then
     echo "the wheel does not install here; building from $SOURCE"
-    "$PY" -m pip install -q --force-reinstall "${SOURCE}[${ORT_EXTRA}]"
+    retry "${PIP[@]}" --force-reinstall "${SOURCE}[${EXTRAS}]"
 else
-    echo "no installable release in s3://$BUCKET/$EXPERIMENT/dist" >&2
-    exit 1
+    echo "no installable release in s3://$BUCKET/$EXPERIMENT/dist"
+    false
+fi
+LIBS=""
+if [ "$GPU" = 1 ]; then
+    # onnxruntime-gpu loads CUDA/cuDNN from the library path: the gpu extra's nvidia-* wheels.
+    LIBS="$("$PY" -c 'import glob, os, sysconfig; print(":".join(sorted(glob.glob(os.path.join(sysconfig.get_paths()["purelib"], "nvidia", "*", "lib")))))')"
 fi
 
+STEP="permissions"
+mkdir -p "$PARM_HOME/runs" "$PARM_LOG_DIR/agent"
+chown -R "$PARM_USER" "$PARM_HOME/runs" "$PARM_HOME/tls" "$PARM_LOG_DIR/agent"
+chmod 0700 "$PARM_HOME/tls"
+TLS=""
+if [ -f "$PARM_HOME/tls/ca.pem" ]; then
+    TLS="--tls-cert $PARM_HOME/tls/node.pem --tls-key $PARM_HOME/tls/node.key --tls-ca $PARM_HOME/tls/ca.pem --tls-client-auth"
+fi
+PROVIDER=""
+if [ "$GPU" = 1 ]; then PROVIDER="--model-server-provider cuda"; fi
+
+STEP="starting the node agent"
 cat >"$PARM_SYSTEMD_DIR/parm-agent.service" <<PARM_UNIT_EOF
 [Unit]
 Description=ParM node agent ($ROLE)
@@ -80,22 +160,22 @@ After=network-online.target
 Wants=network-online.target
 
 [Service]
-WorkingDirectory=$PARM_HOME
+User=$PARM_USER
+NoNewPrivileges=true
+WorkingDirectory=$PARM_HOME/runs
 Environment=AWS_DEFAULT_REGION=$REGION
-ExecStart=$PY -m deploy.remote.agent --host $PRIVATE_IP --port $AGENT_PORT --log-dir $PARM_LOG_DIR/agent
+Environment=LD_LIBRARY_PATH=$LIBS
+ExecStart=$PY -m deploy.remote.agent --host $PRIVATE_IP --port $AGENT_PORT --log-dir $PARM_LOG_DIR/agent $TLS $PROVIDER
 Restart=always
 RestartSec=2
 LimitNOFILE=65536
-
-[Install]
-WantedBy=multi-user.target
 PARM_UNIT_EOF
 systemctl daemon-reload
-systemctl enable parm-agent.service
 systemctl restart parm-agent.service
 """
 
 RUNNER_BODY = r"""
+STEP="starting the sweep runner"
 cat >"$PARM_SYSTEMD_DIR/parm-runner.service" <<PARM_UNIT_EOF
 [Unit]
 Description=ParM sweep runner (experiment $EXPERIMENT)
@@ -103,54 +183,68 @@ After=parm-agent.service
 Requires=parm-agent.service
 
 [Service]
-WorkingDirectory=$PARM_HOME
+User=$PARM_USER
+NoNewPrivileges=true
+WorkingDirectory=$PARM_HOME/runs
 Environment=AWS_DEFAULT_REGION=$REGION
-ExecStart=$PY -m deploy.aws.node runner --bucket $BUCKET --experiment $EXPERIMENT --region $REGION --work-dir $PARM_HOME/runs --artifacts $PARM_HOME/artifacts
+Environment=PARM_AGENT_TLS_DIR=$PARM_HOME/tls
+ExecStart=$PY -m deploy.aws.node runner --bucket $BUCKET --bucket-owner $BUCKET_OWNER --experiment $EXPERIMENT --region $REGION --work-dir $PARM_HOME/runs --artifacts $PARM_HOME/artifacts --instance-id $INSTANCE_ID
 Restart=on-failure
 RestartSec=10
-
-[Install]
-WantedBy=multi-user.target
 PARM_UNIT_EOF
 systemctl daemon-reload
-systemctl enable parm-runner.service
 systemctl restart parm-runner.service
 """
 
 READY_BODY = r"""
-"$PY" -m deploy.aws.node ready --bucket "$BUCKET" --experiment "$EXPERIMENT" --region "$REGION" \
-    --role "$ROLE" --instance-id "$INSTANCE_ID" --private-ip "$PRIVATE_IP" --agent-port "$AGENT_PORT"
+STEP="ready report"
+trap - ERR
+READY=(--bucket "$BUCKET" --bucket-owner "$BUCKET_OWNER" --experiment "$EXPERIMENT" --region "$REGION"
+       --role "$ROLE" --instance-id "$INSTANCE_ID" --private-ip "$PRIVATE_IP" --agent-port "$AGENT_PORT"
+       --tls-dir "$PARM_HOME/tls" --artifacts "$PARM_HOME/artifacts")
+if [ "$GPU" = 1 ]; then READY+=(--require-provider cuda); fi
+if ! runuser -u "$PARM_USER" -- env LD_LIBRARY_PATH="$LIBS" AWS_DEFAULT_REGION="$REGION" \
+        "$PY" -m deploy.aws.node ready "${READY[@]}"; then
+    echo "parm boot: the node is not ready (see its report), $(date -u +%FT%TZ)"
+    exit 1
+fi
 echo "parm boot: ready, $(date -u +%FT%TZ)"
 """
 
 
-def render_boot(role, *, experiment_id, bucket, region, agent_port, gpu):
+def render_boot(role, *, experiment_id, bucket, region, agent_port, gpu, bucket_owner=""):
     """``boot.sh`` for ``role`` (runs at every boot)."""
+    if role not in ("frontend", "worker", "client"):
+        raise ValueError(f"unknown role {role!r}")
     head = "\n".join([
         "#!/bin/bash",
         f"# ParM node boot ({role}): install from S3, start services, report ready. Runs at every boot.",
-        "set -euo pipefail",
+        "set -Eeuo pipefail",
         _assign("ROLE", role),
         _assign("EXPERIMENT", experiment_id),
         _assign("BUCKET", bucket),
+        _assign("BUCKET_OWNER", bucket_owner),
         _assign("REGION", region),
         _assign("AGENT_PORT", int(agent_port)),
-        _assign("ORT_EXTRA", "gpu" if gpu else "cpu"),
+        _assign("EXTRAS", role_extras(role, gpu)),
+        _assign("GPU", 1 if gpu else 0),
     ])
     body = BOOT_BODY + (RUNNER_BODY if role == "frontend" else "") + READY_BODY
     return head + "\n" + body
 
 
-def render_user_data(role, *, experiment_id, bucket, region, agent_port, gpu):
+def packed_bootstrap():
+    """``deploy.aws.bootstrap``'s source, gzip-compressed and base64-encoded (76-column lines)."""
+    data = base64.encodebytes(gzip.compress(inspect.getsource(bootstrap).encode(), mtime=0)).decode()
+    return data.rstrip("\n")
+
+
+def render_user_data(role, *, experiment_id, bucket, region, agent_port, gpu, bucket_owner=""):
     """The user data of ``role``: installs ``boot.sh`` as a boot-time unit and starts it."""
-    if role not in ("frontend", "worker", "client"):
-        raise ValueError(f"unknown role {role!r}")
     boot = render_boot(role, experiment_id=experiment_id, bucket=bucket, region=region,
-                       agent_port=agent_port, gpu=gpu)
-    source = inspect.getsource(bootstrap)
-    for text, marker in ((boot, "PARM_BOOT_EOF"), (source, "PARM_BOOTSTRAP_EOF")):
-        if marker in text:
-            raise ValueError(f"heredoc marker {marker} occurs in the embedded text")
+                       agent_port=agent_port, gpu=gpu, bucket_owner=bucket_owner)
+    if "PARM_BOOT_EOF" in boot:
+        raise ValueError("heredoc marker PARM_BOOT_EOF occurs in the boot script")
     script = "\n".join([
         "#!/bin/bash",
         f"# ParM {role} node of experiment {experiment_id} (user data rendered by deploy.aws.userdata)",
@@ -158,8 +252,8 @@ def render_user_data(role, *, experiment_id, bucket, region, agent_port, gpu):
         'PARM_HOME="${PARM_HOME:-/opt/parm}"',
         'PARM_SYSTEMD_DIR="${PARM_SYSTEMD_DIR:-/etc/systemd/system}"',
         'mkdir -p "$PARM_HOME"',
-        "cat >\"$PARM_HOME/bootstrap.py\" <<'PARM_BOOTSTRAP_EOF'",
-        source.rstrip("\n"),
+        "base64 -d <<'PARM_BOOTSTRAP_EOF' | gunzip >\"$PARM_HOME/bootstrap.py\"",
+        packed_bootstrap(),
         "PARM_BOOTSTRAP_EOF",
         "cat >\"$PARM_HOME/boot.sh\" <<'PARM_BOOT_EOF'",
         boot.rstrip("\n"),

@@ -18,8 +18,15 @@ every host of the security group:
   ``PYTHONPATH``);
 - it signals and stops only processes it started itself;
 - it listens only on ``--host`` (127.0.0.1 unless told otherwise; the AWS
-  boot script passes 0.0.0.0, inside a security group that admits only the
-  group's own members).
+  boot script passes the instance's private address, inside a security
+  group that admits only the group's own members);
+- with ``--tls-cert/--tls-key/--tls-ca --tls-client-auth`` it serves only
+  mutual TLS: a caller must present a certificate of the deployment's CA
+  (on AWS, a per-deployment CA that reaches the nodes through the bucket;
+  the start requests carry the registry password);
+- ``--model-server-provider cuda`` (GPU workers) makes every
+  ``services.model_server`` it starts run with ``--provider cuda``, which
+  fails at start instead of silently running on the CPU.
 
 Ownership: the agent owns its children (``ServiceProcess``); on SIGTERM it
 stops serving and then stops every child, newest first.
@@ -29,7 +36,6 @@ host i is agent i; ``start`` returns a ``Started`` whose address is host i's
 address and the port the process reported.
 """
 
-import argparse
 import asyncio
 import logging
 import os
@@ -41,6 +47,7 @@ import threading
 from dataclasses import dataclass
 
 from deploy.runner.launcher import Launcher, Started
+from services.common import cli
 from services.common.errors import InstanceFailed, InvalidInput, NotFound
 from services.common.procs import ServiceProcess, ServiceStartError
 
@@ -55,6 +62,40 @@ SIGNALS_ALLOWED = frozenset({
 _MODULE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 SERVICE_NAME = "parm.v1.NodeAgent"
 RPC_MARGIN_S = 30.0
+MODEL_SERVER = "services.model_server"
+PROVIDERS = ("cuda", "cpu")
+# The name in the per-deployment node certificate; callers verify it instead of
+# the (unknown at issue time) private addresses.
+TLS_SERVER_NAME = "parm-node"
+TLS_DIR_ENV = "PARM_AGENT_TLS_DIR"
+
+
+def tls_from_dir(tls_dir):
+    """Mutual-TLS ``TlsConfig`` from a deployment's ``ca.pem``/``node.pem``/``node.key``, or None if there is no CA."""
+    from services.common.tls import TlsConfig
+
+    if not tls_dir or not os.path.isfile(os.path.join(tls_dir, "ca.pem")):
+        return None
+    return TlsConfig(cert=os.path.join(tls_dir, "node.pem"), key=os.path.join(tls_dir, "node.key"),
+                     ca=os.path.join(tls_dir, "ca.pem"), client_auth=True, server_name=TLS_SERVER_NAME).check()
+
+
+def with_provider(args, provider):
+    """``args`` of a model server with ``--provider`` forced to ``provider`` (None: unchanged)."""
+    if not provider:
+        return list(args)
+    out, skip = [], False
+    for a in args:
+        if skip:
+            skip = False
+            continue
+        if a == "--provider":
+            skip = True
+            continue
+        if a.startswith("--provider="):
+            continue
+        out.append(a)
+    return out + ["--provider", provider]
 
 
 def module_allowed(module, allowed):
@@ -72,8 +113,9 @@ class AgentCore:
     """
 
     def __init__(self, *, allowed_modules=DEFAULT_ALLOWED_MODULES, log_dir, python=sys.executable,
-                 default_ready_timeout_s=120.0):
+                 default_ready_timeout_s=120.0, model_server_provider=None):
         self.allowed_modules = tuple(allowed_modules)
+        self.model_server_provider = model_server_provider
         self.log_dir = os.path.abspath(log_dir)
         self.python = python
         self.default_ready_timeout_s = default_ready_timeout_s
@@ -89,6 +131,8 @@ class AgentCore:
         bad = sorted(k for k in env if not ENV_ALLOWED.match(k))
         if bad:
             raise InvalidInput(f"environment variable(s) not allowed: {', '.join(bad)}")
+        if module == MODEL_SERVER:
+            args = with_provider(args, self.model_server_provider)
         with self._lock:
             self._count += 1
             seq = self._count
@@ -194,20 +238,14 @@ class AgentConfig:
     default_ready_timeout_s: float = 120.0
     grace_s: float = 5.0
     log_level: str = "INFO"
-
-
-class UsageError(ValueError):
-    """A command-line mistake (one line on stderr, exit 2)."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise UsageError(message)
+    tls: object = None                  # services.common.tls.TlsConfig, or None: plaintext
+    model_server_provider: str | None = None
 
 
 def parse_config(argv):
-    p = _Parser(prog="python -m deploy.remote.agent", description=__doc__.split("\n\n")[1],
-                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    from services.common import tls as tls_mod
+
+    p = cli.ArgumentParser(prog="python -m deploy.remote.agent", description=__doc__.split("\n\n")[1])
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (only this one)")
     p.add_argument("--port", type=int, default=0, help="port to listen on (0 = a free port)")
     p.add_argument("--ready-file", default=None, help="write {port, pid} JSON here once serving")
@@ -215,19 +253,28 @@ def parse_config(argv):
     p.add_argument("--allow-module", action="append", default=[],
                    help="also allow this module and its submodules (repeatable)")
     p.add_argument("--ready-timeout-s", type=float, default=120.0,
-                   help="default readiness timeout of a started process, s")
+                   help="readiness timeout of a started process whose request gives none, s")
     p.add_argument("--grace-s", type=float, default=5.0, help="shutdown grace period, s")
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ...")
+    p.add_argument("--model-server-provider", choices=PROVIDERS, default=None,
+                   help="force --provider on every services.model_server started (GPU nodes: cuda)")
+    tls_mod.add_arguments(p)
     args = p.parse_args(argv)
     for mod in args.allow_module:
         if not _MODULE_RE.match(mod):
-            raise UsageError(f"--allow-module: {mod!r} is not a dotted module name")
+            raise cli.UsageError(f"--allow-module: {mod!r} is not a dotted module name")
     if not 0 <= args.port < 65536:
-        raise UsageError(f"--port: {args.port} is not a port number")
+        raise cli.UsageError(f"--port: {args.port} is not a port number")
+    try:
+        tls = tls_mod.from_args(args)
+    except tls_mod.TlsError as exc:
+        raise cli.UsageError(str(exc)) from None
     return AgentConfig(
         host=args.host, port=args.port, ready_file=args.ready_file, log_dir=args.log_dir,
         allowed_modules=DEFAULT_ALLOWED_MODULES + tuple(args.allow_module),
         default_ready_timeout_s=args.ready_timeout_s, grace_s=args.grace_s, log_level=args.log_level,
+        tls=tls if (tls.server_enabled or tls.client_enabled) else None,
+        model_server_provider=args.model_server_provider,
     )
 
 
@@ -236,11 +283,15 @@ def build_server(cfg):
     from parm.v1 import agent_pb2_grpc
     from services.common.server import create_server
 
+    from services.common.tls import PLAINTEXT
+
     core = AgentCore(allowed_modules=cfg.allowed_modules, log_dir=cfg.log_dir,
-                     default_ready_timeout_s=cfg.default_ready_timeout_s)
+                     default_ready_timeout_s=cfg.default_ready_timeout_s,
+                     model_server_provider=cfg.model_server_provider)
     built = create_server(
         f"{cfg.host}:{cfg.port}",
         [(agent_pb2_grpc.add_NodeAgentServicer_to_server, AgentServicer(core), SERVICE_NAME)],
+        tls=cfg.tls or PLAINTEXT,
     )
     return built, core
 
@@ -261,21 +312,14 @@ async def serve(cfg):
     await run_until_signal(built, grace_s=cfg.grace_s, on_shutdown=on_shutdown)
 
 
-def main(argv=None):
-    from services.common.server import setup_logging
+def _main(argv):
+    cfg = parse_config(argv)
+    cli.setup_logging(cfg.log_level)
+    cli.run_async(serve(cfg))
 
-    try:
-        cfg = parse_config(sys.argv[1:] if argv is None else argv)
-    except UsageError as exc:
-        print(f"deploy.remote.agent: {exc}", file=sys.stderr)
-        return 2
-    setup_logging(cfg.log_level)
-    try:
-        asyncio.run(serve(cfg))
-    except OSError as exc:
-        print(f"deploy.remote.agent: {exc}", file=sys.stderr)
-        return 1
-    return 0
+
+def main(argv=None):
+    return cli.run_main(_main, argv, prog="python -m deploy.remote.agent")
 
 
 # -- the launcher ---------------------------------------------------------------------------
@@ -289,9 +333,11 @@ class AgentLauncher(Launcher):
             default: the host part of the agent's address.
         rpc_timeout_s: timeout of the calls other than ``start`` (whose
             timeout is its ``ready_timeout_s`` plus a margin).
+        tls: ``TlsConfig`` to call the agents with (mutual TLS); default:
+            ``tls_from_dir($PARM_AGENT_TLS_DIR)``, plaintext when unset.
     """
 
-    def __init__(self, agent_addresses, host_addresses=None, *, rpc_timeout_s=30.0):
+    def __init__(self, agent_addresses, host_addresses=None, *, rpc_timeout_s=30.0, tls=None):
         import grpc
 
         from parm.v1 import agent_pb2_grpc
@@ -306,7 +352,13 @@ class AgentLauncher(Launcher):
             raise ValueError("host_addresses and agent_addresses differ in length")
         self.host_addresses = list(host_addresses)
         self.rpc_timeout_s = rpc_timeout_s
-        self._channels = [grpc.insecure_channel(a, options=grpc_options()) for a in self.agent_addresses]
+        if tls is None:
+            tls = tls_from_dir(os.environ.get(TLS_DIR_ENV, ""))
+        if tls is not None and tls.client_enabled:
+            creds, options = tls.channel_credentials(), grpc_options() + tls.channel_options()
+            self._channels = [grpc.secure_channel(a, creds, options=options) for a in self.agent_addresses]
+        else:
+            self._channels = [grpc.insecure_channel(a, options=grpc_options()) for a in self.agent_addresses]
         self._stubs = [agent_pb2_grpc.NodeAgentStub(c) for c in self._channels]
         self._started = []
 

@@ -82,3 +82,15 @@ def aws(moto_url, monkeypatch, tmp_path):
 
 def read_json_object(s3, bucket, key):
     return json.loads(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
+
+
+@pytest.fixture(autouse=True)
+def _private_tmp(tmp_path, monkeypatch):
+    """Temporary files of this test and of the processes it starts (agents, their children) go under
+    ``tmp_path`` (``ServiceProcess`` makes a ``parm-<name>-*`` folder per process and leaves it)."""
+    import tempfile
+
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setenv("TMPDIR", str(scratch))
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))

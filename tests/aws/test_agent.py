@@ -137,6 +137,93 @@ def test_agent_usage_error_is_one_line():
     proc = subprocess.run([sys.executable, "-m", "deploy.remote.agent", "--port", "x"],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
-    assert proc.stderr.startswith("deploy.remote.agent: argument --port")
+    assert proc.stderr.startswith("python -m deploy.remote.agent: error: argument --port")
     assert "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.fixture
+def tls_agent(tmp_path):
+    from deploy.certs import make_certs
+    from deploy.remote.agent import TLS_SERVER_NAME
+
+    make_certs(tmp_path / "tls", hosts=(TLS_SERVER_NAME,))
+    tls = tmp_path / "tls"
+    proc = ServiceProcess.python_module(
+        "deploy.remote.agent",
+        ["--host", "127.0.0.1", "--port", "0", "--log-dir", tmp_path / "agent", "--allow-module", FAKE,
+         "--tls-cert", tls / "node.pem", "--tls-key", tls / "node.key", "--tls-ca", tls / "ca.pem",
+         "--tls-client-auth"],
+        name="tls-agent", ready_timeout_s=60,
+    )
+    try:
+        yield proc, tls
+    finally:
+        proc.stop(grace_s=10)
+
+
+def test_agent_under_mutual_tls_admits_only_the_deployments_certificates(tls_agent, tmp_path, monkeypatch):
+    from deploy.certs import make_certs
+    from deploy.remote.agent import TLS_DIR_ENV, TLS_SERVER_NAME, tls_from_dir
+
+    proc, tls = tls_agent
+    address = f"127.0.0.1:{proc.port}"
+    # With the deployment's CA and node key (from the env, as the runner on AWS gets it): served.
+    monkeypatch.setenv(TLS_DIR_ENV, str(tls))
+    launcher = AgentLauncher([address], rpc_timeout_s=10)
+    try:
+        assert launcher.status(0).processes == []
+    finally:
+        launcher.close()
+    # Plaintext: refused.
+    monkeypatch.delenv(TLS_DIR_ENV)
+    plain = AgentLauncher([address], rpc_timeout_s=3)
+    try:
+        with pytest.raises(AgentError) as info:
+            plain.status(0)
+        assert info.value.code == grpc.StatusCode.UNAVAILABLE
+    finally:
+        plain.close()
+    # A certificate of another CA (another deployment): refused.
+    make_certs(tmp_path / "other", hosts=(TLS_SERVER_NAME,))
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    for name, src in (("ca.pem", tls / "ca.pem"), ("node.pem", tmp_path / "other" / "node.pem"),
+                      ("node.key", tmp_path / "other" / "node.key")):
+        (mixed / name).write_bytes(src.read_bytes())
+    foreign = AgentLauncher([address], rpc_timeout_s=3, tls=tls_from_dir(str(mixed)))
+    try:
+        with pytest.raises(AgentError):
+            foreign.status(0)
+    finally:
+        foreign.close()
+
+
+def test_tls_from_dir_without_a_ca_is_plaintext(tmp_path):
+    from deploy.remote.agent import tls_from_dir
+
+    assert tls_from_dir("") is None
+    assert tls_from_dir(str(tmp_path)) is None
+
+
+def test_gpu_agent_forces_the_cuda_provider_on_model_servers(tmp_path, monkeypatch):
+    from deploy.remote import agent as agent_mod
+
+    started = []
+
+    class Recorder:
+        def __init__(self, argv, **kwargs):
+            started.append(argv)
+            self.pid, self.port = 4242 + len(started), 1
+
+    monkeypatch.setattr(agent_mod, "ServiceProcess", Recorder)
+    core = agent_mod.AgentCore(log_dir=tmp_path, model_server_provider="cuda")
+    core.start("services.model_server", ["--model", "m.json", "--provider", "auto"], "ms", {}, 10)
+    core.start("services.model_server", ["--provider=cpu", "--role", "data"], "ms2", {}, 10)
+    core.start("loadgen", ["--provider", "x"], "lg", {}, 10)
+    assert started[0][3:] == ["--model", "m.json", "--provider", "cuda", "--port", "0"]
+    assert started[1][3:] == ["--role", "data", "--provider", "cuda", "--port", "0"]
+    assert started[2][3:] == ["--provider", "x", "--port", "0"]  # only model servers
+    plain = agent_mod.AgentCore(log_dir=tmp_path)
+    plain.start("services.model_server", ["--provider", "auto"], "ms3", {}, 10)
+    assert started[3][3:] == ["--provider", "auto", "--port", "0"]

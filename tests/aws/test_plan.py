@@ -87,12 +87,29 @@ def test_settings_flags_env_and_defaults():
                       {"PARM_AWS_REGION": "eu-west-1", "PARM_AWS_MARKET": "spot", "AWS_REGION": "us-west-2"})
     assert s.region == "eu-west-1" and s.spot and s.availability_zones == ("eu-west-1b", "eu-west-1a")
     assert settings_from(["--region", "ap-south-1"], {"PARM_AWS_REGION": "eu-west-1"}).region == "ap-south-1"
-    with pytest.raises(settings_mod.SettingsError, match="whole internet"):
-        settings_from(["--ssh-cidr", "0.0.0.0/0"])
     with pytest.raises(settings_mod.SettingsError, match="not a CIDR"):
         settings_from(["--ssh-cidr", "my-laptop"])
     with pytest.raises(settings_mod.SettingsError, match="spot-discount"):
         settings_from(["--spot-discount", "1.5"])
+
+
+@pytest.mark.parametrize("value", ["0.0.0.0/0", "203.0.113.0/24", "203.0.113.7/31", "::/0", "2001:db8::/64"])
+def test_ssh_cidr_wider_than_one_address_is_refused(value):
+    with pytest.raises(settings_mod.SettingsError, match="wider than one address"):
+        settings_from(["--ssh-cidr", value])
+
+
+@pytest.mark.parametrize("value", ["203.0.113.7", "300.1.1.1/32", "203.0.113.7/33", "203.0.113.8/29x",
+                                   "203.0.113.7/32/1", "", "2001:db8::1/129"])
+def test_malformed_ssh_cidr_is_refused(value):
+    with pytest.raises(settings_mod.SettingsError):
+        settings_from(["--ssh-cidr", value])
+
+
+def test_one_address_ssh_cidrs_are_accepted():
+    assert settings_from(["--ssh-cidr", "203.0.113.7/32"]).ssh_cidr == "203.0.113.7/32"
+    assert settings_from(["--ssh-cidr", "2001:db8::7/128"]).ssh_cidr == "2001:db8::7/128"
+    assert settings_from([], {"PARM_AWS_SSH_CIDR": "none"}).ssh_cidr == "none"
 
 
 def test_ssh_cidr_detection_and_modes():
@@ -108,9 +125,13 @@ def test_ssh_cidr_detection_and_modes():
 
     with pytest.raises(AwsError, match="network unreachable"):
         network.detect_ssh_cidr(offline)
-    assert network.resolve_ssh_cidr(AwsSettings(ssh_cidr="none")) is None
-    assert network.resolve_ssh_cidr(AwsSettings(ssh_cidr="192.0.2.0/24")) == "192.0.2.0/24"
-    assert network.resolve_ssh_cidr(AwsSettings(ssh_cidr="auto"), fetch=lambda: "192.0.2.9") == "192.0.2.9/32"
+    key = {"key_name": "mykey"}
+    assert network.resolve_ssh_cidr(AwsSettings(ssh_cidr="none", **key)) is None
+    assert network.resolve_ssh_cidr(AwsSettings(ssh_cidr="192.0.2.1/32", **key)) == "192.0.2.1/32"
+    assert network.resolve_ssh_cidr(AwsSettings(ssh_cidr="auto", **key), fetch=lambda: "192.0.2.9") == "192.0.2.9/32"
+    # No key pair: nobody can log in, so no SSH rule at all.
+    assert network.resolve_ssh_cidr(AwsSettings(ssh_cidr="192.0.2.1/32")) is None
+    assert network.resolve_ssh_cidr(AwsSettings(ssh_cidr="auto"), fetch=lambda: "192.0.2.9") is None
 
 
 def test_source_archive_is_the_committed_tree(tmp_path):
@@ -128,9 +149,55 @@ def test_source_archive_is_the_committed_tree(tmp_path):
 def test_node_policy_is_limited_to_the_prefix():
     from deploy.aws.iam import node_policy
 
-    policy = node_policy("bkt", "fig9a")
+    policy = node_policy("bkt", "fig9a", "us-east-1", "123456789012")
     actions = sorted(a for s in policy["Statement"] for a in s["Action"])
-    assert actions == ["s3:GetObject", "s3:ListBucket", "s3:PutObject"]
+    assert actions == ["ec2:StopInstances", "ec2:TerminateInstances", "s3:GetObject", "s3:ListBucket",
+                       "s3:PutObject"]
+    ec2 = next(s for s in policy["Statement"] if "ec2:StopInstances" in s["Action"])
+    assert ec2["Resource"] == ["arn:aws:ec2:us-east-1:123456789012:instance/*"]
+    assert ec2["Condition"] == {"StringEquals": {"aws:ResourceTag/parm:experiment": "fig9a"}}
     put = next(s for s in policy["Statement"] if s["Action"] == ["s3:PutObject"])
     assert put["Resource"] == ["arn:aws:s3:::bkt/fig9a/ready/*", "arn:aws:s3:::bkt/fig9a/results/*",
                                "arn:aws:s3:::bkt/fig9a/control/status.json"]
+
+
+PAPER_CONFIGS = ["simple", "fig9a", "fig9b", "fig10", "fig11", "fig12", "fig13", "batch_size_1", "batch_size_2",
+                 "batch_size_4"]
+
+
+@pytest.mark.parametrize("name", PAPER_CONFIGS)
+def test_every_paper_config_plans_and_passes_the_type_check_or_names_the_fix(name):
+    """Item 4 on the plans of every paper config: p2/p3 is an error naming g4dn.xlarge, unless --ami."""
+    from deploy.aws.cli import check_types
+
+    sweep = load(name)
+    plan = plan_mod.plan_fleet(sweep, AwsSettings())
+    assert plan.num_runs >= 1 and plan.group("frontend").count == 1
+    assert plan.group("worker").count == max(sum(r.num_instances) for r in sweep.runs())
+    old = [g for g in plan.groups if g.instance_type.split(".")[0] in ("p2", "p3")]
+    if old:
+        with pytest.raises(plan_mod.PlanError, match=f"use --{old[0].role}-type g4dn.xlarge"):
+            check_types(plan, AwsSettings())
+        check_types(plan, AwsSettings(ami="ami-0123456789abcdef0"))  # an explicit image: the user's call
+        fixed = plan_mod.plan_fleet(sweep, AwsSettings(worker_type="g4dn.xlarge"))
+        check_types(fixed, AwsSettings(worker_type="g4dn.xlarge"))
+    else:
+        check_types(plan, AwsSettings())
+
+
+def test_ebs_cost_of_a_stopped_fleet():
+    from deploy.aws.cli import _ebs_note
+    from deploy.aws.prices import EBS_GP3_USD_PER_GB_MONTH
+
+    plan = plan_mod.plan_fleet(load("fig9a"), AwsSettings(worker_type="g4dn.xlarge"))
+    note = _ebs_note(plan, {"frontend": 64, "worker": 75, "client": 64})
+    total = 64 + 18 * 75 + 4 * 64
+    assert f"{total} GB gp3 = {total * EBS_GP3_USD_PER_GB_MONTH:.2f} USD/month" in note
+
+
+def test_quota_groups():
+    from deploy.aws.network import quota_group
+
+    assert [quota_group(t) for t in ("g4dn.xlarge", "p2.xlarge", "c5.9xlarge", "m5.xlarge", "inf1.xlarge",
+                                     "vt1.3xlarge", "x1e.xlarge", "f1.2xlarge")] == [
+        "g", "p", "standard", "standard", "inf", "g", "x", "f"]
