@@ -197,16 +197,15 @@ class ShuffleCoordinator:
         self._tasks = []
 
     async def _loop(self):
-        # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a
-        # cancellation that arrives as the transfer completes, and the loop
-        # would go on after stop(). The flag makes stop() final regardless.
+        # wait_for (asyncio.timeout is 3.11+, and this runs on AWS nodes' 3.10):
+        # wait_for can swallow a cancellation that arrives as the transfer
+        # completes, so the loop checks the flag, which makes stop() final.
         while not self._stopping:
             src, dst = self._rng.sample(range(len(self.agents)), 2)
             nbytes = self._rng.randint(*self.size_bytes)
             try:
                 start = self._clock()
-                async with asyncio.timeout(self.timeout_s):
-                    moved = await self.shuffle_once(src, dst, nbytes)
+                moved = await asyncio.wait_for(self.shuffle_once(src, dst, nbytes), self.timeout_s)
                 self.timeline.append(TransferSpan(src, dst, nbytes, start, self._clock()))
                 self.stats.completed += 1
                 self.stats.bytes_moved += moved
@@ -257,9 +256,8 @@ async def _serve_agent(cfg):
     await stop.wait()
     # Transfers in flight are abandoned (asyncio.run cancels their handlers);
     # waiting for them could outlast the caller's grace period.
-    with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout(1.0):
-            await agent.close()
+    with contextlib.suppress(asyncio.TimeoutError):  # not the builtin: on 3.10 they differ
+        await asyncio.wait_for(agent.close(), 1.0)
 
 
 def _main(argv):
