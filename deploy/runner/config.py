@@ -19,7 +19,8 @@ Local fields (all optional, defaults below): ``warmup_queries``, ``seed``,
 it, else the emulated network, as ``configs/local.json`` says; ``"netns"``;
 ``"emulated"``, the default),
 ``decode_policy`` (a sweep field, a list or one value: ``"immediate"``/``"late"``, passed to the
-frontend as ``--decode-policy`` only when given), and ``emulation``:
+frontend as ``--decode-policy`` only when given, and only to the modes that
+answer with a substitute, ``coded`` and ``cheap``), and ``emulation``:
 
     "emulation": {
       "compute": {"kind": "lognormal", "params": {"median_ms": 8, "sigma": 0.25}},
@@ -67,6 +68,11 @@ _KNOWN = set(_SWEEP_FIELDS) | {
     "batch_timeout_ms", "network", "emulation", "description", "artifacts",
     "s3_path",  # deprecated in the original; accepted and ignored
 }
+
+
+# Modes whose answers can be a substitute (a reconstruction, a backup's answer): the
+# decode policy applies to them.
+SUBSTITUTING_MODES = ("coded", "cheap")
 
 
 class ConfigError(ValueError):
@@ -171,8 +177,8 @@ class SweepConfig:
             self.send_rates, self.background_traffic, self.num_queries,
             self.ec_k_val, range(self.num_trials), self.decode_policies, self.redundancy_modes,
         ):
-            if mode != "coded" and policy is not None and policy != self.decode_policies[0]:
-                continue  # the decode policy changes only coded runs: the others run once
+            if mode not in SUBSTITUTING_MODES and policy is not None and policy != self.decode_policies[0]:
+                continue  # the decode policy changes only coded and cheap runs: the others run once
             if mode == "none":
                 key = (qm, n, bs, nc, rate, bg, nq, trial, mode)
                 if key in seen:
@@ -186,7 +192,7 @@ class SweepConfig:
                 seed=self.seed + trial, encoder=self.encoder, deadline_s=self.deadline_s,
                 batch_timeout_ms=self.batch_timeout_ms, network=self.network,
                 compute=self.compute, background_model=self.background_model,
-                clipper=self.clipper, decode_policy=policy if mode == "coded" else None,
+                clipper=self.clipper, decode_policy=policy if mode in SUBSTITUTING_MODES else None,
             ))
         return out
 

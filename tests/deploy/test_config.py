@@ -114,6 +114,10 @@ def test_decode_policy_reaches_the_frontend_only_when_set():
     assert "--decode-policy" not in args(plain.runs()[1])
     a = args(late.runs()[1])
     assert a[a.index("--decode-policy") + 1] == "late"
+    cheap = config.parse({**BASE, "send_rates": [10], "redundancy_modes": ["none", "cheap"],
+                          "decode_policy": ["immediate", "late"]})
+    assert [(r.redundancy_mode, r.decode_policy) for r in cheap.runs()] == [
+        ("none", None), ("cheap", "immediate"), ("cheap", "late")]
 
 
 @pytest.mark.parametrize("bad", [["eager"], [], "sometimes", [1]])
@@ -163,7 +167,13 @@ def test_local_json_keeps_the_testbed_parameters_and_runs_three_trials():
     cfg = config.load(config.CALIBRATION_PATH.parent / "local.json")
     assert cfg.num_trials == 3 and cfg.network == "auto" and cfg.background_traffic == (2,)
     assert cfg.compute == {"kind": "lognormal", "params": {"median_ms": 8.0, "sigma": 0.25}}
-    assert cfg.num_models == (4,) and cfg.redundancy_modes == ("equal", "coded") and cfg.decode_policies == (None,)
+    assert cfg.num_models == (4,) and cfg.redundancy_modes == ("equal", "coded") and cfg.decode_policies == ("late",)
+    both = config.load(config.CALIBRATION_PATH.parent / "decode-policy.json")
+    assert both.decode_policies == ("immediate", "late") and both.num_trials == 1
+    assert {k: v for k, v in vars(both).items() if k not in ("experiment_id", "description", "decode_policies",
+                                                               "num_trials", "source_path")} == \
+        {k: v for k, v in vars(cfg).items() if k not in ("experiment_id", "description", "decode_policies",
+                                                          "num_trials", "source_path")}
     fig = config.load(config.CALIBRATION_PATH.parent / "fig9a-local.json")
     coded = [r for r in fig.runs() if r.redundancy_mode == "coded"][0]
     assert coded.num_instances == (12, 6, 0) and fig.background_traffic == (4,) and fig.network == "netns"
