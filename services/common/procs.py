@@ -8,7 +8,9 @@ port, which is how tests and the local runner avoid collisions.
 
 Ownership: a ``ServiceProcess`` owns its child. ``stop()`` sends SIGTERM,
 waits ``grace_s``, then SIGKILLs; it is idempotent and also runs at
-interpreter exit for anything still alive, so no caller leaks a process.
+interpreter exit for anything still alive, so no caller leaks a process. A
+start that fails or is interrupted (Ctrl-C while waiting for the ready file)
+stops its child before the exception leaves the constructor.
 It also owns a temporary directory (``parm-NAME-*``: the ready file, and
 the log unless ``log_path`` is given) and removes it when the process is
 stopped, when a start fails, and at the latest when the handle is garbage
@@ -72,7 +74,13 @@ class ServiceProcess:
             start_new_session=True,
         )
         _LIVE.add(self)
-        self.info = self._wait_ready(ready_timeout_s)
+        try:
+            self.info = self._wait_ready(ready_timeout_s)
+        except BaseException:
+            # Ctrl-C (or any error) while waiting: nobody will get a handle to
+            # this child, and _LIVE holds it only weakly, so stop it now.
+            self.stop(grace_s=1)
+            raise
         self.port = int(self.info["port"])
 
     @classmethod
@@ -125,6 +133,9 @@ class ServiceProcess:
                     self.proc.wait(timeout=10)
                 except subprocess.TimeoutExpired:
                     pass
+        if not self.alive():  # dead and reaped: nothing more to own
+            self._release()
+            _LIVE.discard(self)
 
     def stop(self, grace_s=5.0):
         """SIGTERM, wait up to ``grace_s``, then SIGKILL. Idempotent."""
