@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from models import archs, checkpoint, cli, data, degraded, encoders
+import datasplits
+from models import archs, checkpoint, cli, degraded, encoders
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,10 +50,10 @@ class Settings:
 
 
 def _arrays(dataset, split_seed, data_root, max_train):
-    X_train, y_train = data.load_split(dataset, "train", split_seed, data_root)
+    X_train, y_train = datasplits.load_split(dataset, "train", split_seed, data_root)
     if max_train is not None:
         X_train, y_train = X_train[:max_train], y_train[:max_train]
-    X_val, y_val = data.load_split(dataset, "val", split_seed, data_root)
+    X_val, y_val = datasplits.load_split(dataset, "val", split_seed, data_root)
     return torch.from_numpy(X_train), torch.from_numpy(y_train), X_val, y_val
 
 
@@ -147,15 +148,15 @@ def train_base(dataset, arch, out, settings, split_seed=0, data_root=None, name=
     """Trains a base classifier; saves the best checkpoint at ``out``; returns its meta dict."""
     _check_settings(settings)
     torch.manual_seed(settings.seed)
-    shape = data.input_shape(dataset)
-    norm = data.normalization(dataset, split_seed, data_root)
-    model = archs.Normalized(archs.build(arch, shape, data.NUM_CLASSES), norm["mean"], norm["std"])
+    shape = datasplits.input_shape(dataset)
+    norm = datasplits.normalization(dataset, split_seed, data_root)
+    model = archs.Normalized(archs.build(arch, shape, datasplits.NUM_CLASSES), norm["mean"], norm["std"])
     X_train, y_train, X_val, y_val = _arrays(dataset, split_seed, data_root, settings.max_train)
     start = time.perf_counter()
     state, acc = _fit_classifier(model, X_train, y_train, X_val, y_val, settings, f"base {arch}")
     model.load_state_dict(state)
     meta = {"role": "base", "name": name or f"{dataset}-{arch}", "arch": arch, "dataset": dataset,
-            "split_seed": split_seed, "input_shape": list(shape), "num_classes": data.NUM_CLASSES,
+            "split_seed": split_seed, "input_shape": list(shape), "num_classes": datasplits.NUM_CLASSES,
             "normalization": norm, "k": None, "encoder": None, "base_model": None, "base_checkpoint": None,
             "metrics": {"val_top1": acc, "train_s": round(time.perf_counter() - start, 2)},
             "config": dataclasses.asdict(settings)}
@@ -342,7 +343,7 @@ def build_parser():
     parser = cli.ArgumentParser(prog="python -m models.train", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="role", required=True, metavar="{base,parity,backup}")
     p = sub.add_parser("base", help="train a base classifier")
-    p.add_argument("--dataset", default="mnist", help=f"one of {', '.join(data.DATASETS)} (default: %(default)s)")
+    p.add_argument("--dataset", default="mnist", help=f"one of {', '.join(datasplits.DATASETS)} (default: %(default)s)")
     p.add_argument("--arch", default="lenet5-wide", help=f"one of {', '.join(archs.ARCHS)} (default: %(default)s)")
     p.add_argument("--split-seed", type=int, default=0, help="seed of the train/val/test split (default: %(default)s)")
     p.add_argument("--no-augment", dest="augment", action="store_false", help="train on the examples as they are")
@@ -387,7 +388,7 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     settings = settings_from(args)
     if args.role == "base":
-        data.check_dataset(args.dataset)
+        datasplits.check_dataset(args.dataset)
         meta = train_base(args.dataset, args.arch, args.out, settings, args.split_seed, args.data_root, args.name)
     elif args.role == "parity":
         meta = train_parity(args.base, args.k, args.encoder, args.out, settings, args.data_root, args.name)

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from models import checkpoint, data, train
+import datasplits
+from models import checkpoint, train
 from models.train import Settings
 
 
@@ -19,13 +20,13 @@ def digits_base(tmp_path_factory):
 def test_base_model_learns_digits(digits_base):
     path, meta = digits_base
     model, loaded = checkpoint.load(path, role="base")
-    X, y = data.load_split("digits", "val")
+    X, y = datasplits.load_split("digits", "val")
     acc = float((train.predict(model, X).argmax(1) == y).mean())
     # Chance is 10%; four epochs of an MLP on the 8x8 digits reach ~90%.
     assert acc > 0.75
     assert acc == pytest.approx(meta["metrics"]["val_top1"])
     assert loaded["name"] == "digits-mlp" and loaded["input_shape"] == [1, 8, 8]
-    assert loaded["normalization"] == data.normalization("digits")
+    assert loaded["normalization"] == datasplits.normalization("digits")
 
 
 def test_parity_model_learns_the_sum_of_base_outputs(digits_base, tmp_path):
@@ -38,7 +39,7 @@ def test_parity_model_learns_the_sum_of_base_outputs(digits_base, tmp_path):
     assert loaded["arch"] == "mlp"
     # On held-out groups the trained parity model is far closer to the target
     # than an untrained one of the same architecture.
-    X, _ = data.load_split("digits", "test")
+    X, _ = datasplits.load_split("digits", "test")
     groups = torch.arange(2 * (len(X) // 2)).reshape(-1, 2)
     query, target = train.parity_batch(base, torch.from_numpy(X), groups, "concat")
     untrained = checkpoint.build_model(loaded).eval()
@@ -58,7 +59,7 @@ def test_backup_model_is_its_own_arch_for_the_base(digits_base, tmp_path):
 
 
 def test_augment_preserves_shape_and_range_and_is_seeded():
-    X, _ = data.load_split("mnist", "val")
+    X, _ = datasplits.load_split("mnist", "val")
     x = torch.from_numpy(X[:16])
     a = train.augment(x, torch.Generator().manual_seed(3))
     b = train.augment(x, torch.Generator().manual_seed(3))
