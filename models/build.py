@@ -46,14 +46,15 @@ class Plan:
     split_seed: int = 0
     codes: tuple = ((2, "sum"), (3, "sum"), (4, "sum"), (2, "concat"), (4, "concat"))
     base: Settings = Settings(epochs=30)
-    parity: Settings = Settings(epochs=40, batch_size=32, augment=False)
+    parity: Settings = Settings(epochs=40, batch_size=16, augment=False, init_from_base=True)
     backup: Settings = Settings(epochs=20)
     groupings: int = 4
 
 
 DEFAULT = Plan()
 TINY = Plan(base=Settings(epochs=1, max_train=600),
-            parity=Settings(epochs=1, max_train=600, augment=False, groups_per_epoch=256, val_groupings=1),
+            parity=Settings(epochs=1, max_train=600, augment=False, init_from_base=True, groups_per_epoch=256,
+                            val_groupings=1),
             backup=Settings(epochs=1, max_train=600),
             groupings=1)
 

@@ -73,6 +73,42 @@ def test_augment_preserves_shape_and_range_and_is_seeded():
     assert set(np.unique(c.numpy())) <= set(np.unique(colour.numpy())) | {0.0}
 
 
+def test_weight_average_is_an_exponential_moving_average_with_a_warm_up():
+    model = torch.nn.Linear(3, 2)
+    average = train.WeightAverage(model, 0.9)
+    expected = [p.detach().clone() for p in model.parameters()]
+    # d_n = min(0.9, (1 + n) / (10 + n)): 0.1, 0.1818..., then 0.9 from n = 80 on.
+    for n in range(100):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(1.0)
+        d = min(0.9, (1 + n) / (10 + n))
+        assert average.current_decay() == pytest.approx(d)
+        expected = [d * e + (1 - d) * p.detach() for e, p in zip(expected, model.parameters())]
+        average.update(model)
+    for avg, e in zip(average.model.parameters(), expected):
+        torch.testing.assert_close(avg, e)
+    assert average.current_decay() == pytest.approx(0.9)
+    assert not any(p.requires_grad for p in average.model.parameters())
+    # Decay 0: the average is the current weights.
+    plain = train.WeightAverage(model, 0.0)
+    with torch.no_grad():
+        model.weight.mul_(3)
+    plain.update(model)
+    torch.testing.assert_close(plain.model.weight, model.weight)
+    with pytest.raises(ValueError, match="decay"):
+        train.WeightAverage(model, 1.0)
+
+
+def test_weight_average_copies_buffers():
+    model = torch.nn.BatchNorm1d(4)
+    average = train.WeightAverage(model, 0.99)
+    model.train()
+    model(torch.randn(8, 4) + 5)
+    average.update(model)
+    torch.testing.assert_close(average.model.running_mean, model.running_mean)
+
+
 def test_sum_parity_normalization_scales_with_k():
     norm = train.parity_normalization({"mean": [0.1], "std": [0.3]}, 4, "sum")
     assert norm["mean"] == pytest.approx([0.4]) and norm["std"] == pytest.approx([0.6])
