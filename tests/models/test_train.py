@@ -1,5 +1,7 @@
 """Training on real data with tiny settings: it learns, checkpoints round-trip."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -48,6 +50,31 @@ def test_parity_model_learns_the_sum_of_base_outputs(digits_base, tmp_path):
         untrained_mse = torch.mean((untrained(query) - target) ** 2).item()
     assert trained_mse < 0.5 * untrained_mse
     assert meta["metrics"]["val_degraded_top1"] > 0.3
+
+
+def test_parity_model_starts_from_the_base_weights_when_told(digits_base, tmp_path):
+    base_path, _ = digits_base
+    base, _ = checkpoint.load(base_path)
+    # lr 0: the kept weights are the initial ones.
+    frozen = Settings(epochs=1, lr=0.0, groups_per_epoch=64, progress=False, val_groupings=1)
+    for init_from_base in (True, False):
+        out = tmp_path / f"p-{init_from_base}.pt"
+        train.train_parity(base_path, 2, "sum", out, dataclasses.replace(frozen, init_from_base=init_from_base))
+        parity, meta = checkpoint.load(out)
+        same = [torch.equal(a, b) for a, b in zip(parity.net.state_dict().values(), base.net.state_dict().values())]
+        assert all(same) if init_from_base else not any(same)
+        # The normalisation stays the parity query's own (a sum of two examples).
+        assert meta["normalization"]["mean"] == pytest.approx([2 * m for m in base.mean.flatten().tolist()])
+
+
+def test_train_cli_defaults_are_the_recipe():
+    args = train.parse_args(["parity", "--base", "b.pt", "--k", "2", "--out", "p.pt"])
+    settings = train.settings_from(args)
+    assert (settings.init_from_base, settings.batch_size, settings.epochs, settings.ema) == (True, 16, 40, 0.995)
+    args = train.parse_args(["parity", "--base", "b.pt", "--k", "2", "--out", "p.pt", "--init", "random",
+                             "--ema", "0"])
+    assert (train.settings_from(args).init_from_base, train.settings_from(args).ema) == (False, 0.0)
+    assert train.settings_from(train.parse_args(["base", "--out", "b.pt"])).ema == 0.995
 
 
 def test_backup_model_is_its_own_arch_for_the_base(digits_base, tmp_path):
