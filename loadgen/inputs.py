@@ -5,7 +5,7 @@ In order of precedence:
 1. ``inputs_path``: an ``.npz`` file with arrays ``X`` (examples, per-example
    shape, already scaled as the frontend expects) and ``y`` (int labels).
 2. ``manifest_json`` (a base model manifest, ``services.common.manifest``):
-   the test split of its dataset via ``models.data.load_split(dataset,
+   the test split of its dataset via ``datasplits.load_split(dataset,
    split="test", split_seed=...)``, imported only here.
 3. The frontend's ``GetStatus``: its ``manifest_json``, else its
    ``manifest_path`` when that file is readable on this host.
@@ -37,9 +37,9 @@ def load_npz(path):
 def load_from_manifest(manifest):
     """(X, y): the test split of the manifest's dataset, in its input dtype."""
     try:
-        from models.data import load_split
+        from datasplits import load_split
     except ImportError as exc:
-        raise InputsError(f"cannot load dataset {manifest.dataset!r}: models.data is unavailable "
+        raise InputsError(f"cannot load dataset {manifest.dataset!r}: datasplits is unavailable "
                           f"({exc}); pass --inputs FILE.npz") from None
     try:
         x, y = load_split(manifest.dataset, split="test", split_seed=manifest.split_seed)

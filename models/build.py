@@ -12,7 +12,7 @@ Trains, exports and evaluates, into ``--out``:
 - ``checkpoints/``: the torch checkpoints.
 
 Skipped when up to date: ``index.json`` records a key over the settings and
-the source of ``models/``; the same key and all files present means nothing
+the source of ``models/`` and ``datasplits/``; the same key and all files present means nothing
 to do (``--force`` rebuilds). ``--tiny`` builds the same set with a few
 hundred examples and one epoch each (well under a minute): real, small,
 inaccurate models for tests of the other components.
@@ -29,7 +29,8 @@ import time
 
 import torch
 
-from models import checkpoint, cli, data, evaluate, export, train
+import datasplits
+from models import checkpoint, cli, evaluate, export, train
 from models.train import Settings
 
 INDEX = "index.json"
@@ -45,24 +46,26 @@ class Plan:
     split_seed: int = 0
     codes: tuple = ((2, "sum"), (3, "sum"), (4, "sum"), (2, "concat"), (4, "concat"))
     base: Settings = Settings(epochs=30)
-    parity: Settings = Settings(epochs=40, batch_size=32, augment=False)
+    parity: Settings = Settings(epochs=40, batch_size=16, augment=False, init_from_base=True)
     backup: Settings = Settings(epochs=20)
     groupings: int = 4
 
 
 DEFAULT = Plan()
 TINY = Plan(base=Settings(epochs=1, max_train=600),
-            parity=Settings(epochs=1, max_train=600, augment=False, groups_per_epoch=256, val_groupings=1),
+            parity=Settings(epochs=1, max_train=600, augment=False, init_from_base=True, groups_per_epoch=256,
+                            val_groupings=1),
             backup=Settings(epochs=1, max_train=600),
             groupings=1)
 
 
 def build_key(plan):
-    """A digest of the plan and of every source file of ``models``."""
+    """A digest of the plan and of every source file of ``models`` and ``datasplits``."""
     digest = hashlib.sha256(json.dumps(dataclasses.asdict(plan), sort_keys=True).encode())
-    for path in sorted(pathlib.Path(__file__).parent.glob("*.py")):
-        digest.update(path.name.encode())
-        digest.update(path.read_bytes())
+    for package in (pathlib.Path(__file__).parent, pathlib.Path(datasplits.__file__).parent):
+        for path in sorted(package.glob("*.py")):
+            digest.update(f"{package.name}/{path.name}".encode())
+            digest.update(path.read_bytes())
     return digest.hexdigest()[:16]
 
 
@@ -105,6 +108,13 @@ def _run_tasks(tasks, jobs, log):
         return [f.result() for f in futures]
 
 
+def with_seed(plan, seed):
+    """``plan`` with every role's training seed set to ``seed`` (the data split stays ``plan.split_seed``)."""
+    return dataclasses.replace(plan, base=dataclasses.replace(plan.base, seed=seed),
+                               parity=dataclasses.replace(plan.parity, seed=seed),
+                               backup=dataclasses.replace(plan.backup, seed=seed))
+
+
 def build(out, plan=DEFAULT, force=False, progress=True, threads=1, jobs=1, log=print):
     """Builds the artifact set of ``plan`` into ``out``; returns the index dict."""
     out = pathlib.Path(out)
@@ -112,7 +122,7 @@ def build(out, plan=DEFAULT, force=False, progress=True, threads=1, jobs=1, log=
     if not force and up_to_date(out, key):
         log(f"{out}: up to date (build key {key}); --force rebuilds")
         return json.loads((out / INDEX).read_text())
-    data.check_dataset(plan.dataset)
+    datasplits.check_dataset(plan.dataset)
     ckpt = out / "checkpoints"
     ckpt.mkdir(parents=True, exist_ok=True)
     (out / INDEX).unlink(missing_ok=True)
@@ -143,7 +153,7 @@ def build(out, plan=DEFAULT, force=False, progress=True, threads=1, jobs=1, log=
                                              _with_progress(plan.backup, progress and jobs == 1)), {"name": name}))
     metas += timed("train parity and backup models", _run_tasks, tasks, jobs, log)
 
-    X_val, _ = data.load_split(plan.dataset, "val", plan.split_seed)
+    X_val, _ = datasplits.load_split(plan.dataset, "val", plan.split_seed)
     for meta in metas:
         manifest = timed(f"export {meta['name']}", export.export_checkpoint, ckpt / f"{meta['name']}.pt", out)
         model, _ = checkpoint.load(ckpt / f"{meta['name']}.pt")
@@ -163,7 +173,7 @@ def build(out, plan=DEFAULT, force=False, progress=True, threads=1, jobs=1, log=
     for meta in metas:
         metrics = {**meta["metrics"], **test_metrics.get(meta["name"], {})}
         manifest = export.manifest_for(meta, f"{meta['name']}.onnx",
-                                       data.split_sizes(plan.dataset, plan.split_seed), metrics)
+                                       datasplits.split_sizes(plan.dataset, plan.split_seed), metrics)
         manifest.save(out / f"{meta['name']}.json")
         artifacts.append({"name": meta["name"], "role": meta["role"], "arch": meta["arch"], "k": meta["k"],
                           "encoder": meta["encoder"], "onnx": manifest.onnx_file,
@@ -185,6 +195,9 @@ def build_parser():
     parser.add_argument("--tiny", action="store_true",
                         help="tiny settings: few examples, one epoch (for tests; inaccurate models)")
     parser.add_argument("--force", action="store_true", help="rebuild even when up to date")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="training seed of every model (initialisation, order, augmentation); the data "
+                             "split is fixed (default: the plan's, 0)")
     # One thread: these small networks gain little from a second intra-op
     # thread, and lose badly (2x slower per step, measured) when anything
     # else runs on the cores; the cores are used by --jobs instead.
@@ -204,7 +217,10 @@ def main(argv=None):
     if args.threads < 1 or args.jobs < 1:
         raise ValueError(f"--threads and --jobs must be >= 1, got {args.threads} and {args.jobs}")
     torch.set_num_threads(args.threads)
-    build(args.out, TINY if args.tiny else DEFAULT, force=args.force, progress=not args.no_progress,
+    plan = TINY if args.tiny else DEFAULT
+    if args.seed is not None:
+        plan = with_seed(plan, args.seed)
+    build(args.out, plan, force=args.force, progress=not args.no_progress,
           threads=args.threads, jobs=args.jobs)
     return 0
 

@@ -18,7 +18,8 @@ import sys
 
 import numpy as np
 
-from models import cli, coding, data, degraded
+import datasplits
+from models import cli, coding, degraded
 from services.common import manifest as manifest_mod
 
 NOT_MANIFESTS = ("index.json", "evaluation.json")
@@ -70,8 +71,8 @@ def _check_parity(base, parity):
 def evaluate_base(base, manifests, groupings=4, seed=0, threads=1, data_root=None, ks=None):
     """The evaluation record of one base model (see the module docstring)."""
     coder_name, encode, decode = coding.serving_coder()
-    X, y = data.load_split(base.dataset, "test", base.split_seed, data_root)
-    _, y_train = data.load_split(base.dataset, "train", base.split_seed, data_root)
+    X, y = datasplits.load_split(base.dataset, "test", base.split_seed, data_root)
+    _, y_train = datasplits.load_split(base.dataset, "train", base.split_seed, data_root)
     outputs = Runner(base, threads)(X)
     record = {
         "dataset": base.dataset, "arch": base.arch, "base": base.name, "split_seed": base.split_seed,

@@ -16,7 +16,8 @@ import numpy as np
 import onnx
 import torch
 
-from models import checkpoint, cli, data
+import datasplits
+from models import checkpoint, cli
 from services.common.manifest import Manifest
 
 OPSET = 17
@@ -51,7 +52,7 @@ def export_checkpoint(checkpoint_path, out_dir, data_root=None, metrics=None):
     out_dir.mkdir(parents=True, exist_ok=True)
     onnx_file = f"{meta['name']}.onnx"
     export_onnx(model, tuple(meta["input_shape"]), out_dir / onnx_file)
-    split = data.split_sizes(meta["dataset"], meta["split_seed"], data_root)
+    split = datasplits.split_sizes(meta["dataset"], meta["split_seed"], data_root)
     manifest = manifest_for(meta, onnx_file, split, metrics)
     manifest.save(out_dir / f"{meta['name']}.json")
     return manifest

@@ -4,18 +4,23 @@
     python -m models.train parity --base ckpt/base.pt --k 2 --encoder sum --out ckpt/p2.pt
     python -m models.train backup --base ckpt/base.pt --arch tinymlp --out ckpt/backup.pt
 
-Base and backup models: cross-entropy on the true labels. Parity models (as
-in the paper): the parity model has the base model's architecture; a training
-example is a group of k training examples (a fresh random grouping every
-epoch, optionally each member augmented independently); the input is the serving
-encoder applied to the k raw examples (``models.encoders``, proven equal to
-``coding_ext`` by the tests); the target is the sum of the frozen base
-model's outputs on the k (unencoded) examples; the loss is MSE on raw
-outputs. Base and backup training augment the examples; parity training does
-not by default (``--augment``): it learned slower with it in our runs, and
-the random regrouping every epoch already varies its queries. All roles: Adam, lr 1e-3, weight decay 1e-5, cosine decay of the
-learning rate; the checkpoint kept is the best on the validation split (top-1
-for base and backup, degraded-mode top-1 for parity).
+Base and backup models: cross-entropy on the true labels, random affine
+augmentation. Parity models (as in the paper): the parity model has the base
+model's architecture; a training example is a group of k training examples (a
+fresh random grouping every epoch, optionally each member augmented
+independently); the input is the serving encoder applied to the k raw
+examples (``models.encoders``, proven equal to ``coding_ext`` by the tests);
+the target is the sum of the frozen base model's outputs on the k (unencoded)
+examples; the loss is MSE on raw outputs. A parity model starts from the base
+model's weights (``--init base``, the default; ``random`` is the other
+choice) and trains with batch 16; it is not augmented by default
+(``--augment``): the random regrouping every epoch already varies its
+queries. All roles: Adam, lr 1e-3, weight decay 1e-5, cosine decay of the
+learning rate, and a moving average of the weights (``--ema``, decay 0.995);
+the average is what is validated after every epoch, and the checkpoint kept is
+the best average on the validation split (top-1 for base and backup,
+degraded-mode top-1 for parity). docs/models.md gives the measurements behind
+these choices.
 """
 
 import copy
@@ -29,7 +34,12 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from models import archs, checkpoint, cli, data, degraded, encoders
+import datasplits
+from models import archs, checkpoint, cli, degraded, encoders
+
+
+# Decay of the moving average of the weights (``WeightAverage``) kept by every role.
+EMA_DECAY = 0.995
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,15 +54,17 @@ class Settings:
     max_train: int | None = None
     groups_per_epoch: int | None = None
     val_groupings: int = 2
+    ema: float = EMA_DECAY
+    init_from_base: bool = False
     seed: int = 0
     progress: bool = True
 
 
 def _arrays(dataset, split_seed, data_root, max_train):
-    X_train, y_train = data.load_split(dataset, "train", split_seed, data_root)
+    X_train, y_train = datasplits.load_split(dataset, "train", split_seed, data_root)
     if max_train is not None:
         X_train, y_train = X_train[:max_train], y_train[:max_train]
-    X_val, y_val = data.load_split(dataset, "val", split_seed, data_root)
+    X_val, y_val = datasplits.load_split(dataset, "val", split_seed, data_root)
     return torch.from_numpy(X_train), torch.from_numpy(y_train), X_val, y_val
 
 
@@ -96,6 +108,39 @@ def _optimizer(model, settings, total_steps):
     return opt, sched
 
 
+class WeightAverage:
+    """An exponential moving average of a model's weights (Polyak averaging).
+
+    ``update`` after every optimiser step: avg = d * avg + (1 - d) * w for
+    every parameter, with d = min(decay, (1 + n) / (10 + n)) at the n-th
+    update (n from 0), so that the average follows the weights closely early in
+    training and short runs are not held at their initialisation. Buffers
+    (normalisation constants, batch-norm statistics) are copied. ``decay`` 0
+    keeps the current weights.
+    """
+
+    def __init__(self, model, decay):
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"the weight average's decay must be in [0, 1), got {decay}")
+        self.decay = decay
+        self.updates = 0
+        self.model = copy.deepcopy(model)
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+
+    def current_decay(self):
+        """The d of the next update."""
+        return min(self.decay, (1 + self.updates) / (10 + self.updates))
+
+    @torch.no_grad()
+    def update(self, model):
+        averaged, current = list(self.model.parameters()), list(model.parameters())
+        torch._foreach_lerp_(averaged, current, 1.0 - self.current_decay())
+        self.updates += 1
+        for a, b in zip(self.model.buffers(), model.buffers()):
+            a.copy_(b)
+
+
 @torch.no_grad()
 def predict(model, X, batch_size=1000):
     """Outputs of ``model`` (eval mode) on raw examples X (ndarray or tensor), as float32 ndarray."""
@@ -111,6 +156,8 @@ def _check_settings(settings):
         raise ValueError(f"--batch-size must be >= 1, got {settings.batch_size}")
     if settings.max_train is not None and settings.max_train < 1:
         raise ValueError(f"--max-train must be >= 1, got {settings.max_train}")
+    if not 0.0 <= settings.ema < 1.0:
+        raise ValueError(f"--ema must be in [0, 1), got {settings.ema}")
 
 
 def _fit_classifier(model, X_train, y_train, X_val, y_val, settings, desc):
@@ -119,6 +166,7 @@ def _fit_classifier(model, X_train, y_train, X_val, y_val, settings, desc):
     steps_per_epoch = math.ceil(len(X_train) / settings.batch_size)
     opt, sched = _optimizer(model, settings, settings.epochs * steps_per_epoch)
     best_state, best_acc = None, -1.0
+    average = WeightAverage(model, settings.ema)
     bar = tqdm(total=settings.epochs * steps_per_epoch, desc=desc, disable=None if settings.progress else True,
                file=sys.stderr, leave=False)
     for epoch in range(settings.epochs):
@@ -134,10 +182,11 @@ def _fit_classifier(model, X_train, y_train, X_val, y_val, settings, desc):
             loss.backward()
             opt.step()
             sched.step()
+            average.update(model)
             bar.update(1)
-        acc = float((predict(model, X_val).argmax(1) == y_val).mean())
+        acc = float((predict(average.model, X_val).argmax(1) == y_val).mean())
         if acc > best_acc:
-            best_acc, best_state = acc, copy.deepcopy(model.state_dict())
+            best_acc, best_state = acc, copy.deepcopy(average.model.state_dict())
         bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}", val_top1=f"{acc:.4f}", best=f"{best_acc:.4f}")
     bar.close()
     return best_state, best_acc
@@ -147,15 +196,15 @@ def train_base(dataset, arch, out, settings, split_seed=0, data_root=None, name=
     """Trains a base classifier; saves the best checkpoint at ``out``; returns its meta dict."""
     _check_settings(settings)
     torch.manual_seed(settings.seed)
-    shape = data.input_shape(dataset)
-    norm = data.normalization(dataset, split_seed, data_root)
-    model = archs.Normalized(archs.build(arch, shape, data.NUM_CLASSES), norm["mean"], norm["std"])
+    shape = datasplits.input_shape(dataset)
+    norm = datasplits.normalization(dataset, split_seed, data_root)
+    model = archs.Normalized(archs.build(arch, shape, datasplits.NUM_CLASSES), norm["mean"], norm["std"])
     X_train, y_train, X_val, y_val = _arrays(dataset, split_seed, data_root, settings.max_train)
     start = time.perf_counter()
     state, acc = _fit_classifier(model, X_train, y_train, X_val, y_val, settings, f"base {arch}")
     model.load_state_dict(state)
     meta = {"role": "base", "name": name or f"{dataset}-{arch}", "arch": arch, "dataset": dataset,
-            "split_seed": split_seed, "input_shape": list(shape), "num_classes": data.NUM_CLASSES,
+            "split_seed": split_seed, "input_shape": list(shape), "num_classes": datasplits.NUM_CLASSES,
             "normalization": norm, "k": None, "encoder": None, "base_model": None, "base_checkpoint": None,
             "metrics": {"val_top1": acc, "train_s": round(time.perf_counter() - start, 2)},
             "config": dataclasses.asdict(settings)}
@@ -267,6 +316,8 @@ def train_parity(base_checkpoint, k, encoder, out, settings, data_root=None, nam
     dataset, split_seed = base["dataset"], base["split_seed"]
     norm = parity_normalization(base["normalization"], k, encoder)
     model = archs.Normalized(archs.build(base["arch"], shape, base["num_classes"]), norm["mean"], norm["std"])
+    if settings.init_from_base:
+        model.net.load_state_dict(base_model.net.state_dict())
     X_train, _, X_val, y_val = _arrays(dataset, split_seed, data_root, settings.max_train)
     if len(X_train) < k or len(y_val) < k:
         raise ValueError(f"too few examples for groups of k={k}")
@@ -279,6 +330,7 @@ def train_parity(base_checkpoint, k, encoder, out, settings, data_root=None, nam
     steps_per_epoch = math.ceil(groups_per_epoch / settings.batch_size)
     opt, sched = _optimizer(model, settings, settings.epochs * steps_per_epoch)
     best_state, best_acc = None, -1.0
+    average = WeightAverage(model, settings.ema)
     bar = tqdm(total=settings.epochs * steps_per_epoch, desc=f"parity k={k} {encoder}",
                disable=None if settings.progress else True, file=sys.stderr, leave=False)
     start = time.perf_counter()
@@ -296,14 +348,14 @@ def train_parity(base_checkpoint, k, encoder, out, settings, data_root=None, nam
             loss.backward()
             opt.step()
             sched.step()
+            average.update(model)
             bar.update(1)
-        model.eval()
         with torch.no_grad():
-            scores = degraded.score(X_val, y_val, base_val, k, enc, lambda q: predict(model, q), dec,
+            scores = degraded.score(X_val, y_val, base_val, k, enc, lambda q: predict(average.model, q), dec,
                                     groupings=settings.val_groupings, seed=settings.seed + 1)
         acc = scores["degraded_top1"]
         if acc > best_acc:
-            best_acc, best_state = acc, copy.deepcopy(model.state_dict())
+            best_acc, best_state = acc, copy.deepcopy(average.model.state_dict())
         bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}", val_degraded=f"{acc:.4f}",
                         best=f"{best_acc:.4f}")
     bar.close()
@@ -318,7 +370,7 @@ def train_parity(base_checkpoint, k, encoder, out, settings, data_root=None, nam
     return meta
 
 
-def _add_common(p, epochs, batch_size=64):
+def _add_common(p, epochs, batch_size=64, ema=EMA_DECAY):
     p.add_argument("--out", required=True, help="checkpoint path to write (the best on validation)")
     p.add_argument("--epochs", type=int, default=epochs, help="training epochs (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=batch_size, help="minibatch size (default: %(default)s)")
@@ -326,6 +378,9 @@ def _add_common(p, epochs, batch_size=64):
     p.add_argument("--weight-decay", type=float, default=1e-5, help="Adam weight decay (default: %(default)s)")
     p.add_argument("--schedule", choices=("cosine", "constant"), default="cosine",
                    help="learning-rate schedule (default: %(default)s)")
+    p.add_argument("--ema", type=float, default=ema,
+                   help="decay of the moving average of the weights that is validated and kept; 0: the "
+                        "weights themselves (default: %(default)s)")
     p.add_argument("--max-train", type=int, default=None,
                    help="use only the first N training examples (default: all)")
     p.add_argument("--seed", type=int, default=0, help="seed of initialisation, order and augmentation "
@@ -342,7 +397,7 @@ def build_parser():
     parser = cli.ArgumentParser(prog="python -m models.train", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="role", required=True, metavar="{base,parity,backup}")
     p = sub.add_parser("base", help="train a base classifier")
-    p.add_argument("--dataset", default="mnist", help=f"one of {', '.join(data.DATASETS)} (default: %(default)s)")
+    p.add_argument("--dataset", default="mnist", help=f"one of {', '.join(datasplits.DATASETS)} (default: %(default)s)")
     p.add_argument("--arch", default="lenet5-wide", help=f"one of {', '.join(archs.ARCHS)} (default: %(default)s)")
     p.add_argument("--split-seed", type=int, default=0, help="seed of the train/val/test split (default: %(default)s)")
     p.add_argument("--no-augment", dest="augment", action="store_false", help="train on the examples as they are")
@@ -358,7 +413,9 @@ def build_parser():
     p.add_argument("--augment", action="store_true",
                    help="augment every member of a group (default: off; a fresh grouping every epoch "
                         "already varies the queries, and the base outputs are then computed once)")
-    _add_common(p, epochs=40, batch_size=32)
+    p.add_argument("--init", choices=("base", "random"), default="base",
+                   help="initial weights: the base model's (same architecture) or random (default: %(default)s)")
+    _add_common(p, epochs=40, batch_size=16)
     p = sub.add_parser("backup", help="train a cheap backup model for a base checkpoint")
     p.add_argument("--base", required=True, help="checkpoint of the base model")
     p.add_argument("--arch", default=None, help=f"one of {', '.join(archs.ARCHS)} (default: tinymlp for "
@@ -376,7 +433,9 @@ def settings_from(args):
     return Settings(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
                     schedule=args.schedule, augment=args.augment, max_train=args.max_train,
                     groups_per_epoch=getattr(args, "groups_per_epoch", None),
-                    val_groupings=getattr(args, "val_groupings", 2), seed=args.seed,
+                    val_groupings=getattr(args, "val_groupings", 2), ema=args.ema,
+                    init_from_base=getattr(args, "init", "random") == "base",
+                    seed=args.seed,
                     progress=not args.no_progress)
 
 
@@ -387,7 +446,7 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     settings = settings_from(args)
     if args.role == "base":
-        data.check_dataset(args.dataset)
+        datasplits.check_dataset(args.dataset)
         meta = train_base(args.dataset, args.arch, args.out, settings, args.split_seed, args.data_root, args.name)
     elif args.role == "parity":
         meta = train_parity(args.base, args.k, args.encoder, args.out, settings, args.data_root, args.name)

@@ -102,7 +102,7 @@ def test_bad_spec_is_invalid_argument_and_stop_of_unknown_run_is_false():
 
 def test_inputs_from_the_frontend_manifest(tmp_path):
     """GetStatus's manifest_json names the dataset; its test split is sent."""
-    from models.data import load_split
+    from datasplits import load_split
     from tests.loadgen.fake_frontend import FakeFrontend
     import loadgen
 

@@ -7,7 +7,8 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from models import checkpoint, data, export
+import datasplits
+from models import checkpoint, export
 from services.common import manifest as manifest_mod
 
 ROLES = {"base": 1, "parity": 5, "backup": 1}
@@ -26,7 +27,7 @@ def _manifests(directory):
 
 
 def test_onnx_runtime_equals_pytorch_on_the_same_inputs(tiny_artifacts):
-    X, _ = data.load_split("mnist", "test")
+    X, _ = datasplits.load_split("mnist", "test")
     for m in _manifests(tiny_artifacts):
         model, _ = checkpoint.load(tiny_artifacts / "checkpoints" / f"{m.name}.pt")
         for batch in (X[:1], X[:7], np.random.default_rng(0).random((5, 1, 28, 28), dtype=np.float32) * 4):
@@ -50,7 +51,7 @@ def test_graphs_have_named_float32_io_with_a_dynamic_batch(tiny_artifacts):
 def test_normalisation_is_inside_the_graph(tiny_artifacts):
     base = manifest_mod.load(tiny_artifacts / "mnist-lenet5-wide.json")
     model, _ = checkpoint.load(tiny_artifacts / "checkpoints" / "mnist-lenet5-wide.pt")
-    X, _ = data.load_split("mnist", "val")
+    X, _ = datasplits.load_split("mnist", "val")
     raw = _session(base.onnx_path).run(["output"], {"input": X[:8]})[0]
     net_on_normalised = model.net((__import__("torch").from_numpy(X[:8]) - base.normalization["mean"][0])
                                   / base.normalization["std"][0]).detach().numpy()
@@ -65,7 +66,7 @@ def test_manifests_describe_every_model(tiny_artifacts):
     assert base.arch == "lenet5-wide" and base.dataset == "mnist" and base.split_seed == 0
     assert base.split == {"train": 3500, "val": 500, "test": 1000}
     assert base.input_shape == (1, 28, 28) and base.input_dtype == "float32" and base.output_shape == (10,)
-    assert base.normalization == data.normalization("mnist")
+    assert base.normalization == datasplits.normalization("mnist")
     assert base.k is None and base.encoder is None and base.base_model is None
     assert 0.0 <= base.metrics["test_top1"] <= 1.0
     for name, k, encoder in [("mnist-lenet5-wide-parity-k3-sum", 3, "sum"),

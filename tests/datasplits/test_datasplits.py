@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from models import data
+import datasplits
 
 
 def _row_set(X):
@@ -18,8 +18,8 @@ def _row_set(X):
 
 def test_mnist_split_sizes_shapes_and_range():
     sizes = {}
-    for split in data.SPLITS:
-        X, y = data.load_split("mnist", split)
+    for split in datasplits.SPLITS:
+        X, y = datasplits.load_split("mnist", split)
         assert X.dtype == np.float32 and y.dtype == np.int64
         assert X.shape[1:] == (1, 28, 28)
         assert X.min() == 0.0 and X.max() == 1.0
@@ -27,32 +27,32 @@ def test_mnist_split_sizes_shapes_and_range():
         assert np.bincount(y, minlength=10).tolist() == [len(y) // 10] * 10
         sizes[split] = len(y)
     assert sizes == {"train": 3500, "val": 500, "test": 1000}
-    assert data.split_sizes("mnist") == sizes
+    assert datasplits.split_sizes("mnist") == sizes
 
 
 def test_digits_shape_and_scaling():
-    X, y = data.load_split("digits", "test")
+    X, y = datasplits.load_split("digits", "test")
     assert X.shape[1:] == (1, 8, 8) and X.dtype == np.float32
     assert 0.0 <= X.min() and X.max() == 1.0
     assert sorted(set(y.tolist())) == list(range(10))
-    assert sum(data.split_sizes("digits").values()) == 1797
+    assert sum(datasplits.split_sizes("digits").values()) == 1797
 
 
 def test_splits_are_disjoint_and_seeded():
-    train = _row_set(data.load_split("mnist", "train")[0])
-    val = _row_set(data.load_split("mnist", "val")[0])
-    test_a, y_a = data.load_split("mnist", "test", split_seed=0)
+    train = _row_set(datasplits.load_split("mnist", "train")[0])
+    val = _row_set(datasplits.load_split("mnist", "val")[0])
+    test_a, y_a = datasplits.load_split("mnist", "test", split_seed=0)
     assert not (train & _row_set(test_a)) and not (val & _row_set(test_a)) and not (train & val)
-    test_b, y_b = data.load_split("mnist", "test", split_seed=0)
+    test_b, y_b = datasplits.load_split("mnist", "test", split_seed=0)
     np.testing.assert_array_equal(test_a, test_b)
     np.testing.assert_array_equal(y_a, y_b)
-    test_c, _ = data.load_split("mnist", "test", split_seed=1)
+    test_c, _ = datasplits.load_split("mnist", "test", split_seed=1)
     assert _row_set(test_c) != _row_set(test_a)
 
 
 def test_normalization_is_the_training_split_statistics():
-    X, _ = data.load_split("mnist", "train")
-    norm = data.normalization("mnist")
+    X, _ = datasplits.load_split("mnist", "train")
+    norm = datasplits.normalization("mnist")
     assert norm["mean"] == pytest.approx([float(X.mean(dtype=np.float64))])
     assert norm["std"] == pytest.approx([float(X.std(dtype=np.float64))])
     assert 0.1 < norm["mean"][0] < 0.2
@@ -60,20 +60,20 @@ def test_normalization_is_the_training_split_statistics():
 
 def test_unknown_dataset_and_split_name_the_problem():
     with pytest.raises(ValueError, match="'imagenet-22k'"):
-        data.load_split("imagenet-22k")
+        datasplits.load_split("imagenet-22k")
     with pytest.raises(ValueError, match="'holdout'"):
-        data.load_split("mnist", "holdout")
+        datasplits.load_split("mnist", "holdout")
 
 
 def test_on_disk_dataset_needs_a_root_and_names_the_missing_path(tmp_path):
-    with pytest.raises(data.DataError, match="--data-root"):
-        data.load_split("cifar10")
-    with pytest.raises(data.DataError, match="FashionMNIST/raw/t10k-images-idx3-ubyte"):
-        data.load_split("fashion-mnist", data_root=tmp_path)
-    with pytest.raises(data.DataError, match="cifar-10-batches-py/test_batch"):
-        data.load_split("cifar10", data_root=tmp_path)
-    with pytest.raises(data.DataError, match="cifar-10-batches-py/data_batch_1"):
-        data.load_split("cifar10", "train", data_root=tmp_path)
+    with pytest.raises(datasplits.DataError, match="--data-root"):
+        datasplits.load_split("cifar10")
+    with pytest.raises(datasplits.DataError, match="FashionMNIST/raw/t10k-images-idx3-ubyte"):
+        datasplits.load_split("fashion-mnist", data_root=tmp_path)
+    with pytest.raises(datasplits.DataError, match="cifar-10-batches-py/test_batch"):
+        datasplits.load_split("cifar10", data_root=tmp_path)
+    with pytest.raises(datasplits.DataError, match="cifar-10-batches-py/data_batch_1"):
+        datasplits.load_split("cifar10", "train", data_root=tmp_path)
 
 
 def _write_idx(path, array, gz):
@@ -98,11 +98,11 @@ def test_fashion_mnist_reads_torchvision_idx_files(tmp_path):
     _write_idx(raw / "train-labels-idx1-ubyte", train_y, gz=True)
     _write_idx(raw / "t10k-images-idx3-ubyte", test_x, gz=False)
     _write_idx(raw / "t10k-labels-idx1-ubyte", test_y, gz=False)
-    X, y = data.load_split("fashion-mnist", "test", data_root=tmp_path)
+    X, y = datasplits.load_split("fashion-mnist", "test", data_root=tmp_path)
     assert X.shape == (30, 1, 28, 28)
     np.testing.assert_array_equal(X[:, 0], (test_x / 255.0).astype(np.float32))
     np.testing.assert_array_equal(y, test_y)
-    sizes = data.split_sizes("fashion-mnist", data_root=tmp_path)
+    sizes = datasplits.split_sizes("fashion-mnist", data_root=tmp_path)
     assert sizes == {"train": 180, "val": 20, "test": 30}
 
 
@@ -115,12 +115,13 @@ def test_cifar10_reads_torchvision_pickles(tmp_path):
                  b"labels": list(np.arange(20) % 10)}
         with open(folder / name, "wb") as f:
             pickle.dump(batch, f)
-    X, y = data.load_split("cifar10", "val", data_root=tmp_path)
+    X, y = datasplits.load_split("cifar10", "val", data_root=tmp_path)
     assert X.shape == (10, 3, 32, 32) and X.dtype == np.float32
     assert sorted(y.tolist()) == list(range(10))
-    assert data.input_shape("cifar10") == (3, 32, 32)
+    assert datasplits.input_shape("cifar10") == (3, 32, 32)
 
 
-def test_data_module_does_not_import_torch():
-    code = "import sys, models.data; models.data.load_split('digits'); assert 'torch' not in sys.modules"
+def test_datasplits_imports_neither_torch_nor_the_training_code():
+    code = ("import sys, datasplits; datasplits.load_split('digits'); "
+            "assert not {'torch', 'models'} & set(sys.modules), sorted(sys.modules)")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=pathlib.Path(__file__).resolve().parents[2])
