@@ -139,10 +139,12 @@ def replicas(v):
 def kustomization(v, overlay_dir):
     """The overlay's kustomization.yaml (a dict) for resolved values ``v``."""
     rel = lambda p: os.path.relpath(HERE / p, overlay_dir)  # noqa: E731
+    # Components that add objects first, then those that patch them (a patch
+    # applies to what exists when its component is applied).
     components = []
     if v["mode"] in ("coded", "cheap"):
         components.append(f"mode-{v['mode']}")
-    for flag, name in (("coder", "coder"), ("tls", "tls"), ("loadgen", "loadgen")):
+    for flag, name in (("coder", "coder"), ("loadgen", "loadgen"), ("tls", "tls")):
         if v[flag]:
             components.append(name)
     if v["variant"] == "gpu":
@@ -197,8 +199,8 @@ def kustomization(v, overlay_dir):
 def _patches(v, counts):
     patches = []
     for role in ("parity", "backup"):
-        if not counts[role]:
-            continue
+        if not counts[role] or (v["anti_affinity"], v["failure_domain"]) == ("required", DEFAULTS["failure_domain"]):
+            continue  # the components' own rule
         term = {"labelSelector": {"matchLabels": {"app.kubernetes.io/component": "model-server", "parm-role": "data"}},
                 "topologyKey": v["failure_domain"]}
         rule = ({"requiredDuringSchedulingIgnoredDuringExecution": [term]} if v["anti_affinity"] == "required"
@@ -225,6 +227,14 @@ def _json_patch(kind, name, ops):
     return {"target": {"kind": kind, "name": name}, "patch": yaml.safe_dump(ops, sort_keys=False)}
 
 
+class _Dumper(yaml.SafeDumper):
+    """Multi-line strings (the patches) as literal blocks, readable and editable."""
+
+
+_Dumper.add_representer(str, lambda dumper, text: dumper.represent_scalar(
+    "tag:yaml.org,2002:str", text, style="|" if "\n" in text else None))
+
+
 def write_overlay(values, overlay_dir):
     """Resolves ``values`` and writes the overlay; returns the resolved values."""
     v = resolve(values)
@@ -232,7 +242,7 @@ def write_overlay(values, overlay_dir):
     overlay_dir.mkdir(parents=True, exist_ok=True)
     text = ("# Written by kubernetes/render.py from these values:\n"
             + "".join(f"#   {line}\n" for line in json.dumps(values, sort_keys=True).splitlines())
-            + yaml.safe_dump(kustomization(v, overlay_dir.resolve()), sort_keys=False))
+            + yaml.dump(kustomization(v, overlay_dir.resolve()), Dumper=_Dumper, sort_keys=False))
     (overlay_dir / "kustomization.yaml").write_text(text)
     return v
 
@@ -263,7 +273,7 @@ def render(values, overlay_dir=None):
 _VAR = re.compile(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
 
 
-def podman_pods(objects, *, ips, secrets, models_volume, results_volume=None):
+def podman_pods(objects, *, ips, secrets, models_volume, results_volume=None, scratch_prefix="parm-scratch-"):
     """Objects for ``podman kube play``, one (name, ip, object) per pod.
 
     What podman 4.3 does not do, done here as a kubelet would:
@@ -273,8 +283,12 @@ def podman_pods(objects, *, ips, secrets, models_volume, results_volume=None):
     the Downward API (metadata.name, status.podIP: the pod's address in
     ``ips``, a dict pod name -> IP) is resolved and ``$(VAR)`` expanded in
     command and args; Services become /etc/hosts entries (hostAliases) of
-    every pod. Probes are dropped (podman has no gRPC probes), and the
-    volumes ``parm-models``/``parm-results`` become podman volumes.
+    every pod. Probes are dropped (podman has no gRPC probes), so are ports
+    (podman 4.3 would publish each on the host), and the
+    volumes ``parm-models``/``parm-results`` become podman volumes. podman
+    4.3 makes an emptyDir a named volume of the volume's name, shared by every
+    pod that uses the name: each becomes ``{scratch_prefix}{pod}-{volume}``
+    (the caller removes them).
     """
     config = next(o for o in objects if o["kind"] == "ConfigMap" and o["metadata"]["name"].startswith("parm-config"))
     pods = []
@@ -335,6 +349,14 @@ def podman_pods(objects, *, ips, secrets, models_volume, results_volume=None):
             for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
                 c.pop(probe, None)
             c.pop("resources", None)  # 2 shared cores: podman would enforce the requests' CPU quota
+            c.pop("ports", None)  # podman 4.3 publishes every containerPort on the host
+        renamed = {}
+        for vol in spec.get("volumes", []):
+            if "emptyDir" in vol:
+                renamed[vol["name"]] = vol["name"] = f"{scratch_prefix}{name}-{vol['name']}"
+        for c in spec.get("initContainers", []) + spec["containers"]:
+            for mount in c.get("volumeMounts", []):
+                mount["name"] = renamed.get(mount["name"], mount["name"])
         for vol in spec.get("volumes", []):
             claim = vol.get("persistentVolumeClaim", {}).get("claimName")
             if claim == "parm-models":
