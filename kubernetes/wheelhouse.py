@@ -74,7 +74,7 @@ def main(argv=None):
         reqs = missing(wheels_dir, environment, [("parm", {"cpu"})])
         if not reqs:
             break
-        specs = [f"{r.name}{r.specifier}" for r in reqs]
+        specs = sorted({f"{r.name}{r.specifier}" for r in reqs})
         subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
                         "--dest", wheels_dir, *specs], check=True)
         added += specs
