@@ -61,7 +61,7 @@ def missing(wheels_dir, environment, roots):
             dep = canonicalize_name(req.name)
             if dep in have and req.specifier.contains(have[dep][0], prereleases=True):
                 todo.append((dep, set(req.extras)))
-            elif dep not in have:
+            else:  # absent, or a version that does not satisfy: pip download finds one (or says why not)
                 out.append(req)
     return out
 
