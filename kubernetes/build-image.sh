@@ -59,6 +59,10 @@ rm -rf "$WORK/wheels" "$WORK/bin"
 target_env=$(podman run --rm --network=none "$BASE" python3 -c "$("$PY" -c 'import sys; sys.path.insert(0, "kubernetes"); import wheelhouse; print(wheelhouse.ENV_SCRIPT)')")
 "$PY" kubernetes/wheelhouse.py "$WORK/wheels" "$target_env" 2> >(grep -v '^WARNING: Location' >&2)
 cp -r kubernetes/bin "$WORK/bin"
+old_id=$(podman image inspect --format '{{.Id}}' "$IMAGE" 2>/dev/null || true)
 podman build --network=none --build-arg "BASE=$BASE" -f kubernetes/Containerfile -t "$IMAGE" "$WORK"
 rm -rf "$WORK/wheels" "$WORK/bin"
+# the image this build replaced, now untagged (kept if a container uses it)
+new_id=$(podman image inspect --format '{{.Id}}' "$IMAGE")
+if [ -n "$old_id" ] && [ "$old_id" != "$new_id" ]; then podman rmi "$old_id" >/dev/null 2>&1 || true; fi
 podman image inspect --format '{{.Id}} {{.Size}}' "$IMAGE" | awk -v img="$IMAGE" '{printf "make image: %s %s (%.0f MB)\n", img, substr($1, 1, 12), $2 / 1e6}'
