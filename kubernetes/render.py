@@ -273,7 +273,8 @@ def render(values, overlay_dir=None):
 _VAR = re.compile(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
 
 
-def podman_pods(objects, *, ips, secrets, models_volume, results_volume=None, scratch_prefix="parm-scratch-"):
+def podman_pods(objects, *, ips, secrets, models_volume, results_volume=None, scratch_prefix="parm-scratch-",
+                secret_volumes=None):
     """Objects for ``podman kube play``, one (name, ip, object) per pod.
 
     What podman 4.3 does not do, done here as a kubelet would:
@@ -288,8 +289,10 @@ def podman_pods(objects, *, ips, secrets, models_volume, results_volume=None, sc
     volumes ``parm-models``/``parm-results`` become podman volumes. podman
     4.3 makes an emptyDir a named volume of the volume's name, shared by every
     pod that uses the name: each becomes ``{scratch_prefix}{pod}-{volume}``
-    (the caller removes them).
+    (the caller removes them). A Secret volume becomes the podman volume
+    ``secret_volumes[secretName]`` (holding the Secret's files).
     """
+    secret_volumes = secret_volumes or {}
     config = next(o for o in objects if o["kind"] == "ConfigMap" and o["metadata"]["name"].startswith("parm-config"))
     pods = []
     for obj in objects:
@@ -363,6 +366,11 @@ def podman_pods(objects, *, ips, secrets, models_volume, results_volume=None, sc
                 vol["persistentVolumeClaim"] = {"claimName": models_volume}
             elif claim == "parm-results":
                 vol["persistentVolumeClaim"] = {"claimName": results_volume}
+            if "secret" in vol:
+                secret_name = vol.pop("secret")["secretName"]
+                if secret_name not in secret_volumes:
+                    raise ValuesError(f"{name}: no podman volume for Secret {secret_name}")
+                vol["persistentVolumeClaim"] = {"claimName": secret_volumes[secret_name], "readOnly": True}
         for key in ("topologySpreadConstraints", "affinity", "subdomain", "automountServiceAccountToken",
                     "enableServiceLinks", "terminationGracePeriodSeconds"):
             spec.pop(key, None)

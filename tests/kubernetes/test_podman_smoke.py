@@ -3,7 +3,9 @@
 (coded, k=2, concat) and the load generator Job, each its own pod from the
 rendered manifests, on one internal pod network (no route out), the models
 in a podman volume standing for the parm-models PVC, the records in another
-for parm-results. Everything it creates is removed afterwards."""
+for parm-results. Two variants: plaintext, and mutual TLS with the coder
+service (the TLS Secret's files in a third volume). Everything a run creates
+is removed afterwards."""
 
 import csv
 import io
@@ -25,6 +27,24 @@ IMAGE = "localhost/parm:0.1.0"
 CONF = str(ROOT / "kubernetes" / "containers.conf")
 ENV = dict(os.environ, CONTAINERS_CONF=os.environ.get("CONTAINERS_CONF", CONF))
 NUM_QUERIES, WARMUP = 60, 10
+UID = 10001  # the image's user
+
+# GetStatus from inside the frontend's pod (TLS flags as argv when given)
+STATUS = """
+import asyncio, json, sys
+from google.protobuf.json_format import MessageToDict
+from services.common import tls
+from loadgen.client import FrontendClient
+if len(sys.argv) > 1:
+    cert, key, ca, name = sys.argv[1:]
+    tls.install(tls.TlsConfig(cert=cert, key=key, ca=ca, client_auth=True, server_name=name))
+async def main():
+    client = FrontendClient("127.0.0.1:50051")
+    reply = await client.status()
+    await client.close()
+    print(json.dumps(MessageToDict(reply)))
+asyncio.run(main())
+"""
 
 
 def podman(*args, check=True, timeout=120, **kw):
@@ -45,17 +65,42 @@ def _image_ready():
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(bool(_image_ready()), reason=_image_ready() or "ready")]
 
 
-def _wait_serving(container, port, timeout_s=120):
+def _probe_command(obj):
+    """The readiness probe of a workload's container, as a command to exec in it."""
+    probe = obj["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]
+    if "exec" in probe:
+        return probe["exec"]["command"]
+    return ["parm-grpc-probe", f"127.0.0.1:{probe['grpc']['port']}"]
+
+
+def _wait_serving(container, command, timeout_s=120):
     deadline = time.monotonic() + timeout_s
     last = ""
     while time.monotonic() < deadline:
-        proc = podman("exec", container, "parm-grpc-probe", f"127.0.0.1:{port}", check=False)
+        proc = podman("exec", container, *command, check=False)
         if proc.returncode == 0:
             return
         last = proc.stderr.strip()
         time.sleep(1)
     logs = podman("logs", container, check=False)
     raise AssertionError(f"{container} not serving after {timeout_s} s: {last}\n{logs.stdout[-3000:]}{logs.stderr[-3000:]}")
+
+
+def _volume_from_files(name, files, owner=None, mode=None):
+    """A podman volume holding ``files`` ({name: bytes})."""
+    podman("volume", "create", name)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for arcname, data in sorted(files.items()):
+            info = tarfile.TarInfo(arcname)
+            info.size, info.mode = len(data), mode or 0o644
+            tar.addfile(info, io.BytesIO(data))
+    subprocess.run(["podman", "volume", "import", name, "-"], input=buf.getvalue(), check=True, env=ENV,
+                   capture_output=True)
+    if owner is not None:
+        mountpoint = pathlib.Path(podman("volume", "inspect", "--format", "{{.Mountpoint}}", name).stdout.strip())
+        for path in [mountpoint, *mountpoint.iterdir()]:
+            os.chown(path, owner, owner)
 
 
 def _base_accuracy(artifacts, manifest_name):
@@ -72,50 +117,53 @@ def _base_accuracy(artifacts, manifest_name):
     return float((out.argmax(1) == y).mean())
 
 
-def test_coded_deployment_answers_queries_under_podman(render, tiny_artifacts, tmp_path):
+@pytest.mark.parametrize("variant", ["plaintext", "mtls-coder"])
+def test_coded_deployment_answers_queries_under_podman(render, tiny_artifacts, tmp_path, variant):
+    tls = variant == "mtls-coder"
     tag = secrets.token_hex(3)
-    net, models_vol, results_vol = f"parm-smoke-{tag}", f"parm-smoke-models-{tag}", f"parm-smoke-results-{tag}"
+    prefix = f"parm-smoke-{tag}-"
+    net, models_vol, results_vol, tls_vol = prefix + "net", prefix + "models", prefix + "results", prefix + "tls"
     subnet = f"10.{90 + int(tag[:2], 16) % 100}.{int(tag[2:4], 16)}"
     values = {"mode": "coded", "k": 2, "num_models": 2, "encoder": "concat", "deployment": "smoke",
-              "model": "mnist-lenet5-wide",
+              "model": "mnist-lenet5-wide", "tls": tls, "coder": tls,
               "loadgen": {"rate": 20, "num_queries": NUM_QUERIES, "warmup_queries": WARMUP, "seed": 3}}
     objects = render.render(values)
-    names = ["parm-registry-0", "parm-data-0", "parm-data-1", "parm-parity-0", "parm-frontend-0", "parm-loadgen"]
+    servers = ["parm-data-0", "parm-data-1", "parm-parity-0"] + (["parm-coder-0", "parm-coder-1"] if tls else [])
+    names = ["parm-registry-0", *servers, "parm-frontend-0", "parm-loadgen"]
     ips = {name: f"{subnet}.{10 + i}" for i, name in enumerate(names)}
-    password = secrets.token_hex(16)
-    pods = render.podman_pods(objects, ips=ips, secrets={"parm-registry": {"password": password}},
-                              models_volume=models_vol, results_volume=results_vol,
-                              scratch_prefix=f"parm-smoke-{tag}-")
+    pods = render.podman_pods(objects, ips=ips, secrets={"parm-registry": {"password": secrets.token_hex(16)}},
+                              models_volume=models_vol, results_volume=results_vol, scratch_prefix=prefix,
+                              secret_volumes={"parm-tls": tls_vol})
     assert sorted(p[0] for p in pods) == sorted(names)
     by_name = {name: (ip, obj) for name, ip, obj in pods}
+    workload = {o["metadata"]["name"]: o for o in objects if o["kind"] in ("StatefulSet", "Deployment")}
     played = []
     try:
         podman("network", "create", "--internal", "--subnet", f"{subnet}.0/24", net)
-        podman("volume", "create", models_vol)
-        podman("volume", "create", results_vol)
-        # the models volume: the artifacts' manifests and ONNX files
-        buf = io.BytesIO()
-        with tarfile.open(fileobj=buf, mode="w") as tar:
-            for p in sorted(pathlib.Path(tiny_artifacts).iterdir()):
-                if p.suffix in (".json", ".onnx"):
-                    tar.add(p, arcname=p.name)
-        subprocess.run(["podman", "volume", "import", models_vol, "-"], input=buf.getvalue(), check=True,
-                       env=ENV, capture_output=True)
-        # the results volume is written by the image's user (fsGroup on a cluster)
-        mountpoint = podman("volume", "inspect", "--format", "{{.Mountpoint}}", results_vol).stdout.strip()
-        os.chown(mountpoint, 10001, 10001)
+        _volume_from_files(models_vol, {p.name: p.read_bytes() for p in pathlib.Path(tiny_artifacts).iterdir()
+                                        if p.suffix in (".json", ".onnx")})
+        _volume_from_files(results_vol, {}, owner=UID)  # fsGroup's job on a cluster
+        if tls:
+            from deploy.certs import make_certs
+
+            certs = make_certs(tmp_path / "certs", hosts=("parm-internal",))
+            _volume_from_files(tls_vol, {"ca.crt": pathlib.Path(certs.ca).read_bytes(),
+                                         "tls.crt": pathlib.Path(certs.node_cert).read_bytes(),
+                                         "tls.key": pathlib.Path(certs.node_key).read_bytes()},
+                               owner=UID, mode=0o440)
         for name in names:
             ip, obj = by_name[name]
             path = tmp_path / f"{name}.yaml"
             path.write_text(yaml.safe_dump(obj, sort_keys=False))
             podman("kube", "play", "--network", net, "--ip", ip, str(path), timeout=180)
             played.append(path)
-            if name == "parm-registry-0":
-                time.sleep(2)
             if name == "parm-frontend-0":
-                for pod in names[1:4]:
-                    _wait_serving(f"{pod}-model-server", 50061)
-                _wait_serving("parm-frontend-0-frontend", 50051)
+                # the manifests' own readiness probes (exec'd: podman runs no gRPC probes)
+                for pod in servers:
+                    owner = pod.rsplit("-", 1)[0]
+                    container = f"{pod}-{workload[owner]['spec']['template']['spec']['containers'][0]['name']}"
+                    _wait_serving(container, _probe_command(workload[owner]))
+                _wait_serving("parm-frontend-0-frontend", _probe_command(workload["parm-frontend"]))
         rc = podman("wait", "parm-loadgen-loadgen", timeout=300).stdout.strip()
         logs = podman("logs", "parm-loadgen-loadgen", check=False)
         assert rc == "0", f"load generator exited {rc}:\n{logs.stdout[-4000:]}{logs.stderr[-4000:]}"
@@ -134,17 +182,24 @@ def test_coded_deployment_answers_queries_under_podman(render, tiny_artifacts, t
         served = np.mean([int(r["predicted"]) == int(r["label"]) for r in originals])
         expected = _base_accuracy(tiny_artifacts, "mnist-lenet5-wide.json")
         sources = {src: sum(r["source"] == src for r in rows) for src in ("original", "reconstructed")}
-        print(f"smoke: {len(rows)} answered, sources {sources}, top-1 of originals {served:.3f} "
+        print(f"smoke {variant}: {len(rows)} answered, sources {sources}, top-1 of originals {served:.3f} "
               f"(the model offline: {expected:.3f})")
         assert abs(served - expected) < 0.25, (served, expected)
-        summary = json.loads(files["parm-loadgen/summary.json"])
-        assert json.dumps(summary)  # parsed
+        assert json.loads(files["parm-loadgen/summary.json"])
 
-        # every instance registered itself with the address the Downward API gave it
-        frontend_logs = podman("logs", "parm-frontend-0-frontend", check=False)
-        text = frontend_logs.stdout + frontend_logs.stderr
-        for pod in ("parm-data-0", "parm-data-1", "parm-parity-0"):
-            assert f"{ips[pod]}:50061" in text, f"{pod} ({ips[pod]}) not seen by the frontend:\n{text[-3000:]}"
+        # the frontend's view: every model server registered itself as its pod,
+        # at the address the Downward API gave it, and served
+        tls_argv = ["/etc/parm/tls/tls.crt", "/etc/parm/tls/tls.key", "/etc/parm/tls/ca.crt", "parm-internal"]
+        status = json.loads(podman("exec", "parm-frontend-0-frontend", "python", "-c", STATUS,
+                                   *(tls_argv if tls else [])).stdout)
+        instances = {i["instanceId"]: i for i in status["instances"]}
+        assert set(instances) == {"parm-data-0", "parm-data-1", "parm-parity-0"}
+        for pod, inst in instances.items():
+            assert inst["address"] == f"{ips[pod]}:50061"
+            assert inst["role"] == pod.split("-")[1]
+            assert int(inst.get("completed", 0)) > 0, inst
+        if tls:
+            assert int(status["counters"].get("coder_fallbacks", 0)) == 0, status["counters"]
         # the internal network has no way out
         out = podman("exec", "parm-frontend-0-frontend", "python", "-c",
                      "import socket; s = socket.socket(); s.settimeout(3); "
@@ -153,9 +208,11 @@ def test_coded_deployment_answers_queries_under_podman(render, tiny_artifacts, t
     finally:
         for path in reversed(played):
             podman("kube", "down", str(path), check=False, timeout=120)
-        scratch = [v for v in podman("volume", "ls", "--format", "{{.Name}}", check=False).stdout.split()
-                   if v.startswith(f"parm-smoke-{tag}-")]
-        podman("volume", "rm", "-f", models_vol, results_vol, *scratch, check=False)
+        volumes = [v for v in podman("volume", "ls", "--format", "{{.Name}}", check=False).stdout.split()
+                   if v.startswith(prefix)]
+        if volumes:
+            podman("volume", "rm", "-f", *volumes, check=False)
         podman("network", "rm", "-f", net, check=False)
         leftovers = podman("ps", "-a", "--format", "{{.Names}}", check=False).stdout.split()
         assert not [n for n in leftovers if n.startswith("parm-")], leftovers
+        assert not [v for v in podman("volume", "ls", "--format", "{{.Name}}").stdout.split() if v.startswith(prefix)]
