@@ -70,7 +70,7 @@ def test_fetch_models_refuses_links_and_bad_urls(tmp_path):
 
 
 @pytest.fixture
-def coder(tmp_path, request):
+def coder(tmp_path):
     """A real coder service (plaintext, or mutual TLS with ``tls`` certs)."""
     procs = []
 
@@ -101,7 +101,7 @@ def test_probe_plaintext(coder):
     assert proc.returncode == 1 and proc.stderr.startswith(f"parm-grpc-probe: 127.0.0.1:{port}: NOT_FOUND")
 
 
-def test_probe_nothing_listening(tmp_path):
+def test_probe_nothing_listening():
     from services.common.registry import free_port
 
     port = free_port()

@@ -327,3 +327,26 @@ def test_the_base_alone_is_valid(render, latest):
     for obj in objects:
         for version in (OLDEST, latest):
             kubernetes_validate.validate(obj, version, strict=True)
+
+
+def test_render_command_line(tmp_path):
+    import subprocess
+    import sys
+
+    import yaml
+
+    script = str(ROOT / "kubernetes" / "render.py")
+    proc = subprocess.run([sys.executable, script, "--set", "mode=cheap", "--set", "num_models=4",
+                           "--overlay-dir", str(tmp_path / "o"), "-o", str(tmp_path / "out.yaml")],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert (proc.returncode, proc.stderr) == (0, "")
+    objects = list(yaml.safe_load_all((tmp_path / "out.yaml").read_text()))
+    assert {(o["kind"], o["metadata"]["name"]) for o in objects if o["kind"] == "StatefulSet"} == {
+        ("StatefulSet", "parm-registry"), ("StatefulSet", "parm-data"), ("StatefulSet", "parm-backup")}
+    assert (tmp_path / "o" / "kustomization.yaml").exists()
+    for argv, message in ((["--set", "modee=x"], "render: unknown value(s) modee"),
+                          (["--set", "mode"], "render: --set 'mode': expected KEY=VALUE"),
+                          ([str(tmp_path / "none.json")], "render: ")):
+        proc = subprocess.run([sys.executable, script, *argv], capture_output=True, text=True, cwd=ROOT)
+        assert proc.returncode == 2 and proc.stdout == ""
+        assert proc.stderr.startswith(message) and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
