@@ -197,7 +197,10 @@ def kustomization(v, overlay_dir):
 
 
 def _patches(v, counts):
-    patches = []
+    # resources first: the GPU limit is added on top of them
+    patches = [_json_patch(ROLE_OBJECTS[role][0], ROLE_OBJECTS[role][1],
+                           [{"op": "replace", "path": "/spec/template/spec/containers/0/resources", "value": res}])
+               for role, res in v["resources"].items()]
     for role in ("parity", "backup"):
         if not counts[role] or (v["anti_affinity"], v["failure_domain"]) == ("required", DEFAULTS["failure_domain"]):
             continue  # the components' own rule
@@ -216,10 +219,6 @@ def _patches(v, counts):
         for role in ("data", "parity", "backup"):
             if counts[role]:
                 patches.append(_json_patch("StatefulSet", f"parm-{role}", ops))
-    for role, res in v["resources"].items():
-        kind, name = ROLE_OBJECTS[role]
-        patches.append(_json_patch(kind, name, [{"op": "replace",
-                                                 "path": "/spec/template/spec/containers/0/resources", "value": res}]))
     return patches
 
 

@@ -20,7 +20,8 @@ MATRIX = [dict(variant=variant, k=k, mode=mode, num_models=4)
 MATRIX += [dict(variant=variant, k=2, mode="coded", num_models=6, tls=True, coder=True,
                 models_url="https://models.example.com/parm.tar.gz", decode_policy="late",
                 loadgen={"rate": 50, "num_queries": 200}, namespace="parm", frontend_replicas=2,
-                anti_affinity="required", failure_domain="topology.kubernetes.io/zone")
+                anti_affinity="required", failure_domain="topology.kubernetes.io/zone",
+                resources={"data": {"requests": {"cpu": "2", "memory": "1Gi"}, "limits": {"memory": "4Gi"}}})
            for variant in ("cpu", "gpu")]
 SERVER_PORTS = {"model-server": 50061, "frontend": 50051, "coder": 50071}
 
@@ -254,7 +255,7 @@ def test_every_argument_parses_with_the_service_it_is_for(render, rendered, valu
             names[obj["metadata"]["name"]] = None
     ips = {name: f"10.0.0.{i + 10}" for i, name in enumerate(names)}
     pods = render.podman_pods(objects, ips=ips, secrets={"parm-registry": {"password": "pw"}},
-                              models_volume="m", results_volume="r")
+                              models_volume="m", results_volume="r", secret_volumes={"parm-tls": "t"})
     parsers = {"services.model_server": ms_config.build_parser(), "services.frontend": frontend_config.build_parser(),
                "loadgen": loadgen_cli.run_parser()}
     seen = set()
@@ -350,3 +351,16 @@ def test_render_command_line(tmp_path):
         proc = subprocess.run([sys.executable, script, *argv], capture_output=True, text=True, cwd=ROOT)
         assert proc.returncode == 2 and proc.stdout == ""
         assert proc.stderr.startswith(message) and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_resources_per_role(rendered):
+    values = MATRIX[-1]
+    _, objects = rendered(values)
+    for obj in workloads(objects):
+        component = pod_labels(obj)["app.kubernetes.io/component"]
+        (c,) = pod_spec(obj)["containers"]
+        if pod_labels(obj).get("parm-role") == "data":
+            assert c["resources"] == {"requests": {"cpu": "2", "memory": "1Gi"},
+                                      "limits": {"memory": "4Gi", "nvidia.com/gpu": 1}}
+        else:
+            assert c["resources"]["requests"]["cpu"] and c["resources"]["limits"]["memory"], component
