@@ -288,7 +288,8 @@ def podman_pods(objects, *, ips, secrets, models_volume, results_volume=None, sc
     volumes ``parm-models``/``parm-results`` become podman volumes. podman
     4.3 makes an emptyDir a named volume of the volume's name, shared by every
     pod that uses the name: each becomes ``{scratch_prefix}{pod}-{volume}``
-    (the caller removes them). A Secret volume becomes the podman volume
+    (the caller removes them). Init containers are of podman's `always`
+    type (run at each start of the pod). A Secret volume becomes the podman volume
     ``secret_volumes[secretName]`` (holding the Secret's files).
     """
     secret_volumes = secret_volumes or {}
@@ -376,6 +377,10 @@ def podman_pods(objects, *, ips, secrets, models_volume, results_volume=None, sc
         spec["hostAliases"] = host_aliases
         spec["restartPolicy"] = restart
         meta = {"name": name, "labels": meta.get("labels", {})}
+        if spec.get("initContainers"):
+            # podman 4.3 removes a `once` init container after it ran and can
+            # race with its exit ("cannot remove container ... as it is running")
+            meta["annotations"] = {"io.podman.annotations.init.container.type": "always"}
         out.append((name, ips[name], {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": spec}))
     return out
 

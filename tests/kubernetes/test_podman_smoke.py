@@ -117,15 +117,30 @@ def _base_accuracy(artifacts, manifest_name):
     return float((out.argmax(1) == y).mean())
 
 
-@pytest.mark.parametrize("variant", ["plaintext", "mtls-coder"])
+def _artifact_server(name, volume):
+    """A pod standing for an artifact store: the image's Python serving ``volume`` over HTTP."""
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name},
+            "spec": {"restartPolicy": "Always",
+                     "containers": [{"name": "http", "image": IMAGE,
+                                     "command": ["python", "-m", "http.server", "8080", "--directory", "/srv"],
+                                     "volumeMounts": [{"name": "srv", "mountPath": "/srv", "readOnly": True}]}],
+                     "volumes": [{"name": "srv", "persistentVolumeClaim": {"claimName": volume}}]}}
+
+
+@pytest.mark.parametrize("variant", ["plaintext", "mtls-coder-fetch"])
 def test_coded_deployment_answers_queries_under_podman(render, tiny_artifacts, tmp_path, variant):
-    tls = variant == "mtls-coder"
+    """plaintext: models from the parm-models volume. mtls-coder-fetch: mutual
+    TLS, the coder service, and models fetched over HTTP by each pod's init
+    container (components tls, coder, models-fetch)."""
+    tls = variant == "mtls-coder-fetch"
     tag = secrets.token_hex(3)
     prefix = f"parm-smoke-{tag}-"
     net, models_vol, results_vol, tls_vol = prefix + "net", prefix + "models", prefix + "results", prefix + "tls"
     subnet = f"10.{90 + int(tag[:2], 16) % 100}.{int(tag[2:4], 16)}"
+    artifacts_ip = f"{subnet}.9"
     values = {"mode": "coded", "k": 2, "num_models": 2, "encoder": "concat", "deployment": "smoke",
               "model": "mnist-lenet5-wide", "tls": tls, "coder": tls,
+              "models_url": f"http://{artifacts_ip}:8080/parm-artifacts.tar.gz" if tls else "",
               "loadgen": {"rate": 20, "num_queries": NUM_QUERIES, "warmup_queries": WARMUP, "seed": 3}}
     objects = render.render(values)
     servers = ["parm-data-0", "parm-data-1", "parm-parity-0"] + (["parm-coder-0", "parm-coder-1"] if tls else [])
@@ -140,8 +155,22 @@ def test_coded_deployment_answers_queries_under_podman(render, tiny_artifacts, t
     played = []
     try:
         podman("network", "create", "--internal", "--subnet", f"{subnet}.0/24", net)
-        _volume_from_files(models_vol, {p.name: p.read_bytes() for p in pathlib.Path(tiny_artifacts).iterdir()
-                                        if p.suffix in (".json", ".onnx")})
+        model_files = {p.name: p.read_bytes() for p in pathlib.Path(tiny_artifacts).iterdir()
+                       if p.suffix in (".json", ".onnx")}
+        if not tls:
+            _volume_from_files(models_vol, model_files)
+        else:  # the same files as a tarball behind HTTP, for the init containers
+            buf = io.BytesIO()
+            with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+                for arcname, data in sorted(model_files.items()):
+                    info = tarfile.TarInfo(arcname)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+            _volume_from_files(prefix + "srv", {"parm-artifacts.tar.gz": buf.getvalue()})
+            path = tmp_path / "parm-artifacts.yaml"
+            path.write_text(yaml.safe_dump(_artifact_server(prefix + "artifacts", prefix + "srv")))
+            podman("kube", "play", "--network", net, "--ip", artifacts_ip, str(path))
+            played.append(path)
         _volume_from_files(results_vol, {}, owner=UID)  # fsGroup's job on a cluster
         if tls:
             from deploy.certs import make_certs
@@ -200,6 +229,9 @@ def test_coded_deployment_answers_queries_under_podman(render, tiny_artifacts, t
             assert int(inst.get("completed", 0)) > 0, inst
         if tls:
             assert int(status["counters"].get("coder_fallbacks", 0)) == 0, status["counters"]
+            for pod in ("parm-data-0", "parm-parity-0", "parm-frontend-0", "parm-loadgen"):
+                fetched = podman("logs", f"{pod}-fetch-models").stdout
+                assert fetched.startswith("parm-fetch-models: ") and "mnist-lenet5-wide.json" in fetched, fetched
         # the internal network has no way out
         out = podman("exec", "parm-frontend-0-frontend", "python", "-c",
                      "import socket; s = socket.socket(); s.settimeout(3); "
