@@ -10,8 +10,8 @@ defaults are in DEFAULTS; an unknown key or a bad value is one line on
 stderr and exit 2. Secrets are never values: the manifests reference the
 Secrets parm-registry (and parm-tls with tls) by name.
 
-`podman_pods(objects, ...)` turns rendered objects into what
-`podman kube play` takes (Pods and Deployments) for the smoke test.
+`podman_pods(objects, ...)` turns rendered objects into Pods for
+`podman kube play` (which takes Pods and Deployments only): the smoke test.
 """
 
 import argparse
