@@ -40,7 +40,7 @@ DEFAULTS = {
     "queue_mode": "single_queue",
     "batch_size": 1,
     "batch_timeout_ms": 5,
-    "decode_policy": "",  # "" (the frontend's default) | late | immediate (needs issue 14's flag)
+    "decode_policy": "",  # "" (the frontend's default, late) | late | immediate
     "deployment": "default",
     "log_level": "INFO",
     "model": "mnist-lenet5-wide",  # base artifact name; parity/backup names follow models.build

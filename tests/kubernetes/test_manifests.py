@@ -18,7 +18,8 @@ MATRIX = [dict(variant=variant, k=k, mode=mode, num_models=4)
           for variant, k, mode in itertools.product(("cpu", "gpu"), (2, 4), MODES)]
 # every option on, in both variants
 MATRIX += [dict(variant=variant, k=2, mode="coded", num_models=6, tls=True, coder=True,
-                models_url="https://models.example.com/parm.tar.gz", decode_policy="late",
+                models_url="https://models.example.com/parm.tar.gz",
+                decode_policy="immediate" if variant == "cpu" else "late",
                 loadgen={"rate": 50, "num_queries": 200}, namespace="parm", frontend_replicas=2,
                 anti_affinity="required", failure_domain="topology.kubernetes.io/zone",
                 resources={"data": {"requests": {"cpu": "2", "memory": "1Gi"}, "limits": {"memory": "4Gi"}}})
@@ -276,14 +277,14 @@ def test_every_argument_parses_with_the_service_it_is_for(render, rendered, valu
             if module == "services.coder":  # no separate parser: parse_config checks the TLS files too
                 assert coder_app.parse_config([a for a in args if a not in tls_args]).port == 50071
                 continue
-            if module == "services.frontend" and "--decode-policy" not in parsers[module].format_help():
-                args = [a for a in args if not a.startswith("--decode-policy=")]  # issue 14 adds the flag
             parsed = parsers[module].parse_args(args)
             if module == "services.model_server":
                 assert parsed.advertise_address == f"{ip}:50061" and parsed.instance_id == name
                 assert parsed.host == "0.0.0.0"
             if module == "services.frontend":
                 assert parsed.mode == v["mode"] and parsed.registry_url == "redis://parm-registry:6379/0"
+                if v["decode_policy"]:
+                    assert parsed.decode_policy == v["decode_policy"]
     assert {"services.model_server", "services.frontend", "services.common.registry"} <= seen
 
 
