@@ -21,6 +21,9 @@ WORK=${WORK:-build/image}
 DEBIAN_MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 DEBIAN_SECURITY=${DEBIAN_SECURITY:-http://deb.debian.org/debian-security}
 PACKAGES=python3,python3-venv,ca-certificates,libgomp1,netbase
+# the project's extras in the image: ONNX Runtime (CPU), datasets (load
+# generator), boto3 (s3:// model artifacts)
+EXTRAS=cpu,data,deploy
 export CONTAINERS_CONF=${CONTAINERS_CONF:-$PWD/kubernetes/containers.conf}
 
 die() { echo "make image: $*" >&2; exit 1; }
@@ -53,14 +56,14 @@ here_py=$("$PY" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
 [ "$base_py" = "$here_py" ] || die "the base has Python $base_py, $PY is $here_py: the wheels would not install"
 
 rm -rf "$WORK/wheels" "$WORK/bin"
-"$PY" -m pip wheel --quiet --wheel-dir "$WORK/wheels" '.[cpu]' 2> >(grep -v '^WARNING: Location' >&2)
+"$PY" -m pip wheel --quiet --wheel-dir "$WORK/wheels" ".[$EXTRAS]" 2> >(grep -v '^WARNING: Location' >&2)
 # Environment markers are evaluated for the base's Python, not this one
 # (redis needs async-timeout below 3.11.3; Debian 12 has 3.11.2).
 target_env=$(podman run --rm --network=none "$BASE" python3 -c "$("$PY" -c 'import sys; sys.path.insert(0, "kubernetes"); import wheelhouse; print(wheelhouse.ENV_SCRIPT)')")
-"$PY" kubernetes/wheelhouse.py "$WORK/wheels" "$target_env" 2> >(grep -v '^WARNING: Location' >&2)
+"$PY" kubernetes/wheelhouse.py "$WORK/wheels" "$target_env" "$EXTRAS" 2> >(grep -v '^WARNING: Location' >&2)
 cp -r kubernetes/bin "$WORK/bin"
 old_id=$(podman image inspect --format '{{.Id}}' "$IMAGE" 2>/dev/null || true)
-podman build --network=none --build-arg "BASE=$BASE" -f kubernetes/Containerfile -t "$IMAGE" "$WORK"
+podman build --network=none --build-arg "BASE=$BASE" --build-arg "EXTRAS=$EXTRAS" -f kubernetes/Containerfile -t "$IMAGE" "$WORK"
 rm -rf "$WORK/wheels" "$WORK/bin"
 # the image this build replaced, now untagged (kept if a container uses it)
 new_id=$(podman image inspect --format '{{.Id}}' "$IMAGE")

@@ -1,12 +1,12 @@
 """Complete a wheelhouse for another interpreter's environment markers.
 
-    python kubernetes/wheelhouse.py WHEELS_DIR ENVIRONMENT_JSON
+    python kubernetes/wheelhouse.py WHEELS_DIR ENVIRONMENT_JSON EXTRAS
 
 `pip wheel` evaluates environment markers for the Python that runs it; the
 image's Python may differ in patch version (redis requires async-timeout on
 Python < 3.11.3, and Debian 12 has 3.11.2). ENVIRONMENT_JSON is the marker
 environment of the target (printed by `ENV_SCRIPT` run there). Every
-requirement of a wheel in WHEELS_DIR (with the extras asked for: `parm[cpu]`)
+requirement of a wheel in WHEELS_DIR (parm with EXTRAS, e.g. `cpu,data`)
 whose marker holds there and that no wheel satisfies is downloaded with
 `pip download --no-deps` until nothing is missing. Prints what it added.
 """
@@ -67,11 +67,11 @@ def missing(wheels_dir, environment, roots):
 
 
 def main(argv=None):
-    wheels_dir, env_json = (sys.argv[1:] if argv is None else argv)
+    wheels_dir, env_json, extras = (sys.argv[1:] if argv is None else argv)
     environment = dict(default_environment(), **json.loads(env_json))
     added = []
     for _ in range(20):
-        reqs = missing(wheels_dir, environment, [("parm", {"cpu"})])
+        reqs = missing(wheels_dir, environment, [("parm", set(extras.split(",")))])
         if not reqs:
             break
         specs = sorted({f"{r.name}{r.specifier}" for r in reqs})
