@@ -23,7 +23,8 @@ BUILD_INPUTS := pyproject.toml setup.py $(wildcard protos/parm/*/*.proto) \
 CONFIG ?= configs/local.json
 ARTIFACTS ?= artifacts
 
-.PHONY: build test test-fast local serve calibrate models bench deploy-aws aws-status aws-results aws-terminate chaos clean
+.PHONY: build test test-fast local serve calibrate models bench deploy-aws aws-status aws-results aws-terminate chaos clean \
+	image kubernetes-render kubernetes-smoke
 
 build: $(STAMP)
 
@@ -81,6 +82,20 @@ aws-terminate: $(DEPLOY_ENV)
 
 chaos: build
 	$(PY) -m deploy.reliability.chaos
+
+# Kubernetes (docs/kubernetes.md). IMAGE names the image `make image` builds
+# (podman, no registry needed); VALUES is a render values file.
+IMAGE ?= localhost/parm:0.1.0
+VALUES ?= kubernetes/overlays/cpu-k2-coded/values.json
+
+image: build
+	IMAGE=$(IMAGE) PY=$(PY) kubernetes/build-image.sh
+
+kubernetes-render: build
+	$(PY) kubernetes/render.py $(VALUES)
+
+kubernetes-smoke: image
+	$(PY) -m pytest tests/kubernetes -p no:cacheprovider
 
 clean:
 	rm -rf build parm *.egg-info .pytest_cache .hypothesis
