@@ -43,9 +43,17 @@ RECONNECT_OPTIONS = [
 ]
 
 
+def balancing_options(address):
+    """Round robin over every address a ``dns:`` target resolves to (a headless
+    Kubernetes Service: one connection per pod, requests spread across them);
+    other targets keep gRPC's default (one address, ``pick_first``)."""
+    return [("grpc.lb_policy_name", "round_robin")] if str(address).startswith("dns:") else []
+
+
 def insecure_channel(address, max_message_bytes=MAX_MESSAGE_BYTES):
     """An aio channel to ``address`` with the project's explicit limits."""
-    return grpc.aio.insecure_channel(address, options=grpc_options(max_message_bytes) + RECONNECT_OPTIONS)
+    return grpc.aio.insecure_channel(address, options=grpc_options(max_message_bytes) + RECONNECT_OPTIONS
+                                     + balancing_options(address))
 
 
 def open_channel(address, max_message_bytes=MAX_MESSAGE_BYTES, *, tls=None):
@@ -55,7 +63,7 @@ def open_channel(address, max_message_bytes=MAX_MESSAGE_BYTES, *, tls=None):
     if tls.client_enabled:
         return grpc.aio.secure_channel(address, tls.channel_credentials(),
                                        options=grpc_options(max_message_bytes) + RECONNECT_OPTIONS
-                                       + tls.channel_options())
+                                       + balancing_options(address) + tls.channel_options())
     return insecure_channel(address, max_message_bytes)
 
 
