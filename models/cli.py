@@ -1,35 +1,23 @@
-"""Command-line plumbing shared by ``models.train``, ``models.evaluate`` and ``models.build``.
+"""Command-line plumbing of ``models.train``, ``evaluate``, ``export``, ``build`` and ``seeds``.
 
-Bad input (an unknown dataset, a missing checkpoint, a mismatched k, ...)
-ends the program with ONE line on stderr naming the problem and exit status
-2; never a traceback. ``PARM_DEBUG=1`` re-raises instead, for debugging.
+The project's one entry-point shape (``services.common.cli``), with the
+models' reading of which mistakes are the user's: bad input (an unknown
+dataset, a missing checkpoint or manifest, a mismatched k, ...: ``ValueError``,
+``KeyError``, ``OSError``) ends the program with ONE line on stderr naming
+the problem and exit status 2; never a traceback. Ctrl-C exits 130.
+``PARM_DEBUG=1`` re-raises instead, for debugging.
 """
 
-import argparse
 import os
-import sys
 
+from services.common.cli import ArgumentParser, run_main
 
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse whose usage errors are one line on stderr (exit 2)."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
+__all__ = ["ArgumentParser", "default_threads", "run"]
 
 
 def run(main, argv, prog):
-    """Calls ``main(argv)``; domain errors become one line on stderr and exit 2."""
-    try:
-        return main(argv)
-    except KeyboardInterrupt:
-        sys.stderr.write(f"{prog}: interrupted\n")
-        return 130
-    except (ValueError, OSError, KeyError) as exc:
-        if os.environ.get("PARM_DEBUG"):
-            raise
-        message = str(exc).replace("\n", " ").strip() or type(exc).__name__
-        sys.stderr.write(f"{prog}: error: {message}\n")
-        return 2
+    """Calls ``main(argv)``; bad input becomes one line on stderr and exit 2."""
+    return run_main(main, argv, prog, usage_errors=(ValueError, KeyError, OSError))
 
 
 def default_threads():

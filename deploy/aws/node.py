@@ -69,8 +69,13 @@ def agent_tls(tls_dir=None):
 
 
 def wait_for_agents(addresses, timeout_s, poll_s=2.0, stop=None, tls=None):
-    """Waits until every agent answers ``Status`` -> list of those that never did."""
+    """Waits until every agent answers ``Status`` -> list of those that never did.
+
+    Only "not up yet" is retried (``services.common.polls``); any other
+    failure (a TLS mismatch, a protocol error) raises ``AwsError`` at once.
+    """
     from deploy.remote.agent import AgentError, AgentLauncher
+    from services.common.polls import status_not_up_yet
 
     pending = list(addresses)
     deadline = time.monotonic() + timeout_s
@@ -81,7 +86,9 @@ def wait_for_agents(addresses, timeout_s, poll_s=2.0, stop=None, tls=None):
             for i, address in enumerate(pending):
                 try:
                     launcher.status(i)
-                except AgentError:
+                except AgentError as exc:
+                    if not status_not_up_yet(exc.code, str(exc)):
+                        raise AwsError(str(exc)) from None
                     still.append(address)
         finally:
             launcher.close()
@@ -360,7 +367,10 @@ def report_ready(s3, experiment_id, *, role, instance_id, private_ip, agent_port
     """
     agent = f"{private_ip}:{agent_port}"
     provider, problem = check_provider(require_provider, artifacts)
-    missing = wait_for_agents([agent], wait_s, tls=tls) if problem is None else []
+    try:
+        missing = wait_for_agents([agent], wait_s, tls=tls) if problem is None else []
+    except AwsError as exc:
+        missing, problem = [], f"the node agent at {agent} refused: {exc}"
     if missing:
         problem = f"the node agent at {agent} did not answer within {wait_s:.0f} s"
     report = {"instance_id": instance_id, "role": role, "private_ip": private_ip, "agent": agent,

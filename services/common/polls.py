@@ -17,7 +17,7 @@ import grpc
 
 from services.common.clock import REAL as REAL_CLOCK
 
-__all__ = ["NOT_UP_YET", "PollTimeout", "not_up_yet", "poll_until"]
+__all__ = ["NOT_UP_YET", "PollTimeout", "not_up_yet", "poll_until", "status_not_up_yet"]
 
 NOT_UP_YET = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 
@@ -35,12 +35,18 @@ class PollTimeout(TimeoutError):
         self.last_error = last_error
 
 
+def status_not_up_yet(code, details):
+    """Whether a call that failed with status ``code`` and ``details`` means "not up yet"
+    (for any client: aio, sync, or an error that carries the two)."""
+    if code not in NOT_UP_YET:
+        return False
+    details = (details or "").lower()
+    return not any(marker in details for marker in _HANDSHAKE_FAILED)
+
+
 def not_up_yet(exc):
     """Whether ``exc`` means "the service is not up yet" (retry) rather than a real error."""
-    if not isinstance(exc, grpc.aio.AioRpcError) or exc.code() not in NOT_UP_YET:
-        return False
-    details = (exc.details() or "").lower()
-    return not any(marker in details for marker in _HANDSHAKE_FAILED)
+    return isinstance(exc, grpc.aio.AioRpcError) and status_not_up_yet(exc.code(), exc.details())
 
 
 def describe(exc):

@@ -375,3 +375,40 @@ def test_results_without_a_request_is_an_error(clients, tmp_path, capsys):
 def test_node_cli_usage_error(capsys):
     assert node.main(["ready", "--bucket", "b"]) == 2
     assert capsys.readouterr().err.startswith("python -m deploy.aws.node: error: the following arguments are required")
+
+
+@pytest.mark.parametrize("code, details, retried", [
+    ("UNAVAILABLE", "failed to connect to all addresses; last error: connection refused", True),
+    ("DEADLINE_EXCEEDED", "Deadline Exceeded", True),
+    ("UNAVAILABLE", "Ssl handshake failed (TSI_PROTOCOL_FAILURE): SSL_ERROR_SSL: certificate verify failed", False),
+    ("UNIMPLEMENTED", "Method not found!", False),
+])
+def test_waiting_for_agents_retries_only_not_up_yet(monkeypatch, code, details, retried):
+    """A TLS or protocol mismatch fails at once with its real error instead of waiting out the timeout."""
+    import grpc
+
+    from deploy.aws.session import AwsError
+    from deploy.remote import agent as agent_mod
+
+    calls = []
+
+    class Unreachable:
+        def __init__(self, addresses, **kw):
+            self.addresses = addresses
+
+        def status(self, i):
+            calls.append(self.addresses[i])
+            raise agent_mod.AgentError(f"agent {self.addresses[i]}: Status failed: {code}: {details}",
+                                       getattr(grpc.StatusCode, code))
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(agent_mod, "AgentLauncher", Unreachable)
+    if retried:
+        assert node.wait_for_agents(["10.0.0.5:7070"], timeout_s=0.3, poll_s=0.05) == ["10.0.0.5:7070"]
+        assert len(calls) >= 3
+    else:
+        with pytest.raises(AwsError, match=details.split(":")[0][:20]):
+            node.wait_for_agents(["10.0.0.5:7070"], timeout_s=30, poll_s=0.05)
+        assert len(calls) == 1
