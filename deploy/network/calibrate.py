@@ -57,9 +57,9 @@ import random
 import shlex
 import statistics
 import sys
-import time
 
 from services.common import cli
+from services.common.clock import REAL as REAL_CLOCK
 
 log = logging.getLogger("deploy.network.calibrate")
 
@@ -105,10 +105,10 @@ def parse_config(argv):
 class ProbeChannel:
     """One persistent connection to a host's agent; probes pipelined, answered in order."""
 
-    def __init__(self, host, address, request_bytes, reply_bytes, clock=time.monotonic):
+    def __init__(self, host, address, request_bytes, reply_bytes, clock=None):
         self.host, self.address = host, address
         self.request_bytes, self.reply_bytes = request_bytes, reply_bytes
-        self.clock = clock
+        self.clock = (clock or REAL_CLOCK).now  # a services.common.clock.Clock
         self.sent = {}       # id -> send time
         self.samples = []    # (host, send_s, latency_ms)
         self._payload = bytes(request_bytes)
@@ -152,31 +152,32 @@ async def _probe_loop(channel, rate, until_s, rng, ids):
         await channel.probe(next(ids))
 
 
-async def measure(agents, cfg, size_bytes, clock=time.monotonic):
+async def measure(agents, cfg, size_bytes, clock=None):
     """Probes ``agents`` (addresses) idle, then under shuffles; returns the raw measurements."""
     import itertools
 
     from deploy.network.shuffle import ShuffleCoordinator
 
+    clock = clock or REAL_CLOCK
     rng = random.Random(cfg.seed)
     ids = itertools.count()
     channels = [ProbeChannel(i, a, cfg.request_bytes, cfg.reply_bytes, clock) for i, a in enumerate(agents)]
     for ch in channels:
         await ch.open()
-    t0 = clock()
+    t0 = clock.now()
     idle_end = t0 + cfg.idle_s
     await asyncio.gather(*(_probe_loop(ch, cfg.probe_rate, idle_end, random.Random(rng.random()), ids)
                            for ch in channels))
     coordinator = ShuffleCoordinator(agents, cfg.shuffles, size_bytes=tuple(size_bytes), seed=cfg.seed,
                                      clock=clock)
-    bg_start = clock()
+    bg_start = clock.now()
     coordinator.start()
     end = bg_start + cfg.duration_s
     try:
         await asyncio.gather(*(_probe_loop(ch, cfg.probe_rate, end, random.Random(rng.random()), ids)
                                for ch in channels))
     finally:
-        bg_end = clock()
+        bg_end = clock.now()
         await coordinator.stop()
         for ch in channels:
             await ch.close()

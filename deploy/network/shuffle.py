@@ -39,6 +39,7 @@ import time
 from dataclasses import dataclass
 
 from services.common import cli
+from services.common.clock import REAL as REAL_CLOCK
 from services.common.procs import write_ready_file
 
 log = logging.getLogger(__name__)
@@ -171,7 +172,7 @@ class ShuffleCoordinator:
     """Keeps ``n`` shuffles between random agent pairs in flight, in a loop."""
 
     def __init__(self, agents, n, size_bytes=(128 << 20, 256 << 20), seed=0, timeout_s=600.0,
-                 clock=time.monotonic):
+                 clock=None):
         if len(agents) < 2 and n > 0:
             raise ValueError("background shuffles need at least two agents")
         self.agents = list(agents)
@@ -183,7 +184,7 @@ class ShuffleCoordinator:
         self._stopping = False
         self.stats = ShuffleStats()
         self.timeline = []
-        self._clock = clock
+        self._clock = (clock or REAL_CLOCK).now  # a services.common.clock.Clock
 
     def start(self):
         self._stopping = False

@@ -172,7 +172,7 @@ async def _closed_loop(address, n, warmup, direct):
     return {"p50_ms": float(np.median(ms)), "p99_ms": float(np.percentile(ms, 99)), "n": n}
 
 
-def _run_load(target, rate, duration_s, seed=0, input_size=IN_SHAPE[0]):
+def run_load(target, rate, duration_s, seed=0, input_size=IN_SHAPE[0]):
     """One open-loop run by a load-generator process (the ``load`` subcommand); its JSON summary."""
     import subprocess
 
@@ -189,7 +189,7 @@ def _sweep(target, rates, duration_s, p99_target_ms, log):
     runs = []
     best = None
     for rate in rates:
-        r = _run_load(target, rate, duration_s)
+        r = run_load(target, rate, duration_s)
         runs.append(r)
         log(f"  {rate:>6.0f} q/s offered: " + (
             f"achieved {r['achieved_qps']:.0f}, p50 {r['p50_ms']:.2f} ms, p99 {r['p99_ms']:.2f} ms, "
@@ -305,7 +305,7 @@ def bench(args):
                                            model, addrs, ["--max-in-flight", str(args.max_in_flight)])],
                                       name="frontend-profiled")
             procs.append(profiled)
-            run = _run_load(profiled.address, args.profile_rate, args.duration_s)
+            run = run_load(profiled.address, args.profile_rate, args.duration_s)
             profiled.stop(grace_s=20)
             top, total, by_cat = _profile_top(prof)
             out["profile"] = {"load": run, "total_s": total, "own_time_by_category_s": by_cat,

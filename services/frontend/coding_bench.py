@@ -166,7 +166,7 @@ async def _build(in_size, out_size, batch_size, k, pool_buffers):
 
 def at_rate(args, log=print):
     """Frontend process CPU per query at ``args.rate``, per variant; returns records."""
-    from services.frontend.bench import _run_load, write_trivial_model
+    from services.frontend.bench import run_load, write_trivial_model
 
     work = pathlib.Path(tempfile.mkdtemp(prefix="parm-coding-bench-"))
     procs, records = [], []
@@ -191,7 +191,7 @@ def at_rate(args, log=print):
                 "--log-level", "WARNING"], name=f"frontend-{variant}")
             try:
                 cpu0 = process_cpu_s(frontend.pid)
-                run = _run_load(frontend.address, args.rate, args.duration_s, seed=1,
+                run = run_load(frontend.address, args.rate, args.duration_s, seed=1,
                                 input_size=args.input_size)
                 cpu_s = process_cpu_s(frontend.pid) - cpu0
             finally:
