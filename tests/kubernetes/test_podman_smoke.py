@@ -106,7 +106,7 @@ def _volume_from_files(name, files, owner=None, mode=None):
 def _base_accuracy(artifacts, manifest_name):
     import onnxruntime as ort
 
-    from models.data import load_split
+    from datasplits import load_split
     from services.common import manifest as manifest_mod
 
     m = manifest_mod.load(str(pathlib.Path(artifacts) / manifest_name))
