@@ -1,5 +1,6 @@
 """A runner interrupted with Ctrl-C leaves nothing; one killed with -9 is cleaned up."""
 
+import os
 import pathlib
 import signal
 import subprocess
@@ -20,8 +21,11 @@ with Testbed(TestbedSpec(2)) as tb, NetnsLauncher(tb) as launcher:
 """
 
 
-def start_runner():
-    proc = subprocess.Popen([sys.executable, "-c", RUNNER], cwd=REPO, stdout=subprocess.PIPE, text=True)
+def start_runner(tmp_path):
+    # Its own temporary directory: a runner killed with -9 cannot remove its
+    # processes' folders there, and pytest removes tmp_path.
+    env = dict(os.environ, TMPDIR=str(tmp_path))
+    proc = subprocess.Popen([sys.executable, "-c", RUNNER], cwd=REPO, stdout=subprocess.PIPE, text=True, env=env)
     prefix, control_link, agent_pid = proc.stdout.readline().split()
     return proc, prefix, control_link, int(agent_pid)
 
@@ -43,17 +47,18 @@ def wait_gone(pid, timeout_s=10):
     return True
 
 
-def test_ctrl_c_tears_everything_down(netns):
-    proc, prefix, control_link, agent_pid = start_runner()
+def test_ctrl_c_tears_everything_down(netns, tmp_path):
+    proc, prefix, control_link, agent_pid = start_runner(tmp_path)
     assert len(leftovers(prefix, control_link)) == 4  # bridge, 2 hosts, control link
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=30) != 0  # KeyboardInterrupt
     assert leftovers(prefix, control_link) == []
     assert wait_gone(agent_pid)
+    assert list(tmp_path.iterdir()) == []  # the runner removed its processes' folders
 
 
-def test_cleanup_after_kill_9_removes_namespaces_and_processes(netns):
-    proc, prefix, control_link, agent_pid = start_runner()
+def test_cleanup_after_kill_9_removes_namespaces_and_processes(netns, tmp_path):
+    proc, prefix, control_link, agent_pid = start_runner(tmp_path)
     proc.kill()
     proc.wait(timeout=10)
     # The runner had no chance to clean up: its testbed and agent are still there.
