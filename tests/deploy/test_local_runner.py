@@ -17,19 +17,10 @@ import uuid
 import psutil
 import pytest
 
+from tests.marks import marked
+
 pytestmark = pytest.mark.slow
 
-
-def marked(mark):
-    out = []
-    for proc in psutil.process_iter(["pid"]):
-        try:
-            # A zombie has exited; only its reaping (by PID 1 here) is pending.
-            if proc.environ().get("PARM_TEST_MARK") == mark and proc.status() != psutil.STATUS_ZOMBIE:
-                out.append(proc)
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            pass
-    return out
 
 
 def assert_nothing_left(mark):

@@ -33,6 +33,8 @@ import uuid
 import psutil
 import pytest
 
+from tests.marks import marked
+
 REPO = pathlib.Path(__file__).resolve().parents[2]
 NOBODY = 65534
 QUERIES, WARMUP = 60, 10
@@ -172,16 +174,6 @@ def _start(unprivileged, workdir, mark):
     return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _marked(mark):
-    out = []
-    for proc in psutil.process_iter(["pid"]):
-        try:
-            if proc.environ().get("PARM_TEST_MARK") == mark and proc.status() != psutil.STATUS_ZOMBIE:
-                out.append(proc)
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            pass
-    return out
-
 
 def _machine_state():
     """What a run could leave on the machine: namespaces and links (files: see ``_assert_nothing_left``)."""
@@ -193,10 +185,10 @@ def _machine_state():
 
 def _assert_nothing_left(mark, before, workdir):
     deadline = time.monotonic() + 30  # the kernel reaps a dead sandbox quickly, a loaded machine less so
-    while _marked(mark) and time.monotonic() < deadline:
+    while marked(mark) and time.monotonic() < deadline:
         time.sleep(0.2)
     left = []
-    for proc in _marked(mark):
+    for proc in marked(mark):
         try:
             left.append(proc.cmdline())
             proc.kill()
@@ -260,16 +252,16 @@ def test_rootless_testbed_leaves_nothing_after_sigkill_of_the_runner(unprivilege
         deadline = time.monotonic() + 180
         # Up: unshare, the sandbox init, the runner, registry, 2 data + 1 parity
         # instance, frontend, load generator and 3 shuffle agents (the shuffle runs).
-        while time.monotonic() < deadline and len(_marked(mark)) < 12:
+        while time.monotonic() < deadline and len(marked(mark)) < 12:
             time.sleep(0.3)
-        for p in _marked(mark):
+        for p in marked(mark):
             # The runners (not unshare or the sandbox's init, whose command lines also
             # name the module); the one inside was given --network netns.
             cmd = p.cmdline()
             if cmd[1:3] == ["-m", "deploy.runner.local"] and (cmd[-2:] == ["--network", "netns"]) == (
                     which == "sandboxed"):
                 runner = p
-        assert runner is not None, f"the deployment never came up: {[p.cmdline() for p in _marked(mark)]}"
+        assert runner is not None, f"the deployment never came up: {[p.cmdline() for p in marked(mark)]}"
         runner.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
     finally:

@@ -1,0 +1,16 @@
+"""Finding the processes a test started, by an environment marker they inherit."""
+
+import psutil
+
+
+def marked(mark):
+    """Live processes whose environment has ``PARM_TEST_MARK=mark`` (zombies excluded:
+    they have exited, only their reaping is pending)."""
+    out = []
+    for proc in psutil.process_iter(["pid"]):
+        try:
+            if proc.environ().get("PARM_TEST_MARK") == mark and proc.status() != psutil.STATUS_ZOMBIE:
+                out.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            pass
+    return out
