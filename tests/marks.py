@@ -14,3 +14,12 @@ def marked(mark):
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             pass
     return out
+
+
+def cmdline(proc):
+    """``proc``'s command line, or [] once it has exited (a zombie, or gone): a
+    process seen in a listing can exit before it is read."""
+    try:
+        return proc.cmdline()
+    except psutil.Error:
+        return []

@@ -33,7 +33,7 @@ import uuid
 import psutil
 import pytest
 
-from tests.marks import marked
+from tests.marks import cmdline, marked
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 NOBODY = 65534
@@ -257,11 +257,11 @@ def test_rootless_testbed_leaves_nothing_after_sigkill_of_the_runner(unprivilege
         for p in marked(mark):
             # The runners (not unshare or the sandbox's init, whose command lines also
             # name the module); the one inside was given --network netns.
-            cmd = p.cmdline()
+            cmd = cmdline(p)
             if cmd[1:3] == ["-m", "deploy.runner.local"] and (cmd[-2:] == ["--network", "netns"]) == (
                     which == "sandboxed"):
                 runner = p
-        assert runner is not None, f"the deployment never came up: {[p.cmdline() for p in marked(mark)]}"
+        assert runner is not None, f"the deployment never came up: {[cmdline(p) for p in marked(mark)]}"
         runner.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
     finally:

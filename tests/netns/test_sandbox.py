@@ -11,6 +11,7 @@ import psutil
 import pytest
 
 from deploy.network import sandbox
+from tests.marks import cmdline
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
@@ -57,8 +58,13 @@ def test_killing_unshare_kills_everything_inside(kind):
     proc = subprocess.Popen(sandbox.argv(["sh", "-c", "sleep 300 & echo $!; wait"], kind), cwd=REPO,
                             stdout=subprocess.PIPE, text=True)
     try:
-        proc.stdout.readline()  # the sleep is up (its pid inside the sandbox)
-        sleepers = [p for p in psutil.Process(proc.pid).children(recursive=True) if p.name() == "sleep"]
+        proc.stdout.readline()  # the sleep is forked (its pid inside the sandbox); it may not have exec'd yet
+        deadline = time.monotonic() + 10
+        while True:
+            sleepers = [p for p in psutil.Process(proc.pid).children(recursive=True) if cmdline(p)[:1] == ["sleep"]]
+            if sleepers or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
         assert len(sleepers) == 1
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
@@ -80,16 +86,28 @@ def _start_agent_in_sandbox():
     code = ("import sys; from deploy.network import sandbox; "
             "sys.exit(sandbox.run_module('deploy.network.shuffle', ['agent']))")
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        agents = [p for p in psutil.Process(proc.pid).children(recursive=True)
-                  if p.cmdline()[1:4] == ["-m", "deploy.network.shuffle", "agent"]]
-        if agents:
-            return proc, agents[0]
-        time.sleep(0.1)
-    proc.kill()
-    proc.wait()
-    pytest.fail("the agent never started in the sandbox")
+    tree = psutil.Process(proc.pid)
+    seen = []
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            # The sandbox's processes come and go while it starts (a fork before an
+            # exec exits as a zombie): a child may be gone by the time it is read.
+            seen = tree.children(recursive=True)
+            agents = [p for p in seen if cmdline(p)[1:4] == ["-m", "deploy.network.shuffle", "agent"]]
+            if agents:
+                return proc, agents[0]
+            time.sleep(0.1)
+        pytest.fail("the agent never started in the sandbox")
+    except BaseException:
+        # Killing unshare (--kill-child) takes the sandbox; then the parent.
+        for p in [*seen, tree]:
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+        proc.wait()
+        raise
 
 
 @pytest.mark.parametrize("sig, status", [(signal.SIGTERM, 0), (signal.SIGKILL, -signal.SIGKILL)])
