@@ -57,6 +57,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 
+from deploy.network import sandbox
 from deploy.runner.launcher import LocalLauncher
 from services.common import cli
 
@@ -133,10 +134,13 @@ def require_netns(path=None, has_net_admin=None, probe=True):
     """Checks that the testbed can run here; ``TestbedUnavailable`` says why not.
 
     Args:
-        path: the search path for ``ip`` and ``tc`` (default: ``$PATH``).
+        path: the search path for ``ip`` and ``tc`` (default: ``$PATH``, to which
+            the sbin directories are added: ``sandbox.add_sbin_to_path``).
         has_net_admin: overrides the privilege check (tests).
         probe: also create and delete a namespace (the conclusive check).
     """
+    if path is None:
+        sandbox.add_sbin_to_path()
     missing = [tool for tool in ("ip", "tc") if shutil.which(tool, path=path) is None]
     if missing:
         raise TestbedUnavailable(UNAVAILABLE_MESSAGE.format(why=f" ({', '.join(missing)} not found)"))
@@ -480,8 +484,6 @@ def check():
     (``deploy.network.sandbox``: an unprivileged user namespace), which the
     runner and the calibration enter by themselves.
     """
-    from deploy.network import sandbox
-
     try:
         require_netns()
         return "netns testbed: available (this process has CAP_NET_ADMIN)"

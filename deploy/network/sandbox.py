@@ -59,6 +59,24 @@ class SandboxUnavailable(RuntimeError):
     """This machine cannot make the sandbox; the message says why in one line."""
 
 
+#: Where iproute2 lives. An ordinary user's PATH on Debian names none of these,
+#: though ``ip`` and ``tc`` work unprivileged inside a user namespace.
+SBIN_DIRS = ("/usr/local/sbin", "/usr/sbin", "/sbin")
+
+
+def add_sbin_to_path(environ=None):
+    """Appends the ``SBIN_DIRS`` that ``PATH`` lacks (idempotent); returns the new PATH.
+
+    Called before looking for ``ip``/``tc``, so that a non-root user finds them
+    as root does; the sandbox and everything in it inherit the PATH.
+    """
+    environ = os.environ if environ is None else environ
+    dirs = [d for d in environ.get("PATH", "").split(os.pathsep) if d]
+    dirs += [d for d in SBIN_DIRS if d not in dirs]
+    environ["PATH"] = os.pathsep.join(dirs)
+    return environ["PATH"]
+
+
 def inside():
     """True in a process that runs inside a sandbox."""
     return os.environ.get(INSIDE_ENV) == "1"
@@ -83,6 +101,7 @@ def mode():
     ``"root"``: user namespaces are off but this process is root, so the
     sandbox is made without a user namespace.
     """
+    add_sbin_to_path()
     for tool in ("ip", "tc"):
         if shutil.which(tool) is None:
             raise SandboxUnavailable(f"{tool} (iproute2) not found")

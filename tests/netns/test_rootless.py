@@ -122,7 +122,8 @@ def _find_python(shim):
     (shim / "view").mkdir()
     repo, site = _code_paths(shim / "view")
     paths = dict.fromkeys([str(repo), *site, str(shim)])
-    env = [f"PYTHONPATH={os.pathsep.join(paths)}", "PYTHONDONTWRITEBYTECODE=1", "PATH=/usr/sbin:/usr/bin:/sbin:/bin",
+    # An ordinary user's PATH on Debian (login.defs): no sbin, where ip and tc live.
+    env = [f"PYTHONPATH={os.pathsep.join(paths)}", "PYTHONDONTWRITEBYTECODE=1", "PATH=/usr/local/bin:/usr/bin:/bin",
            "LANG=C.UTF-8"]
     version = "%d.%d" % sys.version_info[:2]
     candidates = [sys.executable, *(shutil.which(f"python{version}", path=d) for d in

@@ -34,6 +34,15 @@ def test_argv_makes_every_namespace_and_runs_init():
     assert "--user" not in sandbox.argv(["true"], "root")
 
 
+def test_sbin_joins_an_ordinary_users_path_once():
+    env = {"PATH": "/usr/local/bin:/usr/bin:/bin"}
+    assert sandbox.add_sbin_to_path(env) == "/usr/local/bin:/usr/bin:/bin:/usr/local/sbin:/usr/sbin:/sbin"
+    assert sandbox.add_sbin_to_path(env) == env["PATH"]  # idempotent
+    root = {"PATH": "/sbin:/usr/bin"}
+    assert sandbox.add_sbin_to_path(root) == "/sbin:/usr/bin:/usr/local/sbin:/usr/sbin"  # order kept
+    assert sandbox.add_sbin_to_path({}) == "/usr/local/sbin:/usr/sbin:/sbin"
+
+
 def test_init_refuses_to_run_outside_a_new_pid_namespace():
     proc = subprocess.run([sys.executable, "-m", "deploy.network.sandbox", "init", "--", "true"], cwd=REPO,
                           capture_output=True, text=True, timeout=60)
