@@ -15,15 +15,19 @@ cause took at least half of the query's latency):
   instance (``batch_wait_ms + queue_latency_ms``) is at least half of the
   frontend's e2e latency;
 - ``reconstructed_waited_for_group``: answered by decoding, and its group
-  formed (the k-th batch arrived, so the parity could be encoded and sent)
-  at least half of its e2e latency after the query arrived;
+  was sealed (its k-th batch formed, so the parity could be encoded and
+  sent) at least half of its e2e latency after the query arrived;
 - ``reconstructed_slow_parity``: answered by decoding, any other way (the
   parity, or another member needed for the decode, was slow too);
 - ``original_group_not_coded``: coded mode, answered by its original, in a
   group that never got a parity (not full, or not encoded);
+- ``original_waited_for_group``: coded mode, answered by its original (its
+  instance was slow), and its group was sealed at least half of its e2e
+  latency after it arrived: the first members of a group wait for the
+  last before any parity exists, which no decode can beat;
 - ``double_straggler``: coded mode, answered by its original although its
-  group had a parity: the parity or another member was as slow, so no
-  decode came first;
+  group had a parity in time: the parity or another member was as slow, so
+  no decode came first;
 - ``slow_instance``: a mode without coding, answered by a slow instance;
 - ``no_frontend_record``: the frontend has no record of it (error, timeout).
 """
@@ -34,7 +38,8 @@ import pathlib
 
 CAUSES = (
     "outside_frontend", "queued_at_frontend", "reconstructed_waited_for_group", "reconstructed_slow_parity",
-    "original_group_not_coded", "double_straggler", "slow_instance", "no_frontend_record",
+    "original_group_not_coded", "original_waited_for_group", "double_straggler", "slow_instance",
+    "no_frontend_record",
 )
 _SHARE = 0.5
 
@@ -54,11 +59,29 @@ def _jsonl(path):
 
 
 def load_frontend(run_dir):
-    """(queries by request_id, groups by group_id) from ``run_dir/frontend``."""
+    """(queries by request_id, groups by group_id) from ``run_dir/frontend``.
+
+    A group record written before the frontend recorded ``sealed_s`` gets an
+    estimate: the latest arrival of its queries if it is full (its k-th batch
+    formed then, or at most a batch timeout later), else None.
+    """
     d = pathlib.Path(run_dir) / "frontend"
     queries = {q["request_id"]: q for q in _jsonl(d / "queries.jsonl") if q.get("type") == "query"}
     groups = {g["group_id"]: g for g in _jsonl(d / "groups.jsonl") if g.get("type") == "group"}
+    last = {}
+    for q in queries.values():
+        gid, received = q.get("group_id"), q.get("received_s")
+        if gid is not None and received is not None:
+            last[gid] = max(last.get(gid, received), received)
+    for gid, g in groups.items():
+        if "sealed_s" not in g:
+            g["sealed_s"] = last.get(gid) if g.get("full") else None
     return queries, groups
+
+
+def _waited_for_group(query, group, e2e):
+    sealed = group.get("sealed_s") if group is not None else None
+    return bool(e2e) and sealed is not None and (sealed - query["received_s"]) * 1e3 >= _SHARE * e2e
 
 
 def cause(record, query, group, mode):
@@ -73,13 +96,15 @@ def cause(record, query, group, mode):
         return "queued_at_frontend"
     source = (query.get("source") or "").upper()
     if source == "RECONSTRUCTED":
-        if group is not None and e2e and (group["formed_s"] - query["received_s"]) * 1e3 >= _SHARE * e2e:
+        if _waited_for_group(query, group, e2e):
             return "reconstructed_waited_for_group"
         return "reconstructed_slow_parity"
     if mode != "coded":
         return "slow_instance"
     if group is None or not group.get("coded") or not group.get("full"):
         return "original_group_not_coded"
+    if _waited_for_group(query, group, e2e):
+        return "original_waited_for_group"
     return "double_straggler"
 
 

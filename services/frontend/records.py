@@ -155,7 +155,7 @@ class Group:
     """A coding group: k data batches + one parity batch."""
 
     __slots__ = ("group_id", "k", "members", "outputs", "n_outputs", "parity", "parity_output",
-                 "sealed", "coded", "formed_s", "timer", "missing", "encode_us", "decode_us",
+                 "sealed", "coded", "formed_s", "sealed_s", "timer", "missing", "encode_us", "decode_us",
                  "late", "finished", "encoding", "decoding", "encode_failed", "decode_failed", "decoded",
                  "late_threshold_s", "rec_buffer")
 
@@ -169,7 +169,8 @@ class Group:
         self.parity_output = None
         self.sealed = False
         self.coded = False
-        self.formed_s = formed_s
+        self.formed_s = formed_s    # opened: its first member joined
+        self.sealed_s = None        # sealed: k members (the parity can be encoded), or its timer fired
         self.timer = None
         self.missing = None
         self.encode_us = None

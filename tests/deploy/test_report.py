@@ -71,23 +71,48 @@ def test_tail_causes_from_the_frontend_records(tmp_path):
     q = lambda rid, src, e2e, gid, wait=0.0, recv=100.0: {
         "type": "query", "request_id": rid, "source": src, "e2e_latency_ms": e2e, "group_id": gid,
         "batch_wait_ms": wait, "queue_latency_ms": 0.0, "received_s": recv}
+    # Every group opened (formed_s) when its first query arrived (100.0); what counts
+    # is when it was sealed: the parity could not exist before.
     queries = [q("a", "ORIGINAL", 10, 1), q("b", "ORIGINAL", 190, 1, wait=120), q("c", "RECONSTRUCTED", 200, 2),
-               q("d", "RECONSTRUCTED", 200, 3), q("e", "ORIGINAL", 200, 4), q("f", "ORIGINAL", 200, 5)]
-    groups = [{"type": "group", "group_id": 2, "formed_s": 100.15, "coded": True, "full": True},
-              {"type": "group", "group_id": 3, "formed_s": 100.01, "coded": True, "full": True},
-              {"type": "group", "group_id": 4, "formed_s": 100.0, "coded": True, "full": True},
-              {"type": "group", "group_id": 5, "formed_s": 100.0, "coded": False, "full": False}]
+               q("d", "RECONSTRUCTED", 200, 3), q("e", "ORIGINAL", 200, 4), q("f", "ORIGINAL", 200, 5),
+               q("h", "ORIGINAL", 200, 6)]
+    group = lambda gid, sealed, coded=True, full=True: {"type": "group", "group_id": gid, "formed_s": 100.0,
+                                                         "sealed_s": sealed, "coded": coded, "full": full}
+    groups = [group(2, 100.15), group(3, 100.01), group(4, 100.0), group(5, 100.3, coded=False, full=False),
+              group(6, 100.12)]
     (fe / "queries.jsonl").write_text("\n".join(map(json.dumps, queries)) + "\n{cut")
     (fe / "groups.jsonl").write_text("\n".join(map(json.dumps, groups)) + "\n")
     records = [rec("a", 200), rec("b", 200), rec("c", 201), rec("d", 202), rec("e", 203), rec("f", 204),
-               rec("g", 205)] + [rec(f"x{i}", 1.0) for i in range(100)]
-    counts = tail.classify_run(records, tmp_path, "coded", percentile=95)
+               rec("g", 205), rec("h", 206)] + [rec(f"x{i}", 1.0) for i in range(100)]
+    counts = tail.classify_run(records, tmp_path, "coded", percentile=93)
     assert counts == {"outside_frontend": 1, "queued_at_frontend": 1, "reconstructed_waited_for_group": 1,
-                      "reconstructed_slow_parity": 1, "original_group_not_coded": 1, "double_straggler": 1,
-                      "slow_instance": 0, "no_frontend_record": 1}
-    assert tail.classify_run(records, tmp_path, "equal", percentile=95)["slow_instance"] == 2
+                      "reconstructed_slow_parity": 1, "original_group_not_coded": 1,
+                      "original_waited_for_group": 1, "double_straggler": 1, "slow_instance": 0,
+                      "no_frontend_record": 1}
+    assert tail.classify_run(records, tmp_path, "equal", percentile=93)["slow_instance"] == 3
     table = tail.format_table([("coded", counts)])
-    assert "| coded | 7 |" in table and "slow_instance" not in table
+    assert "| coded | 8 |" in table and "slow_instance" not in table
+
+
+def test_tail_estimates_when_an_old_group_record_was_sealed(tmp_path):
+    """Records from before ``sealed_s``: a full group sealed when its last query arrived."""
+    fe = tmp_path / "frontend"
+    fe.mkdir()
+    q = lambda rid, src, recv, gid: {"type": "query", "request_id": rid, "source": src, "e2e_latency_ms": 100.0,
+                                     "group_id": gid, "batch_wait_ms": 0.0, "queue_latency_ms": 0.0,
+                                     "received_s": recv}
+    # Group 1: "a" arrived 60 ms before its sibling sealed the group; group 2: "c" 10 ms before.
+    queries = [q("a", "ORIGINAL", 10.0, 1), q("b", "ORIGINAL", 10.06, 1), q("c", "ORIGINAL", 20.0, 2),
+               q("d", "ORIGINAL", 20.01, 2)]
+    groups = [{"type": "group", "group_id": g, "formed_s": t, "coded": True, "full": True} for g, t in ((1, 10.0),
+                                                                                                        (2, 20.0))]
+    (fe / "queries.jsonl").write_text("\n".join(map(json.dumps, queries)) + "\n")
+    (fe / "groups.jsonl").write_text("\n".join(map(json.dumps, groups)) + "\n")
+    _, loaded = tail.load_frontend(tmp_path)
+    assert loaded[1]["sealed_s"] == 10.06 and loaded[2]["sealed_s"] == 20.01
+    records = [rec("a", 100.0), rec("c", 100.0)] + [rec(f"x{i}", 1.0) for i in range(100)]
+    counts = tail.classify_run(records, tmp_path, "coded", percentile=98.5)
+    assert counts["original_waited_for_group"] == 1 and counts["double_straggler"] == 1
 
 
 def test_side_by_side_says_whether_the_emulation_agrees(tmp_path):

@@ -248,3 +248,6 @@ async def test_threshold_and_waits_in_status_metrics_and_records(models, tmp_pat
     groups = [json.loads(s) for s in (records / "groups.jsonl").read_text().splitlines()]
     assert groups[0]["late_threshold_ms"] == 200.0 and groups[0]["decoded_index"] == 0
     assert groups[0]["missing_index"] == 0 and groups[0]["late_original"]["argmax_agreement"] == 1.0
+    # Opened by r0, sealed by r1 about 50 ms later (only then could the parity be sent).
+    assert 0.04 < groups[0]["sealed_s"] - groups[0]["formed_s"] < 0.5
+    assert abs(groups[0]["sealed_s"] - queries["r1"]["received_s"]) < 0.02

@@ -130,6 +130,7 @@ class Coded(Replication):
         if self.current is g:
             self.current = None
         g.sealed = True
+        g.sealed_s = h.clock.now()
         g.late_threshold_s = self.lateness.threshold_s()
         if not full:
             h.counters["partial_groups"] += 1
