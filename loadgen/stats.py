@@ -264,6 +264,7 @@ def load_frontend_records(path):
                     "decode_us": dec,
                     "missing": None if missing in ("", None) else missing,
                     "full": full,
+                    "padded": row.get("padded") in (True, "true", "True"),
                 })
                 continue
             if kind not in (None, "query"):
@@ -282,12 +283,14 @@ def load_frontend_records(path):
 
 
 def partial_groups(groups):
-    """``{num, sealed_partial, share}`` of coding groups: how many were sealed with
-    fewer than k batches (no parity, so unprotected); None values without groups."""
+    """``{num, sealed_partial, padded, share}`` of coding groups: how many were sealed
+    with fewer than k batches, and how many of those got a padded parity (the
+    others are unprotected); None share without groups."""
     known = [g for g in groups if g.get("full") is not None]
-    partial = sum(1 for g in known if g["full"] is False)
-    return {"num": len(known), "sealed_partial": partial,
-            "share": partial / len(known) if known else None}
+    partial = [g for g in known if g["full"] is False]
+    return {"num": len(known), "sealed_partial": len(partial),
+            "padded": sum(1 for g in partial if g.get("padded")),
+            "share": len(partial) / len(known) if known else None}
 
 
 def frontend_summary(queries, groups):
@@ -315,8 +318,9 @@ def frontend_tables(queries, groups):
     parts = [format_table(title, rows[key]) for key, title in _FRONTEND_TITLES if rows[key]["num"]]
     g = rows["groups"]
     if g["num"]:
-        parts.append(f"GROUPS SEALED PARTIAL (fewer than k batches: no parity, unprotected): "
-                     f"{g['sealed_partial']} of {g['num']} ({g['share'] * 100:.1f} %)")
+        parts.append(f"GROUPS SEALED PARTIAL (fewer than k batches): {g['sealed_partial']} of {g['num']} "
+                     f"({g['share'] * 100:.1f} %); padded (parity over zero members): {g['padded']}, "
+                     f"unprotected: {g['sealed_partial'] - g['padded']}")
     return "\n\n".join(parts)
 
 

@@ -20,7 +20,7 @@ cause took at least half of the query's latency):
 - ``reconstructed_slow_parity``: answered by decoding, any other way (the
   parity, or another member needed for the decode, was slow too);
 - ``original_group_not_coded``: coded mode, answered by its original, in a
-  group that never got a parity (not full, or not encoded);
+  group that never got a parity (partial and not padded, or not encoded);
 - ``original_waited_for_group``: coded mode, answered by its original (its
   instance was slow), and its group was sealed at least half of its e2e
   latency after it arrived: the first members of a group wait for the
@@ -101,7 +101,7 @@ def cause(record, query, group, mode):
         return "reconstructed_slow_parity"
     if mode != "coded":
         return "slow_instance"
-    if group is None or not group.get("coded") or not group.get("full"):
+    if group is None or not group.get("coded"):      # a padded partial group is coded
         return "original_group_not_coded"
     if _waited_for_group(query, group, e2e):
         return "original_waited_for_group"

@@ -22,6 +22,8 @@ import gc
 import logging
 import pathlib
 
+import numpy as np
+
 from parm.inference import grpc_service_pb2, grpc_service_pb2_grpc
 from parm.v1 import frontend_pb2, frontend_pb2_grpc
 from services.common import cli
@@ -46,6 +48,22 @@ log = logging.getLogger(__name__)
 
 FRONTEND_SERVICE = frontend_pb2.DESCRIPTOR.services_by_name["Frontend"].full_name
 INFERENCE_SERVICE = grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+
+
+def zero_output(manifest):
+    """The model's output for one all-zero input row (coded mode's padding), run once
+    with ONNX Runtime on the CPU; None (padding off, said in the log) if the model
+    cannot be run here, e.g. the frontend was given only the manifest."""
+    from services.model_server.runner import OnnxRunner
+
+    try:
+        runner = OnnxRunner(manifest, ["CPUExecutionProvider"])
+        out = runner.run(np.zeros((1, *manifest.input_shape), dtype=np.dtype(manifest.input_dtype)))
+    except Exception as exc:  # noqa: BLE001 - any failure only turns padding off
+        log.warning("partial coding groups stay uncoded: cannot run %s for its zero output (%s)",
+                    manifest.onnx_path, " ".join(str(exc).split())[:300])
+        return None
+    return np.asarray(out, dtype=np.float32)[0]
 
 
 class FrontendApp:
@@ -88,10 +106,12 @@ class FrontendApp:
         lateness = Lateness(cfg.decode_policy, quantile=cfg.late_quantile,
                             initial_s=cfg.late_initial_ms / 1e3, window=cfg.late_window,
                             min_samples=min(20, cfg.late_window), margin_s=cfg.late_deadline_margin_ms / 1e3)
+        self.zero_output = (zero_output(self.base) if cfg.mode == "coded" and cfg.partial_groups == "pad"
+                            else None)
         policy = make_policy(cfg.mode, k=cfg.k, coder=self.coder,
                              hedge_delay_s=None if cfg.hedge_delay_ms is None else cfg.hedge_delay_ms / 1e3,
                              hedge_initial_delay_s=cfg.hedge_initial_delay_ms / 1e3, lateness=lateness,
-                             pools=self.pools)
+                             pools=self.pools, zero_output=self.zero_output)
         self.engine = Engine(
             base=self.base, policy=policy, queue=make_queue_policy(cfg.queue_mode), clock=self.clock,
             client_factory=client_factory or GrpcInstanceClient,

@@ -62,6 +62,7 @@ class Config:
     late_window: int = 1000
     late_deadline_margin_ms: float = 2.0
     coding_pool_buffers: int = DEFAULT_CODING_POOL_BUFFERS
+    partial_groups: str = "pad"
 
 
 def build_parser():
@@ -74,7 +75,13 @@ def build_parser():
     p.add_argument("--batch-size", type=int, default=1, help="queries per batch")
     p.add_argument("--batch-timeout-ms", type=float, default=5.0, help="max wait to fill a batch, ms")
     p.add_argument("--group-timeout-ms", type=float, default=1000.0,
-                   help="max wait to fill a coding group; a partial group gets no parity, ms")
+                   help="max wait to fill a coding group, ms (with --partial-groups pad the wait is "
+                        "shorter: the lateness threshold minus the median data-batch latency)")
+    p.add_argument("--partial-groups", choices=("pad", "uncoded"), default="pad",
+                   help="coded mode: a group that stops waiting with fewer than k members is coded with "
+                        "zero batches in the missing places (pad: its parity protects it; the frontend "
+                        "computes the model's output for a zero input once, on the CPU) or gets no "
+                        "parity (uncoded: the paper)")
     p.add_argument("--instance-timeout-ms", type=float, default=2000.0, help="timeout of every instance call, ms")
     p.add_argument("--query-timeout-ms", type=float, default=30000.0,
                    help="deadline of a query whose client sent none, ms")
@@ -244,4 +251,4 @@ def parse_config(argv):
         max_message_bytes=a.max_message_bytes, tls=tls, coder_fallback=a.coder_fallback,
         decode_policy=a.decode_policy, late_quantile=a.late_quantile, late_initial_ms=a.late_initial_ms,
         late_window=a.late_window, late_deadline_margin_ms=a.late_deadline_margin_ms,
-        coding_pool_buffers=a.coding_pool_buffers)
+        coding_pool_buffers=a.coding_pool_buffers, partial_groups=a.partial_groups)

@@ -43,9 +43,11 @@ Concurrency model and invariants
 * Coding groups (coded mode): group g holds data batch ids g(k+1)..g(k+1)+k-1
   and parity id g(k+1)+k. A group is *sealed* when it has k data batches (then
   its parity batch is encoded and queued) or when its formation timer fires
-  (a *partial* group: no parity; its batches are served as in ``none`` mode
-  and erasures are re-dispatched). When k of the k+1 batches have an original
-  output and the missing one is data, the missing one is decoded at once and
+  (a *partial* group: no parity, its batches served as in ``none`` mode and
+  erasures re-dispatched; or, with padding, coded with zero batches in the
+  missing places, whose outputs the policy knows: ``redundancy/coded.py``).
+  When k of the k+1 batches (zero batches counted) have an original output
+  and the missing one is data, the missing one is decoded at once and
   removed from its queue if still queued (only it). When all k data outputs are
   in, a still-queued parity batch is removed. A data batch with spent attempts
   waits for its decode while the decode is still possible, else fails. A
@@ -96,7 +98,7 @@ COUNTERS = (
     "reconstructions", "redispatches", "hedges", "removed_from_queue", "calls", "call_errors",
     "call_timeouts", "late_originals", "instances_joined", "instances_left",
     "call_deadline_expired", "expired_forming", "skipped_unneeded", "dropped", "awaiting_decode",
-    "held_for_lateness", "substitutes_discarded", "coding_pool_misses",
+    "held_for_lateness", "substitutes_discarded", "coding_pool_misses", "padded_groups",
 )
 
 

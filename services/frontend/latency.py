@@ -6,10 +6,10 @@ import numpy as np
 
 
 class LatencyWindow:
-    """The last ``size`` latencies; ``quantile`` recomputed every ``every`` samples.
+    """The last ``size`` latencies; ``quantile`` (and the median) recomputed every ``every`` samples.
 
-    Until ``min_samples`` values are in, ``value()`` is None (callers use an
-    initial value). The quantile is numpy's linear interpolation.
+    Until ``min_samples`` values are in, ``value()`` and ``median()`` are None
+    (callers use an initial value). Quantiles are numpy's linear interpolation.
     """
 
     def __init__(self, size=1000, every=50, min_samples=20, quantile=0.95):
@@ -21,16 +21,22 @@ class LatencyWindow:
         self._count = 0
         self.quantile = quantile
         self._value = None
+        self._median = None
 
     def add(self, value_s):
         self._values.append(value_s)
         self._count += 1
         if len(self._values) >= self._min and (self._value is None or self._count % self._every == 0):
-            self._value = float(np.quantile(np.fromiter(self._values, float), self.quantile))
+            values = np.fromiter(self._values, float)
+            self._value, self._median = (float(v) for v in np.quantile(values, [self.quantile, 0.5]))
 
     def value(self):
         """The current quantile (s), or None before ``min_samples`` values."""
         return self._value
+
+    def median(self):
+        """The current median (s), or None before ``min_samples`` values."""
+        return self._median
 
     def p95(self):
         """``value()`` (kept for the hedged policy's wording: its default quantile is 0.95)."""

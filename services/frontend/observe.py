@@ -217,7 +217,7 @@ class Records(NullObserver):
         rec = {
             "type": "group", "group_id": g.group_id, "k": g.k, "reason": reason,
             "formed_s": g.formed_s + off,
-            "sealed_s": g.sealed_s + off if g.sealed_s is not None else None, "full": len(g.members) == g.k, "coded": g.coded,
+            "sealed_s": g.sealed_s + off if g.sealed_s is not None else None, "padded": g.padded, "full": len(g.members) == g.k, "coded": g.coded,
             "data_batch_ids": [m.batch_id for m in g.members],
             "parity_batch_id": g.parity.batch_id if g.parity is not None else None,
             "encoding_latency_us": g.encode_us, "decoding_latency_us": g.decode_us,

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.timeout(30)
 
 def make_engine(mode="none", queue_mode="single_queue", *, data=2, parity=0, backup=0, modes=None,
                 fns=None, k=2, coder=None, hedge_delay_s=None, hedge_initial_delay_s=0.05,
-                decode_policy="immediate", lateness=None, pools=None, **kw):
+                decode_policy="immediate", lateness=None, pools=None, zero_output=None, **kw):
     """An engine over fakes and a ManualClock. The decode policy defaults to
     ``immediate`` here, so the tests written for the paper's rule run it unchanged."""
     clock = ManualClock()
@@ -31,7 +31,7 @@ def make_engine(mode="none", queue_mode="single_queue", *, data=2, parity=0, bac
         coder = LocalCoder("sum")
     policy = make_policy(mode, k=k, coder=coder, hedge_delay_s=hedge_delay_s,
                          hedge_initial_delay_s=hedge_initial_delay_s,
-                         lateness=lateness or Lateness(decode_policy), pools=pools)
+                         lateness=lateness or Lateness(decode_policy), pools=pools, zero_output=zero_output)
     kw.setdefault("gc_interval_s", 0)
     e = track(Engine(base=base_manifest(), policy=policy, queue=make_queue_policy(queue_mode), clock=clock,
                      client_factory=fleet, **kw))

@@ -238,6 +238,9 @@ async def test_threshold_and_waits_in_status_metrics_and_records(models, tmp_pat
         body = await asyncio.to_thread(
             lambda: urllib.request.urlopen(f"http://127.0.0.1:{d.app.metrics_port}/metrics").read().decode())
         assert "parm_frontend_late_threshold_seconds 0.2" in body
+        # padding is on by default; 2 latencies known (< 20): the group waits --group-timeout-ms
+        assert status.counters["group_wait_us"] == 1_000_000
+        assert "parm_frontend_group_wait_seconds 1.0" in body
         await asyncio.sleep(1.1)
     finally:
         await d.close()

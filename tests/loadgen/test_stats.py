@@ -127,19 +127,19 @@ def test_frontend_record_adapter_reads_the_frontends_records_dir(tmp_path):
     assert "FRONTEND_LATENCY (ms)\nNUM   MED   MEAN  P99     P99.5   P99.9\n1     6.70" in text
     assert "ENCODING_LATENCY (us)\nNUM   MED   MEAN  P99     P99.5   P99.9\n2     19.20" in text
     assert "DECODING_LATENCY (us)\nNUM   MED   MEAN  P99     P99.5   P99.9\n1     9.10" in text
-    assert "GROUPS SEALED PARTIAL (fewer than k batches: no parity, unprotected): 0 of 2 (0.0 %)" in text
+    assert "GROUPS SEALED PARTIAL (fewer than k batches): 0 of 2 (0.0 %); padded" in text
 
 
 def test_frontend_records_count_groups_sealed_partial(tmp_path):
-    rows = [{"type": "group", "group_id": i, "k": 2, "full": i % 4 != 0, "coded": i % 4 != 0,
-             "encoding_latency_us": 10.0 if i % 4 else None} for i in range(8)]
+    rows = [{"type": "group", "group_id": i, "k": 2, "full": i % 4 != 0, "coded": i != 0, "padded": i == 4,
+             "encoding_latency_us": 10.0 if i else None} for i in range(8)]
     (tmp_path / "groups.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     (tmp_path / "g.csv").write_text("group_id,full,encode_latency_us\n9,False,4\n10,true,3\n")
     queries, groups = load_frontend_records(tmp_path)
     summary = frontend_summary(queries, groups)
-    assert summary["groups"] == {"num": 10, "sealed_partial": 3, "share": 0.3}
-    assert "GROUPS SEALED PARTIAL (fewer than k batches: no parity, unprotected): 3 of 10 (30.0 %)" in \
-        frontend_tables(queries, groups)
+    assert summary["groups"] == {"num": 10, "sealed_partial": 3, "padded": 1, "share": 0.3}
+    assert ("GROUPS SEALED PARTIAL (fewer than k batches): 3 of 10 (30.0 %); padded (parity over zero "
+            "members): 1, unprotected: 2") in frontend_tables(queries, groups)
 
 
 from hypothesis import given, settings

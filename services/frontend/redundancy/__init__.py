@@ -41,16 +41,17 @@ def policy_class(mode):
 
 
 def make_policy(mode, *, k=2, coder=None, hedge_delay_s=None, hedge_initial_delay_s=0.05, lateness=None,
-                pools=None):
+                pools=None, zero_output=None):
     """Builds the policy of ``mode`` from the settings that mode uses (others ignored).
 
     ``lateness``: the decode policy of coded and cheap mode (``Lateness``;
     default ``late`` with its default threshold settings). ``pools``: coded
     mode's pinned buffers (``coding.CodingPools``; None: the kernels allocate).
+    ``zero_output``: coded mode pads partial groups with it (``Coded``; None: no padding).
     """
     cls = policy_class(mode)
     if cls is Coded:
-        return Coded(k, coder, lateness, pools)
+        return Coded(k, coder, lateness, pools, zero_output)
     if cls is Cheap:
         return Cheap(lateness)
     if cls is Hedged:

@@ -60,6 +60,16 @@ class Lateness:
         value = self.window.value()
         return self.initial_s if value is None else value
 
+    def group_wait_s(self):
+        """How long a coding group may wait for its members so that its parity can still
+        return before the first member is late: the threshold minus the median data-batch
+        latency (a parity takes about as long), never below 0. None before ``min_samples``
+        latencies (no basis yet: the caller keeps its own timeout)."""
+        median = self.window.median()
+        if median is None:
+            return None
+        return max(0.0, self.threshold_s() - median)
+
     def observe(self, batch, now_s):
         """A data batch's original arrived at ``now_s``: one latency sample."""
         self.window.add(now_s - batch.created_s)
