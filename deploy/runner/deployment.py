@@ -182,6 +182,8 @@ def frontend_args(spec, models, registry_url, namespace, records_dir, metrics_po
     if getattr(spec, "decode_policy", None):
         # Only when the config sets it, so a config without it runs on any frontend.
         args += ["--decode-policy", spec.decode_policy]
+    if getattr(spec, "partial_groups", None):
+        args += ["--partial-groups", spec.partial_groups]
     return args
 
 

@@ -28,9 +28,10 @@ TARGET_MEDIAN = 0.10
 
 
 def mode_label(run):
-    """``coded``, or ``coded/late`` when the run has a decode policy."""
-    policy = getattr(run, "decode_policy", None)
-    return f"{run.redundancy_mode}/{policy}" if policy else run.redundancy_mode
+    """``coded``; ``coded/late`` when the run has a decode policy; ``coded/late/pad`` when it
+    also names its partial-groups choice."""
+    parts = [run.redundancy_mode, getattr(run, "decode_policy", None), getattr(run, "partial_groups", None)]
+    return "/".join(p for p in parts if p)
 
 
 def write_report(root, sweep, results, network, twin=None):
@@ -127,9 +128,11 @@ def _spread(row, mode, what):
 
 
 def _decode_policies(results):
-    """Coded runs per decode policy, side by side: reconstructed share, top-1, tail."""
-    policies = list(dict.fromkeys(r["run"].decode_policy for r in results
-                                  if r["run"].redundancy_mode == "coded" and getattr(r["run"], "decode_policy", None)))
+    """Coded runs per variant (decode policy, partial groups), side by side: reconstructed
+    share, top-1, tail. Only when the sweep has more than one coded variant."""
+    variant = lambda run: mode_label(run).partition("/")[2]
+    policies = list(dict.fromkeys(variant(r["run"]) for r in results
+                                  if r["run"].redundancy_mode == "coded" and variant(r["run"])))
     if len(policies) < 2:
         return []
     out = ["### Decode policies (coded runs; mean over trials)", "",
@@ -138,8 +141,8 @@ def _decode_policies(results):
     keyed = {}
     for res in results:
         run = res["run"]
-        if run.redundancy_mode == "coded" and run.decode_policy:
-            keyed.setdefault((run.send_rate, run.k, run.decode_policy), []).append(res["summary"])
+        if run.redundancy_mode == "coded" and variant(run):
+            keyed.setdefault((run.send_rate, run.k, variant(run)), []).append(res["summary"])
     for (rate, k, policy), summaries in sorted(keyed.items(), key=lambda kv: (kv[0][0], kv[0][1],
                                                                              policies.index(kv[0][2]))):
         answered = sum(s["overall"]["num"] or 0 for s in summaries)

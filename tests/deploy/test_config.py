@@ -120,6 +120,25 @@ def test_decode_policy_reaches_the_frontend_only_when_set():
         ("none", None), ("cheap", "immediate"), ("cheap", "late")]
 
 
+def test_partial_groups_sweep_coded_runs_only_and_reach_the_frontend():
+    from deploy.runner.deployment import Models, frontend_args
+
+    cfg = config.parse({**BASE, "send_rates": [10], "decode_policy": "late", "partial_groups": ["pad", "uncoded"]})
+    runs = cfg.runs()
+    assert [(r.redundancy_mode, r.partial_groups) for r in runs] == [
+        ("equal", None), ("coded", "pad"), ("coded", "uncoded")]
+    assert runs[1].name.endswith("-dp_late-pg_pad-it_0") and "-pg_" not in runs[0].name
+    models = Models(base="b.json", parity="p.json", backup=None)
+    args = lambda run: frontend_args(run, models, "redis://x", "ns", "/r", 0, "127.0.0.1")
+    assert "--partial-groups" not in args(runs[0])
+    a = args(runs[2])
+    assert a[a.index("--partial-groups") + 1] == "uncoded"
+    plain = config.parse({**BASE, "send_rates": [10]}).runs()
+    assert all(r.partial_groups is None and "--partial-groups" not in args(r) for r in plain)
+    with pytest.raises(config.ConfigError, match="partial_groups"):
+        config.parse({**BASE, "partial_groups": ["sometimes"]})
+
+
 @pytest.mark.parametrize("bad", [["eager"], [], "sometimes", [1]])
 def test_bad_decode_policies_name_the_field(bad):
     with pytest.raises(config.ConfigError, match="decode_policy"):

@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 
 from deploy.runner import config, report, tail
 from loadgen.records import Record
@@ -44,6 +45,22 @@ def test_the_target_is_met_only_when_every_trial_meets_it():
     # A median off by more than 10 % in one trial misses too.
     med = "\n".join(report._targets(report.comparison(fake_results([0.4] * 3, [1.0, 1.11, 1.0])), modes))
     assert "misses" in med
+
+
+def test_partial_group_variants_are_labelled_and_compared_side_by_side():
+    data = dict(BASE, decode_policy="late", partial_groups=["pad", "uncoded"])
+    results = [{"run": run, "dir": "/nonexistent",
+                "summary": {"overall": {"num": 100, "med": 10.0, "p99": 50.0, "accuracy": 0.9,
+                                        "p999": {"equal": 100.0, "pad": 40.0, "uncoded": 60.0}[
+                                            run.partial_groups or "equal"]},
+                            "by_source": {"reconstructed": {"num": 4 if run.partial_groups == "pad" else 2}}}}
+               for run in config.parse(data).runs()]
+    assert [report.mode_label(r["run"]) for r in results[:3]] == ["equal", "coded/late/pad", "coded/late/uncoded"]
+    (row,) = report.comparison(results)
+    assert row["coded/late/pad_vs_equal_p999"] == pytest.approx(0.4)
+    assert row["coded/late/uncoded_vs_equal_p999"] == pytest.approx(0.6)
+    lines = [line for line in "\n".join(report._decode_policies(results)).splitlines() if line.startswith("| 40 ")]
+    assert [line.split(" | ")[2:4] for line in lines] == [["late/pad", "4.0%"], ["late/uncoded", "2.0%"]]
 
 
 def test_decode_policies_are_compared_side_by_side():
