@@ -98,7 +98,7 @@ COUNTERS = (
     "reconstructions", "redispatches", "hedges", "removed_from_queue", "calls", "call_errors",
     "call_timeouts", "late_originals", "instances_joined", "instances_left",
     "call_deadline_expired", "expired_forming", "skipped_unneeded", "dropped", "awaiting_decode",
-    "held_for_lateness", "substitutes_discarded", "coding_pool_misses", "padded_groups",
+    "held_for_lateness", "substitutes_discarded", "coding_pool_misses", "padded_groups", "padding_deferred",
 )
 
 
@@ -295,6 +295,15 @@ class Engine:
 
     def has_role(self, role):
         return bool(self.by_role[role])
+
+    def has_free_slot(self, role):
+        """True if a batch of ``role`` queued now would start at once: none of the role
+        is queued and one of its instances has a free slot and is not backing off (with
+        ``rr`` queues, where a batch goes to one instance's queue, an approximation)."""
+        if self.queue.depths().get(role, 0):
+            return False
+        now = self.clock.now()
+        return any(i.in_flight < self.max_in_flight and now >= i.down_until_s for i in self.by_role[role])
 
     # ------------------------------------------------------------ admission
     def validate(self, array):

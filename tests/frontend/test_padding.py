@@ -234,3 +234,56 @@ def test_the_frontend_pads_by_default_and_says_so_in_its_flags(models):
               "--instances", "data=127.0.0.1:1,parity=127.0.0.1:2"]
     assert config.parse_config(common).partial_groups == "pad"
     assert config.parse_config([*common, "--partial-groups", "uncoded"]).partial_groups == "uncoded"
+
+
+async def test_a_group_whose_parity_could_not_start_keeps_waiting_for_members():
+    e, clock, fleet = engine()
+    lone = e.submit(x(0), timeout_s=5.0)
+    await settle()
+    clock.advance(WAIT)
+    await settle()
+    assert fleet["p0:1"].pending_ids() == [2]               # padded; the only parity instance is busy now
+    first = e.submit(x(1), timeout_s=5.0)                   # group 1 opens
+    await settle()
+    clock.advance(WAIT)
+    await settle()
+    # A padded parity would queue behind parity 2: group 1 goes on waiting instead.
+    assert e.counters["padding_deferred"] == 1 and e.counters["padded_groups"] == 1
+    assert e.counters["partial_groups"] == 1 and not e.groups[1].sealed
+    second = e.submit(x(2), timeout_s=5.0)                  # fills it: a full group, a full parity
+    await settle()
+    assert e.groups[1].sealed and not e.groups[1].padded and e.groups[1].parity is not None
+    fleet["p0:1"].release(2)
+    await settle()
+    assert fleet["p0:1"].pending_ids() == [5]               # group 1's parity, id 1 * (k+1) + k
+    fleet["p0:1"].release(5)
+    fleet["d0:1"].release(0)                                # data batches 0 (group 0), 3 and 4 (group 1)
+    fleet["d1:1"].release(3)
+    await settle()
+    fleet["d0:1"].release(4)
+    await settle()
+    assert {q.future.result().source for q in (lone, first, second)} == {ORIGINAL}
+    await e.close()
+
+
+async def test_a_deferred_group_seals_at_the_group_timeout_and_pads_if_a_parity_can_start_then():
+    e, clock, fleet = engine(data=3)
+    e.submit(x(0), timeout_s=5.0)
+    await settle()
+    clock.advance(WAIT)
+    await settle()                                          # group 0 padded, p0 busy
+    q = e.submit(x(1), timeout_s=5.0)
+    await settle()
+    clock.advance(WAIT)
+    await settle()
+    assert e.counters["padding_deferred"] == 1
+    fleet["p0:1"].release(2)                                # p0 free again
+    await settle()
+    clock.advance(GROUP_TIMEOUT - WAIT)                     # group 1's timeout, from when it opened
+    await settle()
+    assert e.counters["padded_groups"] == 2 and e.groups[1].padded
+    assert fleet["p0:1"].pending_ids() == [5]
+    fleet["p0:1"].release(5)
+    await settle()
+    assert q.future.result().source == RECONSTRUCTED        # late by now: the reconstruction answers
+    await e.close()

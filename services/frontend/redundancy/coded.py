@@ -51,6 +51,11 @@ class Coded(Replication):
       on MNIST: 97.8 % top-1 reconstructing from a zero-padded parity, 98.1 %
       for the model), and at high load groups fill before the wait ends. The
       cost is parity calls: up to one per data batch instead of one per k.
+      So a group pads only if its parity can start at once (``has_free_slot``:
+      no parity batch queued, a parity instance free); else it goes on waiting
+      for members up to ``group_timeout_s`` as without padding
+      (``padding_deferred``), since a queued padded parity would come too late
+      and delay the full groups' parities behind it.
     * ``on_result`` (data): answers ``ORIGINAL``; the output is kept for
       decoding; with all k outputs in, a still-queued parity batch is removed.
       (parity): the parity output is kept. Either way, when exactly k-1 data
@@ -157,8 +162,18 @@ class Coded(Replication):
 
     def _expire(self, g):
         g.timer = None
-        if self.current is g:
-            self._seal(g, full=False)
+        if self.current is not g:
+            return
+        h = self.host
+        rest = g.formed_s + h.group_timeout_s - h.clock.now()
+        if self.zero_output is not None and rest > 0 and not h.has_free_slot("parity"):
+            # No parity call could start now: a padded parity would queue behind the
+            # others (delaying them) and come too late. Keep waiting for members, as
+            # without padding, up to the group timeout.
+            h.counters["padding_deferred"] += 1
+            g.timer = h.clock.call_later(rest, self._expire, g)
+            return
+        self._seal(g, full=False)
 
     def _seal(self, g, full):
         h = self.host

@@ -62,6 +62,10 @@ class PolicyHost(Protocol):
     def has_role(self, role: str) -> bool:
         """True if at least one instance of ``role`` is known."""
 
+    def has_free_slot(self, role: str) -> bool:
+        """True if a batch of ``role`` queued now would start at once (nothing of the role
+        queued, an instance of it with a free slot)."""
+
     def can_copy(self, batch) -> bool:
         """True if an instance of ``batch``'s role has not been given ``batch`` yet."""
 
