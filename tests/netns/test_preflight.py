@@ -34,7 +34,11 @@ def test_missing_privileges_are_named():
 
 
 def test_cli_check_without_ip_on_path_prints_one_line_and_exits_1(tmp_path):
-    proc = cli("check", env=dict(os.environ, PATH=str(tmp_path)))
+    # iproute2 is nowhere: not on PATH, and no sbin directory for the check to add.
+    code = ("import sys; from deploy.network import netns, sandbox; sandbox.SBIN_DIRS = (); "
+            "sys.exit(netns.main(['check']))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
+                          env=dict(os.environ, PATH=str(tmp_path)), timeout=60)
     assert proc.returncode == 1
     assert proc.stdout == ""
     lines = proc.stderr.strip().splitlines()
