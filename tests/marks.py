@@ -1,5 +1,7 @@
 """Finding the processes a test started, by an environment marker they inherit."""
 
+import time
+
 import psutil
 
 
@@ -23,3 +25,19 @@ def cmdline(proc):
         return proc.cmdline()
     except psutil.Error:
         return []
+
+
+def assert_none_left(mark, timeout_s=10.0):
+    """Waits up to ``timeout_s`` for the processes marked ``mark`` to end; kills and
+    names any still running (a failure)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and marked(mark):
+        time.sleep(0.2)
+    left = []
+    for proc in marked(mark):
+        try:
+            left.append(proc.cmdline())
+            proc.kill()
+        except psutil.Error:
+            pass
+    assert not left, f"left running: {left}"

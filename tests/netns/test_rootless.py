@@ -30,10 +30,9 @@ import tempfile
 import time
 import uuid
 
-import psutil
 import pytest
 
-from tests.marks import cmdline, marked
+from tests.marks import assert_none_left, cmdline, marked
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 NOBODY = 65534
@@ -185,17 +184,7 @@ def _machine_state():
 
 
 def _assert_nothing_left(mark, before, workdir):
-    deadline = time.monotonic() + 30  # the kernel reaps a dead sandbox quickly, a loaded machine less so
-    while marked(mark) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    left = []
-    for proc in marked(mark):
-        try:
-            left.append(proc.cmdline())
-            proc.kill()
-        except psutil.Error:
-            pass
-    assert not left, f"left running: {left}"
+    assert_none_left(mark, timeout_s=30)  # the kernel reaps a dead sandbox quickly, a loaded machine less so
     ns, links = _machine_state()
     # Only names a testbed uses (other jobs on the machine, podman say, make their own).
     ours = lambda names: {n for n in names if n.startswith(("parm", "pm", "h", "eth", "br", "ctl", "veth"))}
