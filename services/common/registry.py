@@ -323,6 +323,19 @@ def url_with_env_password(url, environ=None):
     return f"{scheme}://:{password}@{rest}"
 
 
+async def build_with_registry(url, deployment, build):
+    """``build(registry)`` with the ``RedisRegistry`` of ``url`` (None without a URL), for a
+    service's ``serve``: the built app owns the registry from then on; if the build fails,
+    the registry is closed before the error goes on."""
+    registry = RedisRegistry(url, deployment) if url else None
+    try:
+        return build(registry)
+    except BaseException:
+        if registry is not None:
+            await registry.close()
+        raise
+
+
 def redact_url(url):
     """``url`` with its password (if any) replaced by ``***``, for logs and errors."""
     if "@" in url:

@@ -233,17 +233,9 @@ def build_server(cfg, registry=None, **kwargs):
 
 async def serve(cfg):
     """Builds the registry (``--registry-url``) and the app, and serves until SIGTERM."""
-    registry = None
-    if cfg.registry_url:
-        from services.common.registry import RedisRegistry
+    from services.common.registry import build_with_registry
 
-        registry = RedisRegistry(cfg.registry_url, cfg.deployment)
-    try:
-        app = build_server(cfg, registry)
-    except BaseException:
-        if registry is not None:
-            await registry.close()
-        raise
+    app = await build_with_registry(cfg.registry_url, cfg.deployment, lambda registry: build_server(cfg, registry))
     try:
         await app.start()
     except BaseException:

@@ -18,7 +18,7 @@ from parm.v1 import model_server_pb2_grpc as pb_grpc
 from services.common import cli
 from services.common import manifest as manifest_mod
 from services.common.procs import write_ready_file
-from services.common.registry import Heartbeat, Instance, RedisRegistry, RegistryError
+from services.common.registry import Heartbeat, Instance, RegistryError, build_with_registry
 from services.common.server import create_server, run_until_signal, setup_logging
 from services.model_server.config import PROG, parse_config
 from services.model_server.instance import ModelInstance
@@ -149,13 +149,7 @@ def build_server(cfg, registry=None):
 
 
 async def serve(cfg):
-    registry = RedisRegistry(cfg.registry_url, cfg.deployment) if cfg.registry_url else None
-    try:
-        app = build_server(cfg, registry)
-    except BaseException:
-        if registry is not None:
-            await registry.close()
-        raise
+    app = await build_with_registry(cfg.registry_url, cfg.deployment, lambda registry: build_server(cfg, registry))
     await app.run()
 
 
