@@ -103,6 +103,20 @@ class Instance:
         return cls(**{k: data[k] for k in ("instance_id", "address", "role", "model", "k", "meta") if k in data})
 
 
+def _raise_if_cancelling(exc):
+    """Re-raises ``exc`` as the cancellation when the current task is being cancelled.
+
+    A loop that retries on registry errors must still end when its task is
+    cancelled, even when the client library turned the cancellation into an
+    error of its own (redis-py's socket timeout racing a cancel surfaces as a
+    TimeoutError); otherwise the loop retries forever and whoever awaits the
+    cancelled task waits forever.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError from exc
+
+
 @dataclass(frozen=True)
 class RegistryEvent:
     """kind: "joined" | "left" | "changed"; ``instance`` is the new (or last) value."""
@@ -148,6 +162,9 @@ class Registry(abc.ABC):
         no "left" is reported (joins and changes are); an instance that is
         really gone leaves after that. ``clock`` (a ``services.common.clock.Clock``,
         default the real one) times the polls and the hold.
+
+        Cancelling the task that iterates ends the watch, even when the client
+        library turns the cancellation into an error (``_raise_if_cancelling``).
         """
         clock = clock or REAL_CLOCK
         known = {}
@@ -157,6 +174,7 @@ class Registry(abc.ABC):
             try:
                 current = {i.instance_id: i for i in await self.list(role)}
             except (RegistryError, OSError, asyncio.TimeoutError) as exc:
+                _raise_if_cancelling(exc)
                 log.warning("registry watch: %s", exc)
                 current = None
                 outage = True
@@ -254,7 +272,8 @@ class Heartbeat:
     """Keeps one instance registered: register, refresh every ``heartbeat_s``, deregister.
 
     Owns one asyncio task. A failed refresh is logged and retried at the next
-    beat (the server keeps serving while the registry is unreachable).
+    beat (the server keeps serving while the registry is unreachable); ``stop``
+    ends the task even mid-refresh (``_raise_if_cancelling``).
     ``clock`` (a ``services.common.clock.Clock``, default the real one) times
     the beats.
     """
@@ -280,6 +299,7 @@ class Heartbeat:
             try:
                 await self.registry.heartbeat(self.instance, self.ttl_s)
             except (RegistryError, OSError, asyncio.TimeoutError) as exc:
+                _raise_if_cancelling(exc)
                 log.warning("heartbeat failed: %s", exc)
 
     async def stop(self, deregister=True):

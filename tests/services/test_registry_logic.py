@@ -177,3 +177,64 @@ def test_memory_registry_outage_and_config():
         return value, missing
 
     assert asyncio.run(body()) == ({"k": 2}, 7)
+
+
+class _SwallowsOneCancel(MemoryRegistry):
+    """A registry whose commands, once registered, hang until cancelled, and turn the first
+    cancellation into a RegistryError, as redis-py does when its socket timeout races a cancel
+    (only once, so that a failing test still ends)."""
+
+    swallowed = 0
+    hang = False
+
+    async def _hang(self):
+        try:
+            await asyncio.sleep(3600)               # a command in flight when the cancel comes
+        except asyncio.CancelledError:
+            if self.swallowed:
+                raise
+            self.swallowed += 1
+            raise RegistryError("Timeout reading from socket") from None
+
+    async def list(self, role=None):
+        await self._hang()
+
+    async def register(self, instance, ttl_s=3.0):
+        if self.hang:
+            await self._hang()
+        return await super().register(instance, ttl_s)
+
+
+async def _ends_when_cancelled(task):
+    task.cancel()
+    done, _ = await asyncio.wait([task], timeout=5)
+    return bool(done) and task.cancelled()
+
+
+def test_cancelling_a_watch_ends_it_even_when_the_client_turns_the_cancel_into_an_error():
+    async def body():
+        registry = _SwallowsOneCancel()
+
+        async def consume():
+            async for _ in registry.watch(poll_s=0.01):
+                pass
+
+        task = asyncio.create_task(consume())
+        await asyncio.sleep(0.05)                   # the watch is inside list() now
+        return await _ends_when_cancelled(task), registry.swallowed
+
+    ended, swallowed = asyncio.run(body())
+    assert swallowed == 1 and ended, "the watch went on polling after its task was cancelled"
+
+
+def test_stopping_a_heartbeat_ends_it_even_when_the_client_turns_the_cancel_into_an_error():
+    async def body():
+        registry = _SwallowsOneCancel()
+        hb = Heartbeat(registry, _inst("d0"), heartbeat_s=0.01, ttl_s=3.0)
+        await hb.start()
+        registry.hang = True
+        await asyncio.sleep(0.05)                   # the next beat is inside register() now
+        return await _ends_when_cancelled(hb._task), registry.swallowed
+
+    ended, swallowed = asyncio.run(body())
+    assert swallowed == 1 and ended, "the heartbeat went on beating after its task was cancelled"
