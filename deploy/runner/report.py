@@ -159,8 +159,10 @@ def _decode_policies(results):
 
 
 def _tail_sources(results):
-    """Causes of the slowest queries per mode, pooled over rates and trials (``deploy.runner.tail``)."""
+    """Causes of the slowest queries per mode, pooled over rates and trials, and for coded
+    modes also per rate at p99.9 (``deploy.runner.tail``)."""
     rows = {}
+    per_rate = {}
     for res in results:
         run = res["run"]
         path = pathlib.Path(res["dir"])
@@ -172,9 +174,15 @@ def _tail_sources(results):
             agg = rows.setdefault((mode_label(run), pct), dict.fromkeys(tail.CAUSES, 0))
             for c, n in counts.items():
                 agg[c] += n
+            if pct == 99.9 and run.redundancy_mode == "coded":
+                agg = per_rate.setdefault((mode_label(run), run.send_rate), dict.fromkeys(tail.CAUSES, 0))
+                for c, n in counts.items():
+                    agg[c] += n
     if not rows:
         return []
     table = [(f"{mode}, >= p{pct:g} of each run", counts) for (mode, pct), counts in rows.items()]
+    if len({rate for _, rate in per_rate}) > 1:
+        table += [(f"{mode} at {rate:g}/s, >= p99.9", counts) for (mode, rate), counts in sorted(per_rate.items())]
     return ["### Where the tail comes from", "",
             "Each query at or above its run's p99.9 (and p99) client latency, put in one cause from the "
             "frontend's per-query and per-group records (definitions in `deploy/runner/tail.py`).", "",

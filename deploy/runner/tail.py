@@ -17,8 +17,17 @@ cause took at least half of the query's latency):
 - ``reconstructed_waited_for_group``: answered by decoding, and its group
   was sealed (its k-th batch formed, so the parity could be encoded and
   sent) at least half of its e2e latency after the query arrived;
-- ``reconstructed_slow_parity``: answered by decoding, any other way (the
-  parity, or another member needed for the decode, was slow too);
+- ``reconstructed_held``: answered by decoding, and the decode policy held
+  the reconstruction (``lateness_wait_ms``: it existed before the original
+  was late) for at least half its e2e latency: the lateness threshold, not
+  a slow input, set this query's latency;
+- ``reconstructed_slow_sibling``: answered by decoding, and the last input
+  of the decode to arrive was another data member (its instance was slow
+  too); known from groups that record ``parity_answered_s`` and
+  ``data_answered_s``;
+- ``reconstructed_slow_parity``: answered by decoding, any other way: the
+  parity was the last input to arrive (or, in records without those
+  times, the parity or another member was slow);
 - ``original_group_not_coded``: coded mode, answered by its original, in a
   group that never got a parity (partial and not padded, or not encoded);
 - ``original_waited_for_group``: coded mode, answered by its original (its
@@ -37,7 +46,8 @@ import math
 import pathlib
 
 CAUSES = (
-    "outside_frontend", "queued_at_frontend", "reconstructed_waited_for_group", "reconstructed_slow_parity",
+    "outside_frontend", "queued_at_frontend", "reconstructed_waited_for_group", "reconstructed_held",
+    "reconstructed_slow_sibling", "reconstructed_slow_parity",
     "original_group_not_coded", "original_waited_for_group", "double_straggler", "slow_instance",
     "no_frontend_record",
 )
@@ -84,6 +94,21 @@ def _waited_for_group(query, group, e2e):
     return bool(e2e) and sealed is not None and (sealed - query["received_s"]) * 1e3 >= _SHARE * e2e
 
 
+def _sibling_came_last(query, group):
+    """True if another data member of ``query``'s group answered after the parity (so it,
+    not the parity, was the last input of the decode). False when the group record has no
+    such times (older records) or the parity came last."""
+    if group is None:
+        return False
+    parity = group.get("parity_answered_s")
+    answered = group.get("data_answered_s")
+    ids = group.get("data_batch_ids") or []
+    if parity is None or not answered or len(answered) != len(ids):
+        return False
+    others = [t for bid, t in zip(ids, answered) if bid != query.get("batch_id") and t is not None]
+    return bool(others) and max(others) > parity
+
+
 def cause(record, query, group, mode):
     """The cause (one of ``CAUSES``) of one slow query; see the module doc."""
     if query is None:
@@ -98,6 +123,10 @@ def cause(record, query, group, mode):
     if source == "RECONSTRUCTED":
         if _waited_for_group(query, group, e2e):
             return "reconstructed_waited_for_group"
+        if (query.get("lateness_wait_ms") or 0.0) >= _SHARE * e2e:
+            return "reconstructed_held"
+        if _sibling_came_last(query, group):
+            return "reconstructed_slow_sibling"
         return "reconstructed_slow_parity"
     if mode != "coded":
         return "slow_instance"

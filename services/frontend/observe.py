@@ -37,6 +37,11 @@ _LAT_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.
 _CODE_BUCKETS = (1e-6, 5e-6, 1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 5e-3, 1e-2, 0.1)
 
 
+def _at(t, offset):
+    """A monotonic time as a Unix time (None stays None)."""
+    return None if t is None else t + offset
+
+
 class _EngineCollector:
     """Gauges and counters of the engine, from ``engine.snapshot()`` taken on the loop.
 
@@ -217,7 +222,12 @@ class Records(NullObserver):
         rec = {
             "type": "group", "group_id": g.group_id, "k": g.k, "reason": reason,
             "formed_s": g.formed_s + off,
-            "sealed_s": g.sealed_s + off if g.sealed_s is not None else None, "padded": g.padded, "full": len(g.members) == g.k, "coded": g.coded,
+            "sealed_s": g.sealed_s + off if g.sealed_s is not None else None, "padded": g.padded,
+            "full": len(g.members) == g.k, "coded": g.coded,
+            "parity_dispatched_s": _at(g.parity.dispatched_s if g.parity is not None else None, off),
+            "parity_answered_s": _at(g.parity.answered_s if g.parity is not None else None, off),
+            "data_answered_s": [_at(m.answered_s, off) for m in g.members],
+            "decoded_s": _at(g.decoded_s, off),
             "data_batch_ids": [m.batch_id for m in g.members],
             "parity_batch_id": g.parity.batch_id if g.parity is not None else None,
             "encoding_latency_us": g.encode_us, "decoding_latency_us": g.decode_us,

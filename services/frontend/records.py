@@ -157,7 +157,7 @@ class Group:
     __slots__ = ("group_id", "k", "members", "outputs", "n_outputs", "parity", "parity_output",
                  "sealed", "coded", "formed_s", "sealed_s", "timer", "missing", "encode_us", "decode_us",
                  "late", "finished", "encoding", "decoding", "encode_failed", "decode_failed", "decoded",
-                 "late_threshold_s", "rec_buffer", "padded")
+                 "late_threshold_s", "rec_buffer", "padded", "decoded_s")
 
     def __init__(self, group_id, k, formed_s):
         self.group_id = group_id
@@ -182,6 +182,7 @@ class Group:
         self.encode_failed = False
         self.decode_failed = False
         self.decoded = None         # the member decoded (its reconstruction may still be held)
+        self.decoded_s = None       # when that reconstruction existed
         self.late_threshold_s = None    # the lateness threshold when the group was decoded/sealed
         self.rec_buffer = None      # pooled reconstruction buffer, owned until finish (coding.CodingPools)
         self.padded = False         # sealed partial and coded with zero members in the missing places

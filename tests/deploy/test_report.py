@@ -103,12 +103,40 @@ def test_tail_causes_from_the_frontend_records(tmp_path):
                rec("g", 205), rec("h", 206)] + [rec(f"x{i}", 1.0) for i in range(100)]
     counts = tail.classify_run(records, tmp_path, "coded", percentile=93)
     assert counts == {"outside_frontend": 1, "queued_at_frontend": 1, "reconstructed_waited_for_group": 1,
+                      "reconstructed_held": 0, "reconstructed_slow_sibling": 0,
                       "reconstructed_slow_parity": 1, "original_group_not_coded": 1,
                       "original_waited_for_group": 1, "double_straggler": 1, "slow_instance": 0,
                       "no_frontend_record": 1}
     assert tail.classify_run(records, tmp_path, "equal", percentile=93)["slow_instance"] == 3
     table = tail.format_table([("coded", counts)])
     assert "| coded | 8 |" in table and "slow_instance" not in table
+
+
+def test_tail_tells_a_held_reconstruction_a_slow_sibling_and_a_slow_parity_apart(tmp_path):
+    """From the group's parity and member answer times and the query's lateness wait."""
+    fe = tmp_path / "frontend"
+    fe.mkdir()
+    q = lambda rid, bid, gid, held=None: {
+        "type": "query", "request_id": rid, "source": "RECONSTRUCTED", "e2e_latency_ms": 40.0, "group_id": gid,
+        "batch_id": bid, "batch_wait_ms": 0.0, "queue_latency_ms": 0.0, "received_s": 100.0,
+        "lateness_wait_ms": held}
+    group = lambda gid, ids, parity, answered: {
+        "type": "group", "group_id": gid, "formed_s": 100.0, "sealed_s": 100.001, "coded": True, "full": True,
+        "data_batch_ids": ids, "parity_answered_s": parity, "data_answered_s": answered}
+    # "held": its reconstruction waited 25 of its 40 ms for the original to be late.
+    # "sibling": member 4 answered at 100.038, after the parity (100.02).
+    # "parity": the parity answered last (100.038), after member 7 (100.01).
+    # "old": a record without the times stays "slow parity" (parity or sibling).
+    queries = [q("held", 0, 0, held=25.0), q("sibling", 3, 1, held=0.01), q("parity", 6, 2), q("old", 9, 3)]
+    groups = [group(0, [0, 1], 100.01, [None, 100.012]), group(1, [3, 4], 100.02, [None, 100.038]),
+              group(2, [6, 7], 100.038, [None, 100.01]),
+              {"type": "group", "group_id": 3, "formed_s": 100.0, "sealed_s": 100.001, "coded": True, "full": True}]
+    (fe / "queries.jsonl").write_text("\n".join(map(json.dumps, queries)) + "\n")
+    (fe / "groups.jsonl").write_text("\n".join(map(json.dumps, groups)) + "\n")
+    records = [rec(r, 42.0) for r in ("held", "sibling", "parity", "old")] + [rec(f"x{i}", 1.0) for i in range(100)]
+    counts = tail.classify_run(records, tmp_path, "coded", percentile=97)
+    assert {c: n for c, n in counts.items() if n} == {"reconstructed_held": 1, "reconstructed_slow_sibling": 1,
+                                                      "reconstructed_slow_parity": 2}
 
 
 def test_tail_estimates_when_an_old_group_record_was_sealed(tmp_path):

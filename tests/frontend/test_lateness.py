@@ -254,3 +254,11 @@ async def test_threshold_and_waits_in_status_metrics_and_records(models, tmp_pat
     # Opened by r0, sealed by r1 about 50 ms later (only then could the parity be sent).
     assert 0.04 < groups[0]["sealed_s"] - groups[0]["formed_s"] < 0.5
     assert abs(groups[0]["sealed_s"] - queries["r1"]["received_s"]) < 0.02
+    # The decode's inputs in order: sealed -> parity sent -> parity and r1 answered -> decoded;
+    # the reconstruction then waited (held) until r0 was late; r0's original came ~1 s in.
+    g = groups[0]
+    assert g["sealed_s"] <= g["parity_dispatched_s"] < g["parity_answered_s"] <= g["decoded_s"]
+    assert g["data_answered_s"][1] == pytest.approx(queries["r1"]["answered_s"], abs=0.005)
+    assert g["decoded_s"] == pytest.approx(max(g["parity_answered_s"], g["data_answered_s"][1]), abs=0.005)
+    assert g["decoded_s"] < queries["r0"]["answered_s"] - 0.1
+    assert 0.9 < g["data_answered_s"][0] - g["formed_s"] < 1.5

@@ -470,6 +470,7 @@ class Coded(Replication):
             return  # the original won the race with an off-loop decode (or the group was abandoned)
         g.rec_buffer = buf          # owned by the group until it finishes or the original arrives
         g.decoded = j
+        g.decoded_s = h.clock.now()
         g.late_threshold_s = self.lateness.threshold_s()
         self.lateness.offer(member, lambda waited_s: self._answer_reconstructed(g, member, rec, waited_s))
 
