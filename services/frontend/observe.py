@@ -221,8 +221,7 @@ class Records(NullObserver):
         off = self._offset
         rec = {
             "type": "group", "group_id": g.group_id, "k": g.k, "reason": reason,
-            "formed_s": g.formed_s + off,
-            "sealed_s": g.sealed_s + off if g.sealed_s is not None else None, "padded": g.padded,
+            "formed_s": g.formed_s + off, "sealed_s": _at(g.sealed_s, off), "padded": g.padded,
             "full": len(g.members) == g.k, "coded": g.coded,
             "parity_dispatched_s": _at(g.parity.dispatched_s if g.parity is not None else None, off),
             "parity_answered_s": _at(g.parity.answered_s if g.parity is not None else None, off),
