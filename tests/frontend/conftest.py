@@ -14,6 +14,7 @@ import pytest
 
 from tests.frontend import fakes
 from tests.frontend.models import write_deployment
+from tests.leaks import cancel_leaked
 
 
 @pytest.fixture
@@ -32,14 +33,7 @@ async def _run_checked(fn, kwargs):
             await e.close()
         fakes.ENGINES.clear()
     assert not unclosed, f"test did not close {len(unclosed)} engine(s) it built"
-    await asyncio.sleep(0)
-    me = asyncio.current_task()
-    leaked = [t for t in asyncio.all_tasks() if t is not me and not t.done()]
-    for t in leaked:
-        t.cancel()
-    if leaked:
-        await asyncio.gather(*leaked, return_exceptions=True)
-    names = [t.get_coro().__qualname__ for t in leaked]
+    names = await cancel_leaked()
     assert not names, f"test left tasks pending: {names}"
 
 
