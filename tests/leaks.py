@@ -15,9 +15,10 @@ import pytest
 _REAL_RUN = asyncio.run
 
 
-#: How long a task of compiled library code (grpc's Cython coroutines) may take to end on
-#: its own once the test is over: ``server.stop()`` cancels its RPC tasks, which then need
-#: a few loop turns more than one to finish. Tasks of Python coroutines get no such grace.
+#: How long a task that is not a Python coroutine may take to end on its own once the test
+#: is over: grpc's tasks are Cython coroutines, and ``server.stop()`` cancels its RPC tasks,
+#: which then need more than one loop turn to finish (an awaitable that ``ensure_future``
+#: wrapped, such as a grpc call object, counts too). Python coroutines get no such grace.
 LIBRARY_GRACE_S = 1.0
 
 
@@ -33,7 +34,7 @@ def _is_python_coroutine(task):
 async def cancel_leaked():
     """Cancels and awaits every task of the running loop but the current one;
     returns their coroutines' qualified names, sorted (empty: nothing leaked).
-    A task of compiled library code still ending gets ``LIBRARY_GRACE_S``
+    A task that is not a Python coroutine gets ``LIBRARY_GRACE_S`` to end
     first, and counts only if it is still pending then."""
     await asyncio.sleep(0)  # let tasks finishing right now finish
     me = asyncio.current_task()
