@@ -103,14 +103,18 @@ class Instance:
         return cls(**{k: data[k] for k in ("instance_id", "address", "role", "model", "k", "meta") if k in data})
 
 
-def _raise_if_cancelling(exc):
-    """Re-raises ``exc`` as the cancellation when the current task is being cancelled.
+def _raise_if_cancelling(exc=None):
+    """Raises the cancellation (from ``exc``, if given) when the current task is being cancelled.
 
     A loop that retries on registry errors must still end when its task is
     cancelled, even when the client library turned the cancellation into an
     error of its own (redis-py's socket timeout racing a cancel surfaces as a
-    TimeoutError); otherwise the loop retries forever and whoever awaits the
-    cancelled task waits forever.
+    TimeoutError), or swallowed it altogether (redis-py's retry layer retries
+    that error, and the command then returns normally); otherwise the loop
+    retries forever and whoever awaits the cancelled task waits forever. So
+    such a loop calls this after every registry call, failed or not: a cancel
+    request stays counted (``Task.cancelling()``) until someone handles it
+    with ``uncancel()``, which a swallowed one never got.
     """
     task = asyncio.current_task()
     if task is not None and task.cancelling():
@@ -164,7 +168,8 @@ class Registry(abc.ABC):
         default the real one) times the polls and the hold.
 
         Cancelling the task that iterates ends the watch, even when the client
-        library turns the cancellation into an error (``_raise_if_cancelling``).
+        library turns the cancellation into an error or swallows it
+        (``_raise_if_cancelling``).
         """
         clock = clock or REAL_CLOCK
         known = {}
@@ -178,6 +183,7 @@ class Registry(abc.ABC):
                 log.warning("registry watch: %s", exc)
                 current = None
                 outage = True
+            _raise_if_cancelling()      # the client may have swallowed the cancel and answered
             if current is not None:
                 if outage:
                     outage = False
@@ -301,6 +307,7 @@ class Heartbeat:
             except (RegistryError, OSError, asyncio.TimeoutError) as exc:
                 _raise_if_cancelling(exc)
                 log.warning("heartbeat failed: %s", exc)
+            _raise_if_cancelling()      # the client may have swallowed the cancel and answered
 
     async def stop(self, deregister=True):
         if self._task is not None:

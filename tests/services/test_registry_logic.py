@@ -182,10 +182,13 @@ def test_memory_registry_outage_and_config():
 class _SwallowsOneCancel(MemoryRegistry):
     """A registry whose commands, once registered, hang until cancelled, and turn the first
     cancellation into a RegistryError, as redis-py does when its socket timeout races a cancel
-    (only once, so that a failing test still ends)."""
+    (only once, so that a failing test still ends). With ``answers``, the first cancellation
+    is swallowed altogether and the command answers, as when redis-py's retry layer retries
+    that error and the retry succeeds."""
 
     swallowed = 0
     hang = False
+    answers = False
 
     async def _hang(self):
         try:
@@ -194,10 +197,13 @@ class _SwallowsOneCancel(MemoryRegistry):
             if self.swallowed:
                 raise
             self.swallowed += 1
+            if self.answers:
+                return
             raise RegistryError("Timeout reading from socket") from None
 
     async def list(self, role=None):
         await self._hang()
+        return []
 
     async def register(self, instance, ttl_s=3.0):
         if self.hang:
@@ -211,9 +217,11 @@ async def _ends_when_cancelled(task):
     return bool(done) and task.cancelled()
 
 
-def test_cancelling_a_watch_ends_it_even_when_the_client_turns_the_cancel_into_an_error():
+@pytest.mark.parametrize("answers", [False, True], ids=["cancel-as-error", "cancel-swallowed"])
+def test_cancelling_a_watch_ends_it_even_when_the_client_turns_the_cancel_into_an_error(answers):
     async def body():
         registry = _SwallowsOneCancel()
+        registry.answers = answers
 
         async def consume():
             async for _ in registry.watch(poll_s=0.01):
@@ -227,9 +235,11 @@ def test_cancelling_a_watch_ends_it_even_when_the_client_turns_the_cancel_into_a
     assert swallowed == 1 and ended, "the watch went on polling after its task was cancelled"
 
 
-def test_stopping_a_heartbeat_ends_it_even_when_the_client_turns_the_cancel_into_an_error():
+@pytest.mark.parametrize("answers", [False, True], ids=["cancel-as-error", "cancel-swallowed"])
+def test_stopping_a_heartbeat_ends_it_even_when_the_client_turns_the_cancel_into_an_error(answers):
     async def body():
         registry = _SwallowsOneCancel()
+        registry.answers = answers
         hb = Heartbeat(registry, _inst("d0"), heartbeat_s=0.01, ttl_s=3.0)
         await hb.start()
         registry.hang = True
