@@ -158,6 +158,13 @@ def _decode_policies(results):
     return out + [""]
 
 
+def _add_counts(table, key, counts):
+    """Adds ``counts`` (cause -> n) into ``table[key]`` (created with every cause at 0)."""
+    agg = table.setdefault(key, dict.fromkeys(tail.CAUSES, 0))
+    for cause, n in counts.items():
+        agg[cause] += n
+
+
 def _tail_sources(results):
     """Causes of the slowest queries per mode, pooled over rates and trials, and for coded
     modes also per rate at p99.9 (``deploy.runner.tail``)."""
@@ -171,13 +178,9 @@ def _tail_sources(results):
         records = read_csv(path / "records.csv")
         for pct in (99.9, 99.0):
             counts = tail.classify_run(records, path, run.redundancy_mode, pct)
-            agg = rows.setdefault((mode_label(run), pct), dict.fromkeys(tail.CAUSES, 0))
-            for c, n in counts.items():
-                agg[c] += n
+            _add_counts(rows, (mode_label(run), pct), counts)
             if pct == 99.9 and run.redundancy_mode == "coded":
-                agg = per_rate.setdefault((mode_label(run), run.send_rate), dict.fromkeys(tail.CAUSES, 0))
-                for c, n in counts.items():
-                    agg[c] += n
+                _add_counts(per_rate, (mode_label(run), run.send_rate), counts)
     if not rows:
         return []
     table = [(f"{mode}, >= p{pct:g} of each run", counts) for (mode, pct), counts in rows.items()]

@@ -303,7 +303,11 @@ class Engine:
         if self.queue.depths().get(role, 0):
             return False
         now = self.clock.now()
-        return any(i.in_flight < self.max_in_flight and now >= i.down_until_s for i in self.by_role[role])
+        return any(self._can_start(i, now) for i in self.by_role[role])
+
+    def _can_start(self, inst, now):
+        """``inst`` may take a call now: a free slot, and not backing off."""
+        return inst.in_flight < self.max_in_flight and now >= inst.down_until_s
 
     # ------------------------------------------------------------ admission
     def validate(self, array):
@@ -529,7 +533,7 @@ class Engine:
         now = self.clock.now()
         for j in range(n):
             inst = insts[(start + j) % n]
-            while inst.in_flight < self.max_in_flight and now >= inst.down_until_s:
+            while self._can_start(inst, now):
                 batch = self._take(inst)
                 if batch is None:
                     break
