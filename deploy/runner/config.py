@@ -22,7 +22,10 @@ it, else the emulated network, as ``configs/local.json`` says; ``"netns"``;
 frontend as ``--decode-policy`` only when given, and only to the modes that
 answer with a substitute, ``coded`` and ``cheap``), ``partial_groups`` (a
 sweep field like it: ``"pad"``/``"uncoded"``, passed as ``--partial-groups``
-only when given, and only to ``coded`` runs), and ``emulation``:
+only when given, and only to ``coded`` runs), ``max_in_flight`` (a sweep field
+like them: calls the frontend keeps in flight per instance, passed as
+``--max-in-flight`` to every mode only when given; the frontend's default
+applies otherwise), and ``emulation``:
 
     "emulation": {
       "compute": {"kind": "lognormal", "params": {"median_ms": 8, "sigma": 0.25}},
@@ -63,6 +66,7 @@ DEFAULT_CLIPPER = {"rate": 20.0, "num_models": 2}
 _SWEEP_FIELDS = (
     "queue_modes", "redundancy_modes", "num_models", "ec_k_val", "batch_sizes",
     "num_clients", "send_rates", "background_traffic", "num_queries", "decode_policy", "partial_groups",
+    "max_in_flight",
 )
 _KNOWN = set(_SWEEP_FIELDS) | {
     "experiment_id", "frontend_type", "worker_type", "client_type", "model",
@@ -109,6 +113,7 @@ class RunSpec:
     clipper: dict
     decode_policy: str | None = None
     partial_groups: str | None = None
+    max_in_flight: int | None = None
 
     @property
     def num_instances(self):
@@ -130,7 +135,8 @@ class RunSpec:
             f"mode_{self.redundancy_mode}-q_{self.queue_mode}-n_{self.num_models}-k_{self.k}"
             f"-bs_{self.batch_size}-rate_{self.send_rate:g}-bg_{bg}-c_{self.num_clients}"
             f"-nq_{self.num_queries}{f'-dp_{self.decode_policy}' if self.decode_policy else ''}"
-            f"{f'-pg_{self.partial_groups}' if self.partial_groups else ''}-it_{self.trial}"
+            f"{f'-pg_{self.partial_groups}' if self.partial_groups else ''}"
+            f"{f'-mif_{self.max_in_flight}' if self.max_in_flight else ''}-it_{self.trial}"
         )
 
     def to_dict(self):
@@ -167,6 +173,7 @@ class SweepConfig:
     source_path: str = ""
     decode_policies: tuple = (None,)
     partial_groups: tuple = (None,)
+    max_in_flight: tuple = (None,)
 
     def runs(self):
         """Every combination, trials innermost-but-one and modes innermost.
@@ -177,18 +184,18 @@ class SweepConfig:
         """
         seen = set()
         out = []
-        for (qm, n, bs, nc, rate, bg, nq, k, trial, policy, pg, mode) in itertools.product(
+        for (qm, n, bs, nc, rate, bg, nq, k, trial, mif, policy, pg, mode) in itertools.product(
             self.queue_modes, self.num_models, self.batch_sizes, self.num_clients,
             self.send_rates, self.background_traffic, self.num_queries,
-            self.ec_k_val, range(self.num_trials), self.decode_policies, self.partial_groups,
-            self.redundancy_modes,
+            self.ec_k_val, range(self.num_trials), self.max_in_flight, self.decode_policies,
+            self.partial_groups, self.redundancy_modes,
         ):
             if mode not in SUBSTITUTING_MODES and policy is not None and policy != self.decode_policies[0]:
                 continue  # the decode policy changes only coded and cheap runs: the others run once
             if mode != "coded" and pg is not None and pg != self.partial_groups[0]:
                 continue  # so does the partial-groups choice, for coded runs only
             if mode == "none":
-                key = (qm, n, bs, nc, rate, bg, nq, trial, mode)
+                key = (qm, n, bs, nc, rate, bg, nq, trial, mif, mode)
                 if key in seen:
                     continue
                 seen.add(key)
@@ -201,7 +208,7 @@ class SweepConfig:
                 batch_timeout_ms=self.batch_timeout_ms, network=self.network,
                 compute=self.compute, background_model=self.background_model,
                 clipper=self.clipper, decode_policy=policy if mode in SUBSTITUTING_MODES else None,
-                partial_groups=pg if mode == "coded" else None,
+                partial_groups=pg if mode == "coded" else None, max_in_flight=mif,
             ))
         return out
 
@@ -339,6 +346,8 @@ def parse(data, source_path=""):
                                                                 allowed=DECODE_POLICIES)
     pg = data.get("partial_groups")
     partial_groups = (None,) if pg is None else _as_list(data, "partial_groups", str, allowed=PARTIAL_GROUPS)
+    mif = data.get("max_in_flight")
+    max_in_flight = (None,) if mif is None else _as_list(data, "max_in_flight", int, minimum=1)
     bg_items = data["background_traffic"] if isinstance(data["background_traffic"], list) else [data["background_traffic"]]
     for item in bg_items:
         if item != "clipper" and (isinstance(item, bool) or not isinstance(item, int) or item < 0):
@@ -384,6 +393,7 @@ def parse(data, source_path=""):
         source_path=str(source_path),
         decode_policies=decode_policies,
         partial_groups=partial_groups,
+        max_in_flight=max_in_flight,
     )
     if cfg.encoder not in ENCODERS:
         raise ConfigError(f"field 'encoder': {cfg.encoder!r} is not one of {list(ENCODERS)}")

@@ -184,6 +184,8 @@ def frontend_args(spec, models, registry_url, namespace, records_dir, metrics_po
         args += ["--decode-policy", spec.decode_policy]
     if getattr(spec, "partial_groups", None):
         args += ["--partial-groups", spec.partial_groups]
+    if getattr(spec, "max_in_flight", None):
+        args += ["--max-in-flight", str(spec.max_in_flight)]
     return args
 
 

@@ -34,6 +34,18 @@ def mode_label(run):
     return "/".join(p for p in parts if p)
 
 
+def in_flight(run):
+    """The run's calls in flight per instance when its config set it (``max_in_flight``), else None."""
+    return getattr(run, "max_in_flight", None)
+
+
+def run_label(run):
+    """``mode_label`` and, when the config set it, the calls in flight per instance
+    (``coded/late, 2 in flight``): what tells runs of one rate apart in the tail tables."""
+    n = in_flight(run)
+    return mode_label(run) + (f", {n} in flight" if n else "")
+
+
 def write_report(root, sweep, results, network, twin=None):
     """Writes ``report.md`` (and PNGs) under ``root``; returns its path.
 
@@ -71,13 +83,13 @@ def write_report(root, sweep, results, network, twin=None):
         for res in results:
             if res["run"].send_rate == rate:
                 recs = read_csv(pathlib.Path(res["dir"]) / "records.csv")
-                label = f"{mode_label(res['run'])} k={res['run'].k}" if len(sweep.ec_k_val) > 1 \
-                    else mode_label(res["run"])
+                label = f"{run_label(res['run'])} k={res['run'].k}" if len(sweep.ec_k_val) > 1 \
+                    else run_label(res["run"])
                 by_mode.setdefault(label, []).extend(r.latency_ms for r in recs if r.ok and not r.warmup)
         name = f"latency_cdf_rate_{rate:g}.png"
         plots.plot_latency_cdf(by_mode, plot_dir / name, title=f"End-to-end latency at {rate:g} queries/s")
         lines.append(f"![latency CDF at {rate:g}/s](plots/{name})")
-    points = [(mode_label(r["run"]), r["run"].send_rate, r["summary"]) for r in results]
+    points = [(run_label(r["run"]), r["run"].send_rate, r["summary"]) for r in results]
     plots.plot_latency_vs_rate(points, plot_dir / "latency_vs_rate.png")
     lines.append("![median and p99.9 against rate](plots/latency_vs_rate.png)")
     for mode in modes:
@@ -113,7 +125,8 @@ def _targets(rows, modes):
             every = all(t is not None and m is not None and t <= TARGET_P999 and abs(m - 1) <= TARGET_MEDIAN
                         for t, m in zip(tails, meds))
             verdict = "meets" if every else "misses"
-            out.append(f"- {mode}, rate {row['rate']:g}/s, k={row['k']}: p99.9 = {_spread(row, mode, 'p999')} x "
+            flight = f", {row['max_in_flight']} in flight" if row.get("max_in_flight") else ""
+            out.append(f"- {mode}, rate {row['rate']:g}/s, k={row['k']}{flight}: p99.9 = {_spread(row, mode, 'p999')} x "
                        f"equal, median = {_spread(row, mode, 'med')} x equal over {len(tails)} trial(s) "
                        f"({verdict} the target in {'every' if every else 'not every'} trial: "
                        f"p99.9 <= {TARGET_P999} x, medians within {TARGET_MEDIAN:.0%})")
@@ -130,7 +143,8 @@ def _spread(row, mode, what):
 def _decode_policies(results):
     """Coded runs per variant (decode policy, partial groups), side by side: reconstructed
     share, top-1, tail. Only when the sweep has more than one coded variant."""
-    variant = lambda run: mode_label(run).partition("/")[2]
+    variant = lambda run: "/".join(p for p in (mode_label(run).partition("/")[2],
+                                               f"{in_flight(run)} in flight" if in_flight(run) else "") if p)
     policies = list(dict.fromkeys(variant(r["run"]) for r in results
                                   if r["run"].redundancy_mode == "coded" and variant(r["run"])))
     if len(policies) < 2:
@@ -178,9 +192,9 @@ def _tail_sources(results):
         records = read_csv(path / "records.csv")
         for pct in (99.9, 99.0):
             counts = tail.classify_run(records, path, run.redundancy_mode, pct)
-            _add_counts(rows, (mode_label(run), pct), counts)
+            _add_counts(rows, (run_label(run), pct), counts)
             if pct == 99.9 and run.redundancy_mode == "coded":
-                _add_counts(per_rate, (mode_label(run), run.send_rate), counts)
+                _add_counts(per_rate, (run_label(run), run.send_rate), counts)
     if not rows:
         return []
     table = [(f"{mode}, >= p{pct:g} of each run", counts) for (mode, pct), counts in rows.items()]
@@ -205,7 +219,8 @@ def _side_by_side(rows, network, twin, modes, root):
     if "equal" not in modes or not any(m.split("/")[0] == "coded" for m in modes):
         return out
     coded = next(m for m in modes if m.split("/")[0] == "coded")
-    key = lambda r: (r["queue_mode"], r["num_models"], r["k"], r["batch_size"], r["rate"], r["background"])
+    key = lambda r: (r["queue_mode"], r["num_models"], r["k"], r["batch_size"], r["rate"], r["background"],
+                     r.get("max_in_flight"))
     other = {key(r): r for r in twin_rows}
     out += [f"### {here} vs {there}", "",
             f"| RATE | K | CODED/EQUAL P99.9 ({here}) | CODED/EQUAL P99.9 ({there}) "
@@ -244,13 +259,13 @@ def comparison(results):
     for res in results:
         run = res["run"]
         key = (run.queue_mode, run.num_models, run.k, run.batch_size, run.send_rate, str(run.background),
-               run.num_clients, run.num_queries)
+               run.num_clients, run.num_queries, in_flight(run))
         overall = res["summary"]["overall"]
         keyed.setdefault(key, {}).setdefault(mode_label(run), {})[run.trial] = overall
     rows = []
     for key, modes in keyed.items():
         row = {"queue_mode": key[0], "num_models": key[1], "k": key[2], "batch_size": key[3],
-               "rate": key[4], "background": key[5]}
+               "rate": key[4], "background": key[5], "max_in_flight": key[8]}
         for mode, trials in modes.items():
             row[f"{mode}_med"] = _mean([o["med"] for o in trials.values()])
             row[f"{mode}_p999"] = _mean([o["p999"] for o in trials.values()])
@@ -281,6 +296,9 @@ def _ratio(a, b):
 def format_comparison(rows, modes):
     """The rows of ``comparison`` as a Markdown table (latency in ms)."""
     header = ["RATE", "K", "BS", "BG"]
+    flight = any(row.get("max_in_flight") for row in rows)
+    if flight:
+        header.append("IN FLIGHT")
     for m in modes:
         header += [f"{m.upper()} MED", f"{m.upper()} P99.9"]
     others = [m for m in modes if m != "equal"]
@@ -289,6 +307,8 @@ def format_comparison(rows, modes):
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         cells = [f"{row['rate']:g}", str(row["k"]), str(row["batch_size"]), str(row["background"])]
+        if flight:
+            cells.append(str(row.get("max_in_flight") or "-"))
         for m in modes:
             cells += [fmt(row.get(f"{m}_med")), fmt(row.get(f"{m}_p999"))]
         if "equal" in modes:

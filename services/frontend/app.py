@@ -195,8 +195,9 @@ class FrontendApp:
         gc.freeze()
         await self.built.set_serving(True)
         write_ready_file(self.cfg.ready_file, self.port, metrics_port=self.metrics_port)
-        log.info("frontend serving on port %d (mode %s, queue %s, k %d, batch %d)", self.port,
-                 self.cfg.mode, self.cfg.queue_mode, self.cfg.k, self.cfg.batch_size)
+        log.info("frontend serving on port %d (mode %s, queue %s, k %d, batch %d, %d in flight per instance)",
+                 self.port, self.cfg.mode, self.cfg.queue_mode, self.cfg.k, self.cfg.batch_size,
+                 self.cfg.max_in_flight)
 
     def _schedule_flush(self):
         self.records.flush()

@@ -296,14 +296,16 @@ class Engine:
     def has_role(self, role):
         return bool(self.by_role[role])
 
-    def has_free_slot(self, role):
-        """True if a batch of ``role`` queued now would start at once: none of the role
-        is queued and one of its instances has a free slot and is not backing off (with
-        ``rr`` queues, where a batch goes to one instance's queue, an approximation)."""
+    def has_idle_instance(self, role):
+        """True if a batch of ``role`` queued now would start at once on an idle device:
+        none of the role is queued and one of its instances has no call in flight and is
+        not backing off (a pipelined second call, ``max_in_flight`` > 1, would wait at its
+        instance behind the first). With ``rr`` queues, where a batch goes to one
+        instance's queue, an approximation."""
         if self.queue.depths().get(role, 0):
             return False
         now = self.clock.now()
-        return any(self._can_start(i, now) for i in self.by_role[role])
+        return any(i.in_flight == 0 and self._can_start(i, now) for i in self.by_role[role])
 
     def _can_start(self, inst, now):
         """``inst`` may take a call now: a free slot, and not backing off."""
@@ -525,25 +527,35 @@ class Engine:
         return False
 
     def _pump(self, role):
+        """Starts calls on ``role``'s instances while one may take a call and a batch waits.
+
+        Least loaded first: every idle instance gets a call before any instance gets a
+        second one (with ``max_in_flight`` > 1), so a second call is pipelined onto a busy
+        instance (it waits there for the device) only when every instance of the role is
+        busy. Among instances with as many calls, the rotation decides (round robin).
+        """
         insts = self.by_role[role]
         n = len(insts)
         if not n:
             return
         start = self._rotation[role] % n
+        order = [insts[(start + j) % n] for j in range(n)]
         now = self.clock.now()
-        for j in range(n):
-            inst = insts[(start + j) % n]
-            while self._can_start(inst, now):
+        for level in range(self.max_in_flight):
+            for inst in order:
+                if inst.in_flight != level or inst.removed or not self._can_start(inst, now):
+                    continue
                 batch = self._take(inst)
                 if batch is None:
-                    break
+                    continue
                 batches = [batch]
                 while len(batches) < self.max_coalesce:
                     more = self._take(inst)
                     if more is None:
                         break
                     batches.append(more)
-                self._rotation[role] = (start + j + 1) % n
+                if inst in insts:
+                    self._rotation[role] = (insts.index(inst) + 1) % len(insts)
                 self._start_call(inst, batches)
 
     def _take(self, inst):

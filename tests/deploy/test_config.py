@@ -139,6 +139,25 @@ def test_partial_groups_sweep_coded_runs_only_and_reach_the_frontend():
         config.parse({**BASE, "partial_groups": ["sometimes"]})
 
 
+def test_max_in_flight_sweeps_every_mode_and_reaches_the_frontend_only_when_set():
+    from deploy.runner.deployment import Models, frontend_args
+
+    cfg = config.parse({**BASE, "send_rates": [10], "max_in_flight": [1, 2]})
+    runs = cfg.runs()
+    assert [(r.redundancy_mode, r.max_in_flight) for r in runs] == [
+        ("equal", 1), ("coded", 1), ("equal", 2), ("coded", 2)]
+    assert runs[3].name.endswith("-mif_2-it_0") and len({r.name for r in runs}) == 4
+    models = Models(base="b.json", parity="p.json", backup=None)
+    args = lambda run: frontend_args(run, models, "redis://x", "ns", "/r", 0, "127.0.0.1")
+    assert [args(r)[args(r).index("--max-in-flight") + 1] for r in runs] == ["1", "1", "2", "2"]
+    plain = config.parse({**BASE, "send_rates": [10]}).runs()
+    assert all(r.max_in_flight is None and "--max-in-flight" not in args(r) and "-mif_" not in r.name
+               for r in plain)
+    for bad in ([0], ["2"], [], True):
+        with pytest.raises(config.ConfigError, match="max_in_flight"):
+            config.parse({**BASE, "max_in_flight": bad})
+
+
 @pytest.mark.parametrize("bad", [["eager"], [], "sometimes", [1]])
 def test_bad_decode_policies_name_the_field(bad):
     with pytest.raises(config.ConfigError, match="decode_policy"):

@@ -63,6 +63,28 @@ def test_partial_group_variants_are_labelled_and_compared_side_by_side():
     assert [line.split(" | ")[2:4] for line in lines] == [["late/pad", "4.0%"], ["late/uncoded", "2.0%"]]
 
 
+def test_calls_in_flight_get_their_own_rows_each_against_equal_at_the_same_setting():
+    data = dict(BASE, max_in_flight=[1, 2])
+    p999 = {("equal", 1): 100.0, ("coded", 1): 50.0, ("equal", 2): 80.0, ("coded", 2): 32.0}
+    results = [{"run": run, "dir": "/nonexistent",
+                "summary": {"overall": {"num": 100, "med": 10.0, "p99": 50.0, "accuracy": 0.9,
+                                        "p999": p999[run.redundancy_mode, run.max_in_flight]},
+                            "by_source": {}}}
+               for run in config.parse(data).runs()]
+    rows = report.comparison(results)
+    assert [(r["max_in_flight"], r["coded_vs_equal_p999"]) for r in rows] == [
+        (1, pytest.approx(0.5)), (2, pytest.approx(0.4))]
+    table = report.format_comparison(rows, ["equal", "coded"])
+    assert "IN FLIGHT" in table.splitlines()[0]
+    assert [line.split(" | ")[4] for line in table.splitlines()[2:]] == ["1", "2"]
+    targets = "\n".join(report._targets(rows, ["equal", "coded"]))
+    assert "k=2, 1 in flight: p99.9 = 0.50" in targets and "k=2, 2 in flight: p99.9 = 0.40" in targets
+    assert report.run_label(results[-1]["run"]) == "coded, 2 in flight"
+    # Without the field nothing changes: no column, the plain label.
+    plain = report.format_comparison(report.comparison(fake_results([0.4, 0.5, 0.6])), ["equal", "coded"])
+    assert "IN FLIGHT" not in plain
+
+
 def test_decode_policies_are_compared_side_by_side():
     results = fake_results([0.5] * 3, decode_policies=["immediate", "late"])
     assert [report.mode_label(r["run"]) for r in results[:3]] == ["equal", "coded/immediate", "coded/late"]

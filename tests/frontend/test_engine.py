@@ -83,6 +83,48 @@ async def test_single_queue_one_in_flight_per_instance_and_pull():
     await e.close()
 
 
+@pytest.mark.parametrize("queue_mode", ["single_queue", "rr"])
+async def test_a_second_call_goes_to_an_instance_only_when_every_instance_is_busy(queue_mode):
+    # max_in_flight 2 over 3 instances: the first three batches go one to each
+    # instance (least loaded first), the next three are pipelined, one onto each;
+    # the seventh waits in the frontend.
+    e, clock, fleet = make_engine("none", queue_mode, data=3, max_in_flight=2)
+    qs = [e.submit(x(i)) for i in range(7)]
+    await settle()
+    pending = {a: fleet[a].pending_ids() for a in ("d0:1", "d1:1", "d2:1")}
+    assert sorted(len(p) for p in pending.values()) == [2, 2, 2]
+    assert sorted(p[0] for p in pending.values()) == [0, 1, 2]
+    assert sorted(p[1] for p in pending.values()) == [3, 4, 5]
+    assert e.queue_depths()["data"] == 1
+    # The instance that finishes both its calls is the least loaded one: it takes batch 6.
+    owner = next(a for a, p in pending.items() if p == [0, 3])
+    fleet[owner].release()
+    await settle()
+    fleet[owner].release()
+    await settle()
+    assert fleet[owner].pending_ids() == [6]
+    assert [q.future.done() for q in qs] == [True, False, False, True, False, False, False]
+    await e.close()
+
+
+async def test_with_one_instance_idle_no_call_is_pipelined_onto_a_busy_one():
+    e, clock, fleet = make_engine("none", data=2, max_in_flight=2)
+    [e.submit(x(i)) for i in range(2)]
+    await settle()
+    assert fleet["d0:1"].pending_ids() == [0] and fleet["d1:1"].pending_ids() == [1]
+    fleet["d1:1"].release()
+    await settle()
+    e.submit(x(2))
+    await settle()
+    # d0 has a free slot too, but d1 is idle: the batch goes to d1.
+    assert fleet["d1:1"].pending_ids() == [2] and fleet["d0:1"].pending_ids() == [0]
+    assert e.has_idle_instance("data") is False
+    fleet["d0:1"].release()
+    await settle()
+    assert e.has_idle_instance("data") is True
+    await e.close()
+
+
 async def test_rr_keeps_per_instance_queues():
     e, clock, fleet = make_engine("none", "rr", data=2)
     [e.submit(x(i)) for i in range(5)]

@@ -51,8 +51,8 @@ class Coded(Replication):
       on MNIST: 97.8 % top-1 reconstructing from a zero-padded parity, 98.1 %
       for the model), and at high load groups fill before the wait ends. The
       cost is parity calls: up to one per data batch instead of one per k.
-      So a group pads only if its parity can start at once (``has_free_slot``:
-      no parity batch queued, a parity instance free); else it goes on waiting
+      So a group pads only if its parity can start at once (``has_idle_instance``:
+      no parity batch queued, a parity instance idle); else it goes on waiting
       for members up to ``group_timeout_s`` as without padding
       (``padding_deferred``), since a queued padded parity would come too late
       and delay the full groups' parities behind it.
@@ -166,7 +166,7 @@ class Coded(Replication):
             return
         h = self.host
         rest = g.formed_s + h.group_timeout_s - h.clock.now()
-        if self.zero_output is not None and rest > 0 and not h.has_free_slot("parity"):
+        if self.zero_output is not None and rest > 0 and not h.has_idle_instance("parity"):
             # No parity call could start now: a padded parity would queue behind the
             # others (delaying them) and come too late. Keep waiting for members, as
             # without padding, up to the group timeout.

@@ -62,9 +62,9 @@ class PolicyHost(Protocol):
     def has_role(self, role: str) -> bool:
         """True if at least one instance of ``role`` is known."""
 
-    def has_free_slot(self, role: str) -> bool:
-        """True if a batch of ``role`` queued now would start at once (nothing of the role
-        queued, an instance of it with a free slot)."""
+    def has_idle_instance(self, role: str) -> bool:
+        """True if a batch of ``role`` queued now would start at once on an idle instance
+        (nothing of the role queued, an instance of it with no call in flight)."""
 
     def can_copy(self, batch) -> bool:
         """True if an instance of ``batch``'s role has not been given ``batch`` yet."""
