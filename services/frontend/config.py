@@ -112,9 +112,10 @@ def build_parser():
                         "allocates; 0 = no pool)")
     p.add_argument("--max-in-system", type=int, default=10000,
                    help="admitted, unanswered queries beyond which Predict answers RESOURCE_EXHAUSTED")
-    p.add_argument("--max-in-flight", type=int, default=1,
+    p.add_argument("--max-in-flight", type=int, default=2,
                    help="calls in flight per instance; above 1, a second call goes to an instance only "
-                        "when every instance of its role is busy (it waits there for the device)")
+                        "when every instance of its role is busy (it waits there for the device, "
+                        "which then does not idle while the next batch crosses the network)")
     p.add_argument("--max-coalesce", type=int, default=1,
                    help="an instance with a free slot takes up to this many queued batches in one call "
                         "(dynamic batching under load; 1 = off; not in coded mode)")

@@ -28,6 +28,10 @@ Concurrency model and invariants
   (retries, instances leaving). A call is never cancelled because its queries
   ended: it runs to its reply or its timeout, so a late original can still be
   recorded.
+* Dispatch is least loaded first: an instance takes a call only when no other
+  instance of its role that may take one has fewer calls in flight, so a second
+  call (``max_in_flight`` > 1) is pipelined onto an instance only when every
+  instance of the role is busy; it waits at the instance for the device.
 * A call carries one batch, or with ``max_coalesce`` > 1 (not in coded mode)
   several batches of one role taken from the queue together by one free
   instance (dynamic batching under load); its reply is split back by rows in
@@ -131,7 +135,8 @@ class Engine:
         batch_size: queries per batch.
         *_s: timeouts in seconds (see the module docstring).
         max_in_system: admission bound (queries admitted and not yet done).
-        max_in_flight: concurrent calls per instance.
+        max_in_flight: calls in flight per instance (1 here; the frontend's command line
+            defaults to 2). Dispatch is least loaded first (``_pump``).
         max_coalesce: queued batches an instance may take in one call (1 = off;
             refused by policies whose batches must stay apart, e.g. coded).
         max_attempts: calls per batch before its queries fail.

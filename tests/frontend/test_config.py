@@ -83,6 +83,13 @@ def test_coding_pool_buffers_flag(models):
         parse_config(argv(models, "--coding-pool-buffers", -1))
 
 
+def test_two_calls_in_flight_per_instance_by_default(models):
+    assert parse_config(argv(models)).max_in_flight == 2
+    assert parse_config(argv(models, "--max-in-flight", 1)).max_in_flight == 1
+    with pytest.raises(UsageError, match="--max-in-flight"):
+        parse_config(argv(models, "--max-in-flight", 0))
+
+
 def test_help_shows_each_default_once():
     from services.frontend.config import build_parser
 
