@@ -128,7 +128,7 @@ def _targets(rows, modes):
             flight = f", {row['max_in_flight']} in flight" if row.get("max_in_flight") else ""
             out.append(f"- {mode}, rate {row['rate']:g}/s, k={row['k']}{flight}: p99.9 = {_spread(row, mode, 'p999')} x "
                        f"equal, median = {_spread(row, mode, 'med')} x equal over {len(tails)} trial(s) "
-                       f"({verdict} the target in {'every' if every else 'not every'} trial: "
+                       f"({verdict} the target in {'every' if every else 'at least one'} trial: "
                        f"p99.9 <= {TARGET_P999} x, medians within {TARGET_MEDIAN:.0%})")
     return out + [""]
 
@@ -174,7 +174,7 @@ def _decode_policies(results):
 
 def _add_counts(table, key, counts):
     """Adds ``counts`` (cause -> n) into ``table[key]`` (created with every cause at 0)."""
-    agg = table.setdefault(key, dict.fromkeys(tail.CAUSES, 0))
+    agg = table.setdefault(key, dict.fromkeys(tail.CAUSES + tail.FLAGS, 0))
     for cause, n in counts.items():
         agg[cause] += n
 
@@ -202,7 +202,9 @@ def _tail_sources(results):
         table += [(f"{mode} at {rate:g}/s, >= p99.9", counts) for (mode, rate), counts in sorted(per_rate.items())]
     return ["### Where the tail comes from", "",
             "Each query at or above its run's p99.9 (and p99) client latency, put in one cause from the "
-            "frontend's per-query and per-group records (definitions in `deploy/runner/tail.py`).", "",
+            "frontend's per-query and per-group records (definitions in `deploy/runner/tail.py`); "
+            f"`frontend_stalled` counts those, whatever their cause, during which the frontend's event "
+            f"loop stalled for at least {tail.STALL_MS:g} ms (its `stalls.jsonl`).", "",
             tail.format_table(table), ""]
 
 

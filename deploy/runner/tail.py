@@ -39,6 +39,14 @@ cause took at least half of the query's latency):
   no decode came first;
 - ``slow_instance``: a mode without coding, answered by a slow instance;
 - ``no_frontend_record``: the frontend has no record of it (error, timeout).
+
+Besides its cause, a tail query is counted as ``frontend_stalled`` (a flag,
+not a cause: the count is beside the causes, not among them) when the
+frontend's own process stalled for at least ``STALL_MS`` while the query was
+in it: a ``loop`` line of the frontend's ``stalls.jsonl`` (its event loop ran
+a timer that late) overlaps ``[received_s, answered_s]``. Such a query was
+slowed by the frontend's process (a long callback, a garbage collection, the
+process not being scheduled), whatever its cause says was last to arrive.
 """
 
 import json
@@ -52,6 +60,9 @@ CAUSES = (
     "no_frontend_record",
 )
 _SHARE = 0.5
+#: A frontend event-loop stall at least this long marks the queries in flight (ms).
+STALL_MS = 5.0
+FLAGS = ("frontend_stalled",)
 
 
 def _jsonl(path):
@@ -87,6 +98,22 @@ def load_frontend(run_dir):
         if "sealed_s" not in g:
             g["sealed_s"] = last.get(gid) if g.get("full") else None
     return queries, groups
+
+
+def load_stalls(run_dir, min_ms=STALL_MS):
+    """The frontend's event-loop stalls of at least ``min_ms``: sorted [(start_s, end_s)]
+    from ``run_dir/frontend/stalls.jsonl`` (empty for runs recorded before it existed)."""
+    path = pathlib.Path(run_dir) / "frontend" / "stalls.jsonl"
+    return sorted((row["start_s"], row["start_s"] + row["ms"] / 1e3) for row in _jsonl(path)
+                  if row.get("kind") == "loop" and (row.get("ms") or 0) >= min_ms)
+
+
+def stalled(query, stalls):
+    """True if one of ``stalls`` overlaps the query's time in the frontend."""
+    start, end = query.get("received_s"), query.get("answered_s")
+    if start is None or end is None:
+        return False
+    return any(s0 < end and s1 > start for s0, s1 in stalls)
 
 
 def _waited_for_group(query, group, e2e):
@@ -148,21 +175,27 @@ def classify_run(records, run_dir, mode, percentile=99.9):
     ok = [r for r in records if r.ok and not r.warmup]
     cut = _percentile([r.latency_ms for r in ok], percentile)
     queries, groups = load_frontend(run_dir)
-    counts = dict.fromkeys(CAUSES, 0)
+    stalls = load_stalls(run_dir)
+    counts = dict.fromkeys(CAUSES + FLAGS, 0)
     for r in ok:
         if r.latency_ms >= cut:
             q = queries.get(r.request_id)
             g = groups.get(q.get("group_id")) if q is not None else None
             counts[cause(r, q, g, mode)] += 1
+            if q is not None and stalled(q, stalls):
+                counts["frontend_stalled"] += 1
     return counts
 
 
 def format_table(rows):
     """``rows``: [(label, counts dict)] -> a Markdown table of shares per cause."""
     used = [c for c in CAUSES if any(counts.get(c) for _, counts in rows)]
-    lines = ["| RUNS | TAIL QUERIES | " + " | ".join(used) + " |", "|" + "---|" * (len(used) + 2)]
+    flags = [f for f in FLAGS if any(counts.get(f) for _, counts in rows)]
+    lines = ["| RUNS | TAIL QUERIES | " + " | ".join(used + [f"of them {f}" for f in flags]) + " |",
+             "|" + "---|" * (len(used) + len(flags) + 2)]
     for label, counts in rows:
-        total = sum(counts.values())
-        cells = [f"{counts.get(c, 0)} ({100 * counts.get(c, 0) / total:.0f}%)" if total else "0" for c in used]
+        total = sum(counts.get(c, 0) for c in CAUSES)
+        cells = [f"{counts.get(c, 0)} ({100 * counts.get(c, 0) / total:.0f}%)" if total else "0"
+                 for c in used + flags]
         lines.append(f"| {label} | {total} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -38,7 +38,7 @@ from services.frontend.coding import CodingPools, LocalCoder, RemoteCoder
 from services.frontend.engine import Engine
 from services.frontend.instances import GrpcInstanceClient
 from services.frontend.kserve import InferenceServicer
-from services.frontend.observe import Fanout, Metrics, Records
+from services.frontend.observe import Fanout, Metrics, Records, Stalls
 from services.frontend.queues import make_queue_policy
 from services.frontend.redundancy import Lateness, make_policy, policy_class
 from services.frontend.servicer import FrontendServicer
@@ -103,6 +103,7 @@ class FrontendApp:
                                      cfg.coding_pool_buffers)
         self.metrics = Metrics()
         self.records = Records(cfg.records_dir, self.clock) if cfg.records_dir else None
+        self.stalls = Stalls(cfg.records_dir) if cfg.records_dir else None
         lateness = Lateness(cfg.decode_policy, quantile=cfg.late_quantile,
                             initial_s=cfg.late_initial_ms / 1e3, window=cfg.late_window,
                             min_samples=min(20, cfg.late_window), margin_s=cfg.late_deadline_margin_ms / 1e3)
@@ -188,6 +189,7 @@ class FrontendApp:
         if self.cfg.metrics_port is not None:
             self.metrics_port = self.metrics.serve(self.cfg.metrics_port)
         if self.records is not None:
+            self.stalls.start()
             self._schedule_flush()
         # Everything built so far lives as long as the process: move it out of the
         # collector's sight, so that full collections scan only per-query objects.
@@ -201,6 +203,7 @@ class FrontendApp:
 
     def _schedule_flush(self):
         self.records.flush()
+        self.stalls.flush()
         self._flush_handle = asyncio.get_running_loop().call_later(1.0, self._schedule_flush)
 
     async def stop(self, grace_s=None):
@@ -224,6 +227,7 @@ class FrontendApp:
         self.executor.shutdown(wait=False)
         if self.records is not None:
             self.records.close()
+            self.stalls.close()
         self.metrics.close()
 
 

@@ -262,6 +262,86 @@ class Records(NullObserver):
                 f.close()
 
 
+class Stalls:
+    """Records when the frontend's own process stopped serving: ``stalls.jsonl`` in the
+    records directory, one line per event, so a slow query can be told apart from a
+    slow instance or network (``deploy.runner.tail``).
+
+    Two kinds, each a line ``{"type": "stall", "kind", "start_s", "ms", ...}`` (Unix times):
+    * ``gc``: a garbage collection that took at least ``gc_min_ms`` (``generation``);
+      measured by ``gc.callbacks``, which run in the collecting thread;
+    * ``loop``: the event loop ran a timer at least ``loop_min_ms`` late: a probe is
+      scheduled every ``interval_s`` and measures its own lateness (``start_s`` is when
+      it was due), whatever held the loop (a long callback, a collection, the process
+      not being scheduled).
+    Lines are buffered and written by ``flush`` (the app's 1 s flush), not in the GC
+    callback. Invariant: ``start`` installs the callback and the probe, ``close`` removes
+    both, once each.
+    """
+
+    def __init__(self, directory, *, interval_s=0.01, loop_min_ms=5.0, gc_min_ms=1.0):
+        import gc as _gc
+
+        self._gc = _gc
+        self._file = open(pathlib.Path(directory) / "stalls.jsonl", "a", buffering=1 << 16)
+        self._dumps = json.JSONEncoder(separators=(",", ":")).encode
+        self.interval_s = interval_s
+        self.loop_min_ms = loop_min_ms
+        self.gc_min_ms = gc_min_ms
+        self._pending = []
+        self._gc_start = None
+        self._handle = None
+        self._loop = None
+        self._due = None
+        self.counts = {"gc": 0, "loop": 0}
+
+    def start(self):
+        self._loop = asyncio.get_running_loop()
+        self._gc.callbacks.append(self._on_gc)
+        self._arm()
+
+    def _arm(self):
+        self._due = self._loop.time() + self.interval_s
+        self._handle = self._loop.call_at(self._due, self._probe)
+
+    def _probe(self):
+        late_ms = (self._loop.time() - self._due) * 1e3
+        if late_ms >= self.loop_min_ms:
+            self._add("loop", time.time() - late_ms / 1e3, late_ms)
+        self._arm()
+
+    def _on_gc(self, phase, info):
+        if phase == "start":
+            self._gc_start = time.perf_counter()
+        elif self._gc_start is not None:
+            ms = (time.perf_counter() - self._gc_start) * 1e3
+            self._gc_start = None
+            if ms >= self.gc_min_ms:
+                self._add("gc", time.time() - ms / 1e3, ms, generation=info.get("generation"),
+                          collected=info.get("collected"))
+
+    def _add(self, kind, start_s, ms, **extra):
+        self.counts[kind] += 1
+        self._pending.append({"type": "stall", "kind": kind, "start_s": start_s, "ms": ms, **extra})
+
+    def flush(self):
+        pending, self._pending = self._pending, []
+        for rec in pending:
+            self._file.write(self._dumps(rec) + "\n")
+        if not self._file.closed:
+            self._file.flush()
+
+    def close(self):
+        if self._on_gc in self._gc.callbacks:
+            self._gc.callbacks.remove(self._on_gc)
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+        if not self._file.closed:
+            self.flush()
+            self._file.close()
+
+
 class Fanout(NullObserver):
     """Sends every event to several observers."""
 

@@ -112,6 +112,9 @@ def test_coded_survives_slow_then_killed_data_instance(tmp_path):
     assert sum(r["source"] == "RECONSTRUCTED" for r in recs.values()) == n_rec
     groups = [json.loads(s) for s in (records / "groups.jsonl").read_text().splitlines()]
     assert sum(g["missing_index"] is not None for g in groups) >= n_rec
+    # the stall monitor wrote its file beside them (each line a stall of the frontend's own process)
+    stalls = [json.loads(s) for s in (records / "stalls.jsonl").read_text().splitlines()]
+    assert all(s["type"] == "stall" and s["kind"] in ("gc", "loop") and s["ms"] > 0 for s in stalls)
 
 
 async def _drive(address, data):
