@@ -189,12 +189,13 @@ class FrontendApp:
         if self.cfg.metrics_port is not None:
             self.metrics_port = self.metrics.serve(self.cfg.metrics_port)
         if self.records is not None:
-            self.stalls.start()
             self._schedule_flush()
         # Everything built so far lives as long as the process: move it out of the
         # collector's sight, so that full collections scan only per-query objects.
         gc.collect()
         gc.freeze()
+        if self.stalls is not None:
+            self.stalls.start()     # after that start-up collection, which is not a stall of serving
         await self.built.set_serving(True)
         write_ready_file(self.cfg.ready_file, self.port, metrics_port=self.metrics_port)
         log.info("frontend serving on port %d (mode %s, queue %s, k %d, batch %d, %d in flight per instance)",

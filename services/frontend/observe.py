@@ -19,6 +19,7 @@ and ``decoding_latency_us``.
 
 import asyncio
 import concurrent.futures
+import gc
 import json
 import logging
 import os
@@ -280,9 +281,6 @@ class Stalls:
     """
 
     def __init__(self, directory, *, interval_s=0.01, loop_min_ms=5.0, gc_min_ms=1.0):
-        import gc as _gc
-
-        self._gc = _gc
         self._file = open(pathlib.Path(directory) / "stalls.jsonl", "a", buffering=1 << 16)
         self._dumps = json.JSONEncoder(separators=(",", ":")).encode
         self.interval_s = interval_s
@@ -297,7 +295,7 @@ class Stalls:
 
     def start(self):
         self._loop = asyncio.get_running_loop()
-        self._gc.callbacks.append(self._on_gc)
+        gc.callbacks.append(self._on_gc)
         self._arm()
 
     def _arm(self):
@@ -332,8 +330,8 @@ class Stalls:
             self._file.flush()
 
     def close(self):
-        if self._on_gc in self._gc.callbacks:
-            self._gc.callbacks.remove(self._on_gc)
+        if self._on_gc in gc.callbacks:
+            gc.callbacks.remove(self._on_gc)
         if self._handle is not None:
             self._handle.cancel()
             self._handle = None
