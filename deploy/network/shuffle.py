@@ -108,6 +108,12 @@ class ShuffleAgent:
                 await writer.drain()
         except (ConnectionError, OSError):
             pass
+        except asyncio.CancelledError:
+            # The agent is stopping (asyncio.run cancels the transfers in flight), and
+            # nothing waits for this handler. Ending it normally instead of cancelled:
+            # on Python 3.11 the stream server's done-callback calls exception() on a
+            # cancelled handler, and the loop logs that CancelledError with a traceback.
+            return
         finally:
             writer.close()
 
