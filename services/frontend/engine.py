@@ -547,7 +547,7 @@ class Engine:
         order = [insts[(start + j) % n] for j in range(n)]
         now = self.clock.now()
         for level in range(self.max_in_flight):
-            for inst in order:
+            for j, inst in enumerate(order):
                 if inst.in_flight != level or inst.removed or not self._can_start(inst, now):
                     continue
                 batch = self._take(inst)
@@ -559,8 +559,7 @@ class Engine:
                     if more is None:
                         break
                     batches.append(more)
-                if inst in insts:
-                    self._rotation[role] = (insts.index(inst) + 1) % len(insts)
+                self._rotation[role] = (start + j + 1) % n
                 self._start_call(inst, batches)
 
     def _take(self, inst):
