@@ -174,7 +174,7 @@ def _decode_policies(results):
 
 def _add_counts(table, key, counts):
     """Adds ``counts`` (cause -> n) into ``table[key]`` (created with every cause at 0)."""
-    agg = table.setdefault(key, dict.fromkeys(tail.CAUSES + tail.FLAGS, 0))
+    agg = table.setdefault(key, dict.fromkeys(tail.CAUSES + tail.FLAGS + tail.BASE_RATES, 0))
     for cause, n in counts.items():
         agg[cause] += n
 
@@ -204,7 +204,11 @@ def _tail_sources(results):
             "Each query at or above its run's p99.9 (and p99) client latency, put in one cause from the "
             "frontend's per-query and per-group records (definitions in `deploy/runner/tail.py`); "
             f"`frontend_stalled` counts those, whatever their cause, during which the frontend's event "
-            f"loop stalled for at least {tail.STALL_MS:g} ms (its `stalls.jsonl`).", "",
+            f"loop stalled for at least {tail.STALL_MS:g} ms (its `stalls.jsonl`); `frontend_cpu_wait` "
+            f"those during which the frontend's threads waited for a CPU for at least "
+            f"{tail.CPU_WAIT_MS:g} ms in total (the frontend shares its cores). After each flag's tail "
+            "count, its rate among all measured queries of the same runs: a flag explains the tail only "
+            "where the tail's rate is well above it.", "",
             tail.format_table(table), ""]
 
 

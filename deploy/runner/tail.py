@@ -47,7 +47,20 @@ in it: a ``loop`` line of the frontend's ``stalls.jsonl`` (its event loop ran
 a timer that late) overlaps ``[received_s, answered_s]``. Such a query was
 slowed by the frontend's process (a long callback, a garbage collection, the
 process not being scheduled), whatever its cause says was last to arrive.
+
+A second flag, ``frontend_cpu_wait``, counts the tail queries during which the
+frontend's threads together waited for a CPU (runnable, not running) for at
+least ``CPU_WAIT_MS`` (the ``cpu`` lines of ``stalls.jsonl``, each interval's
+wait counted in proportion to its overlap with ``[received_s, answered_s]``).
+It is the frontend sharing its cores with other busy processes: on the
+one-machine testbed, the model servers, the load generator, the shuffles and
+the kernel's shaping. Because some queries wait for a CPU in any busy run,
+each flag also has its rate among all measured queries of the same runs
+(``all_<flag>`` of ``all``): a flag explains the tail only where its rate in
+the tail is well above its rate among all queries.
 """
+
+import bisect
 
 import json
 import math
@@ -62,7 +75,11 @@ CAUSES = (
 _SHARE = 0.5
 #: A frontend event-loop stall at least this long marks the queries in flight (ms).
 STALL_MS = 5.0
-FLAGS = ("frontend_stalled",)
+#: The frontend's threads waiting for a CPU at least this long in total marks a query (ms).
+CPU_WAIT_MS = 5.0
+FLAGS = ("frontend_stalled", "frontend_cpu_wait")
+#: Per flag, how many of all measured queries had it (``all_<flag>``), and how many there were.
+BASE_RATES = tuple(f"all_{f}" for f in FLAGS) + ("all",)
 
 
 def _jsonl(path):
@@ -114,6 +131,43 @@ def stalled(query, stalls):
     if start is None or end is None:
         return False
     return any(s0 < end and s1 > start for s0, s1 in stalls)
+
+
+class CpuWaits:
+    """The frontend's CPU-wait intervals of a run (``cpu`` lines of ``stalls.jsonl``),
+    for summing the wait that overlaps a query (empty for runs recorded before them)."""
+
+    def __init__(self, run_dir):
+        path = pathlib.Path(run_dir) / "frontend" / "stalls.jsonl"
+        rows = sorted((row["start_s"], row["start_s"] + (row.get("span_ms") or 0) / 1e3, row["ms"])
+                      for row in _jsonl(path) if row.get("kind") == "cpu")
+        self.starts = [r[0] for r in rows]
+        self.ends = [r[1] for r in rows]
+        self.ms = [r[2] for r in rows]
+        self.cum = [0.0]
+        for ms in self.ms:
+            self.cum.append(self.cum[-1] + ms)
+
+    def _part(self, i, start, end):
+        """The share of interval ``i``'s wait inside [start, end] (its wait spread evenly)."""
+        s0, s1 = self.starts[i], self.ends[i]
+        if s1 <= s0:
+            return self.ms[i] if start <= s0 < end else 0.0
+        return self.ms[i] * max(0.0, min(end, s1) - max(start, s0)) / (s1 - s0)
+
+    def waited_ms(self, query):
+        """How long the frontend's threads waited for a CPU while ``query`` was in it (ms)."""
+        start, end = query.get("received_s"), query.get("answered_s")
+        if start is None or end is None or not self.ms:
+            return 0.0
+        lo = bisect.bisect_right(self.ends, start)     # first interval ending after start
+        hi = bisect.bisect_left(self.starts, end)      # first interval starting at or after end
+        if hi <= lo:
+            return 0.0
+        total = self.cum[hi] - self.cum[lo]
+        for i in {lo, hi - 1}:                          # edges: only their overlapping share
+            total += self._part(i, start, end) - self.ms[i]
+        return total
 
 
 def _waited_for_group(query, group, e2e):
@@ -176,14 +230,24 @@ def classify_run(records, run_dir, mode, percentile=99.9):
     cut = _percentile([r.latency_ms for r in ok], percentile)
     queries, groups = load_frontend(run_dir)
     stalls = load_stalls(run_dir)
-    counts = dict.fromkeys(CAUSES + FLAGS, 0)
+    cpu = CpuWaits(run_dir)
+    counts = dict.fromkeys(CAUSES + FLAGS + BASE_RATES, 0)
     for r in ok:
+        q = queries.get(r.request_id)
+        flags = []
+        if q is not None:
+            if stalled(q, stalls):
+                flags.append("frontend_stalled")
+            if cpu.waited_ms(q) >= CPU_WAIT_MS:
+                flags.append("frontend_cpu_wait")
+        counts["all"] += 1
+        for f in flags:
+            counts[f"all_{f}"] += 1
         if r.latency_ms >= cut:
-            q = queries.get(r.request_id)
             g = groups.get(q.get("group_id")) if q is not None else None
             counts[cause(r, q, g, mode)] += 1
-            if q is not None and stalled(q, stalls):
-                counts["frontend_stalled"] += 1
+            for f in flags:
+                counts[f] += 1
     return counts
 
 
@@ -191,11 +255,14 @@ def format_table(rows):
     """``rows``: [(label, counts dict)] -> a Markdown table of shares per cause."""
     used = [c for c in CAUSES if any(counts.get(c) for _, counts in rows)]
     flags = [f for f in FLAGS if any(counts.get(f) for _, counts in rows)]
-    lines = ["| RUNS | TAIL QUERIES | " + " | ".join(used + [f"of them {f}" for f in flags]) + " |",
-             "|" + "---|" * (len(used) + len(flags) + 2)]
+    lines = ["| RUNS | TAIL QUERIES | " + " | ".join(used + [f"of them {f} (of all queries)" for f in flags])
+             + " |", "|" + "---|" * (len(used) + len(flags) + 2)]
     for label, counts in rows:
         total = sum(counts.get(c, 0) for c in CAUSES)
-        cells = [f"{counts.get(c, 0)} ({100 * counts.get(c, 0) / total:.0f}%)" if total else "0"
-                 for c in used + flags]
+        cells = [f"{counts.get(c, 0)} ({100 * counts.get(c, 0) / total:.0f}%)" if total else "0" for c in used]
+        for f in flags:
+            share = f"{100 * counts.get(f, 0) / total:.0f}%" if total else "-"
+            base = f"{100 * counts.get(f'all_{f}', 0) / counts['all']:.0f}%" if counts.get("all") else "-"
+            cells.append(f"{counts.get(f, 0)} ({share}) ({base})")
         lines.append(f"| {label} | {total} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -263,6 +263,125 @@ class Records(NullObserver):
                 f.close()
 
 
+class CpuWait:
+    """How long this process's threads waited for a CPU since the last ``sample()``.
+
+    Linux keeps, per thread, the time it spent runnable but not running
+    (``/proc/self/task/TID/schedstat``, second field, ns; needs ``CONFIG_SCHED_INFO``,
+    present in common kernels). ``sample()`` sums the growth of that counter over the
+    process's threads, and also returns the growth of the machine's CPU pressure (PSI
+    ``some total``, ``/proc/pressure/cpu``, us): the time any task on the machine waited.
+
+    Cost: one ``pread`` per thread and one for PSI per sample, on kept descriptors; the
+    thread list is re-read at most every ``rescan_s`` (a thread started since counts from
+    its first sample, one that ended drops out). ``available`` is False (and ``sample``
+    returns zeros) where the files do not exist. ``close`` closes the descriptors.
+    """
+
+    def __init__(self, proc="/proc", *, rescan_s=1.0):
+        self._task_dir = os.path.join(proc, "self", "task")
+        self._psi_path = os.path.join(proc, "pressure", "cpu")
+        self.rescan_s = rescan_s
+        self._fds = {}               # tid -> fd of its schedstat
+        self._last = {}              # tid -> wait ns at the last sample
+        self._next_scan = 0.0
+        self._psi_fd = self._open(self._psi_path)
+        self._psi_last = self._psi_total()
+        self.available = self._first_schedstat() is not None
+
+    def _first_schedstat(self):
+        try:
+            tids = os.listdir(self._task_dir)
+        except OSError:
+            return None
+        for tid in tids:
+            path = os.path.join(self._task_dir, tid, "schedstat")
+            if os.path.exists(path):
+                return path
+        return None
+
+    @staticmethod
+    def _open(path):
+        try:
+            return os.open(path, os.O_RDONLY)
+        except OSError:
+            return None
+
+    @staticmethod
+    def _read(fd):
+        try:
+            return os.pread(fd, 256, 0)
+        except OSError:
+            return None
+
+    def _psi_total(self):
+        if self._psi_fd is None:
+            return None
+        data = self._read(self._psi_fd)
+        if not data:
+            return None
+        first = data.split(b"\n", 1)[0].split()      # some avg10=.. avg60=.. avg300=.. total=N
+        for field in first:
+            if field.startswith(b"total="):
+                return int(field[6:])
+        return None
+
+    def _rescan(self):
+        try:
+            tids = set(os.listdir(self._task_dir))
+        except OSError:
+            return
+        for tid in list(self._fds):
+            if tid not in tids:
+                self._drop(tid)
+        for tid in tids - set(self._fds):
+            fd = self._open(os.path.join(self._task_dir, tid, "schedstat"))
+            if fd is not None:
+                self._fds[tid] = fd
+
+    def _drop(self, tid):
+        os.close(self._fds.pop(tid))
+        self._last.pop(tid, None)
+
+    def sample(self):
+        """(ms this process's threads waited for a CPU, ms any task on the machine waited or
+        None) since the previous sample."""
+        if not self.available:
+            return 0.0, None
+        now = time.monotonic()
+        if now >= self._next_scan:
+            self._rescan()
+            self._next_scan = now + self.rescan_s
+        waited = 0
+        for tid, fd in list(self._fds.items()):
+            data = self._read(fd)
+            if not data:
+                self._drop(tid)         # the thread ended
+                continue
+            try:
+                wait = int(data.split()[1])
+            except (IndexError, ValueError):
+                continue
+            last = self._last.get(tid)
+            self._last[tid] = wait
+            if last is not None and wait > last:
+                waited += wait - last
+        machine_ms = None
+        psi = self._psi_total()
+        if psi is not None and self._psi_last is not None:
+            machine_ms = max(0, psi - self._psi_last) / 1e3
+        self._psi_last = psi
+        return waited / 1e6, machine_ms
+
+    def close(self):
+        for tid in list(self._fds):
+            self._drop(tid)
+        if self._psi_fd is not None:
+            os.close(self._psi_fd)
+            self._psi_fd = None
+        self.available = False
+
+
 class Stalls:
     """Records when the frontend's own process stopped serving: ``stalls.jsonl`` in the
     records directory, one line per event, so a slow query can be told apart from a
@@ -275,27 +394,43 @@ class Stalls:
       scheduled every ``interval_s`` and measures its own lateness (``start_s`` is when
       it was due), whatever held the loop (a long callback, a collection, the process
       not being scheduled).
+    * ``cpu``: the frontend's threads waited for a CPU (runnable, not running) for at least
+      ``cpu_min_ms`` in total during one probe interval (``start_s`` is the interval's start,
+      ``span_ms`` its length); ``machine_ms`` is how long, in the same interval, any task on
+      the machine waited for a CPU (Linux PSI ``some``; null where the kernel has none).
+      Measured by ``CpuWait``; absent on kernels without per-thread ``schedstat``. On a
+      machine where the frontend shares its cores (the one-machine testbed), this is what
+      slows a query everywhere in the frontend at once without any one long stall.
     Lines are buffered and written by ``flush`` (the app's 1 s flush), not in the GC
     callback. Invariant: ``start`` installs the callback and the probe, ``close`` removes
-    both, once each.
+    both, once each, and closes the meter's files.
     """
 
-    def __init__(self, directory, *, interval_s=0.01, loop_min_ms=5.0, gc_min_ms=1.0):
+    def __init__(self, directory, *, interval_s=0.01, loop_min_ms=5.0, gc_min_ms=1.0, cpu_min_ms=1.0,
+                 cpu_wait=None):
         self._file = open(pathlib.Path(directory) / "stalls.jsonl", "a", buffering=1 << 16)
         self._dumps = json.JSONEncoder(separators=(",", ":")).encode
         self.interval_s = interval_s
         self.loop_min_ms = loop_min_ms
         self.gc_min_ms = gc_min_ms
+        self.cpu_min_ms = cpu_min_ms
+        self._cpu = cpu_wait
+        self._cpu_at = None
         self._pending = []
         self._gc_start = None
         self._handle = None
         self._loop = None
         self._due = None
-        self.counts = {"gc": 0, "loop": 0}
+        self.counts = {"gc": 0, "loop": 0, "cpu": 0}
 
     def start(self):
         self._loop = asyncio.get_running_loop()
         gc.callbacks.append(self._on_gc)
+        if self._cpu is None:
+            self._cpu = CpuWait()
+        if self._cpu.available:
+            self._cpu.sample()          # the baseline: waits before start are not counted
+            self._cpu_at = time.time()
         self._arm()
 
     def _arm(self):
@@ -306,6 +441,13 @@ class Stalls:
         late_ms = (self._loop.time() - self._due) * 1e3
         if late_ms >= self.loop_min_ms:
             self._add("loop", time.time() - late_ms / 1e3, late_ms)
+        if self._cpu_at is not None:
+            now = time.time()
+            wait_ms, machine_ms = self._cpu.sample()
+            if wait_ms >= self.cpu_min_ms:
+                self._add("cpu", self._cpu_at, wait_ms, span_ms=(now - self._cpu_at) * 1e3,
+                          machine_ms=machine_ms)
+            self._cpu_at = now
         self._arm()
 
     def _on_gc(self, phase, info):
@@ -335,6 +477,9 @@ class Stalls:
         if self._handle is not None:
             self._handle.cancel()
             self._handle = None
+        if self._cpu is not None:
+            self._cpu.close()
+        self._cpu_at = None
         if not self._file.closed:
             self.flush()
             self._file.close()

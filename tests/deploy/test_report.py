@@ -128,7 +128,8 @@ def test_tail_causes_from_the_frontend_records(tmp_path):
                       "reconstructed_held": 0, "reconstructed_slow_sibling": 0,
                       "reconstructed_slow_parity": 1, "original_group_not_coded": 1,
                       "original_waited_for_group": 1, "double_straggler": 1, "slow_instance": 0,
-                      "no_frontend_record": 1, "frontend_stalled": 0}
+                      "no_frontend_record": 1, "frontend_stalled": 0, "frontend_cpu_wait": 0,
+                      "all_frontend_stalled": 0, "all_frontend_cpu_wait": 0, "all": 108}
     assert tail.classify_run(records, tmp_path, "equal", percentile=93)["slow_instance"] == 3
     table = tail.format_table([("coded", counts)])
     assert "| coded | 8 |" in table and "slow_instance" not in table
@@ -158,7 +159,7 @@ def test_tail_tells_a_held_reconstruction_a_slow_sibling_and_a_slow_parity_apart
     records = [rec(r, 42.0) for r in ("held", "sibling", "parity", "old")] + [rec(f"x{i}", 1.0) for i in range(100)]
     counts = tail.classify_run(records, tmp_path, "coded", percentile=97)
     assert {c: n for c, n in counts.items() if n} == {"reconstructed_held": 1, "reconstructed_slow_sibling": 1,
-                                                      "reconstructed_slow_parity": 2}
+                                                      "reconstructed_slow_parity": 2, "all": 104}
 
 
 def test_tail_counts_queries_in_the_frontend_while_its_loop_stalled(tmp_path):
@@ -178,12 +179,49 @@ def test_tail_counts_queries_in_the_frontend_while_its_loop_stalled(tmp_path):
     records = [rec(r, 32.0) for r in ("during", "before", "short")] + [rec(f"x{i}", 1.0) for i in range(100)]
     counts = tail.classify_run(records, tmp_path, "equal", percentile=98)
     assert counts["frontend_stalled"] == 1 and counts["slow_instance"] == 3
+    assert counts["all_frontend_stalled"] == 1 and counts["all"] == 103
     table = tail.format_table([("equal", counts)])
-    assert table.splitlines()[0].endswith("| of them frontend_stalled |")
-    assert "| equal | 3 | 3 (100%) | 1 (33%) |" in table
+    assert table.splitlines()[0].endswith("| of them frontend_stalled (of all queries) |")
+    assert "| equal | 3 | 3 (100%) | 1 (33%) (1%) |" in table
     # A run recorded before stalls.jsonl existed: no stalls, no column.
     (fe / "stalls.jsonl").unlink()
     assert tail.classify_run(records, tmp_path, "equal", percentile=98)["frontend_stalled"] == 0
+
+
+def test_tail_counts_queries_whose_frontend_waited_for_a_cpu_and_the_rate_among_all(tmp_path):
+    fe = tmp_path / "frontend"
+    fe.mkdir()
+    q = lambda rid, recv, ans: {"type": "query", "request_id": rid, "source": "ORIGINAL", "e2e_latency_ms": 30.0,
+                                "group_id": None, "batch_wait_ms": 0.0, "queue_latency_ms": 0.0,
+                                "received_s": recv, "answered_s": ans}
+    cpu = lambda start, ms, span=10.0: {"type": "stall", "kind": "cpu", "start_s": start, "ms": ms,
+                                        "span_ms": span, "machine_ms": 9.0}
+    # 100.00-100.03: 3 intervals of 10 ms; "slow" (100.000-100.030) overlaps all three: 2 + 4 + 3 = 9 ms.
+    # "edge" (100.025-100.060) overlaps half of the third (1.5 ms) and all of a 4 ms one at 100.04: 5.5 ms.
+    # "light" (100.0301-100.0399) overlaps nothing (the gap between intervals). "fast" is not in the tail
+    # but waited 9 ms too: it counts among all queries only.
+    queries = [q("slow", 100.0, 100.03), q("edge", 100.025, 100.06), q("light", 100.0301, 100.0399),
+               q("fast", 100.0, 100.03)]
+    stalls = [cpu(100.0, 2.0), cpu(100.01, 4.0), cpu(100.02, 3.0), cpu(100.04, 4.0),
+              {"type": "stall", "kind": "loop", "start_s": 300.0, "ms": 50.0}]
+    (fe / "queries.jsonl").write_text("\n".join(map(json.dumps, queries)) + "\n")
+    (fe / "stalls.jsonl").write_text("\n".join(map(json.dumps, stalls)) + "\n")
+    waits = tail.CpuWaits(tmp_path)
+    assert abs(waits.waited_ms(queries[0]) - 9.0) < 1e-6
+    assert abs(waits.waited_ms(queries[1]) - 5.5) < 1e-6
+    assert waits.waited_ms(queries[2]) == 0.0
+    assert waits.waited_ms({"received_s": None}) == 0.0
+    records = [rec(r, 32.0) for r in ("slow", "edge", "light")] + [rec("fast", 1.0)] + \
+        [rec(f"x{i}", 1.0) for i in range(96)]
+    counts = tail.classify_run(records, tmp_path, "equal", percentile=97)
+    assert counts["frontend_cpu_wait"] == 2 and counts["slow_instance"] == 3 and counts["no_frontend_record"] == 0
+    assert counts["all_frontend_cpu_wait"] == 3 and counts["all"] == 100 and counts["frontend_stalled"] == 0
+    table = tail.format_table([("equal", counts)])
+    assert table.splitlines()[0].endswith("| of them frontend_cpu_wait (of all queries) |")
+    assert "| equal | 3 | 3 (100%) | 2 (67%) (3%) |" in table
+    # Runs recorded before the cpu lines existed: nothing waited.
+    (fe / "stalls.jsonl").unlink()
+    assert tail.classify_run(records, tmp_path, "equal", percentile=97)["frontend_cpu_wait"] == 0
 
 
 def test_tail_estimates_when_an_old_group_record_was_sealed(tmp_path):

@@ -114,7 +114,8 @@ def test_coded_survives_slow_then_killed_data_instance(tmp_path):
     assert sum(g["missing_index"] is not None for g in groups) >= n_rec
     # the stall monitor wrote its file beside them (each line a stall of the frontend's own process)
     stalls = [json.loads(s) for s in (records / "stalls.jsonl").read_text().splitlines()]
-    assert all(s["type"] == "stall" and s["kind"] in ("gc", "loop") and s["ms"] > 0 for s in stalls)
+    assert all(s["type"] == "stall" and s["kind"] in ("gc", "loop", "cpu") and s["ms"] > 0 for s in stalls)
+    assert all(s["span_ms"] > 0 for s in stalls if s["kind"] == "cpu")
 
 
 async def _drive(address, data):
