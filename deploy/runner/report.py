@@ -206,7 +206,8 @@ def _tail_sources(results):
             f"`frontend_stalled` counts those, whatever their cause, during which the frontend's event "
             f"loop stalled for at least {tail.STALL_MS:g} ms (its `stalls.jsonl`); `frontend_cpu_wait` "
             f"those during which the frontend's threads waited for a CPU for at least "
-            f"{tail.CPU_WAIT_MS:g} ms in total (the frontend shares its cores). After each flag's tail "
+            f"{tail.CPU_WAIT_MS:g} ms in total and {100 * tail.CPU_WAIT_SHARE:g}% of the query's time in it "
+            "(the frontend shares its cores). After each flag's tail "
             "count, its rate among all measured queries of the same runs: a flag explains the tail only "
             "where the tail's rate is well above it.", "",
             tail.format_table(table), ""]

@@ -50,8 +50,11 @@ process not being scheduled), whatever its cause says was last to arrive.
 
 A second flag, ``frontend_cpu_wait``, counts the tail queries during which the
 frontend's threads together waited for a CPU (runnable, not running) for at
-least ``CPU_WAIT_MS`` (the ``cpu`` lines of ``stalls.jsonl``, each interval's
-wait counted in proportion to its overlap with ``[received_s, answered_s]``).
+least ``CPU_WAIT_MS`` and at least ``CPU_WAIT_SHARE`` of the query's time in
+the frontend (the ``cpu`` lines of ``stalls.jsonl``, each interval's wait
+counted in proportion to its overlap with ``[received_s, answered_s]``; the
+share keeps a query that was slow for another reason, and so long enough to
+collect a few ms of waiting anyway, from being flagged).
 It is the frontend sharing its cores with other busy processes: on the
 one-machine testbed, the model servers, the load generator, the shuffles and
 the kernel's shaping. Because some queries wait for a CPU in any busy run,
@@ -77,6 +80,8 @@ _SHARE = 0.5
 STALL_MS = 5.0
 #: The frontend's threads waiting for a CPU at least this long in total marks a query (ms).
 CPU_WAIT_MS = 5.0
+#: ... and at least this share of the query's time in the frontend.
+CPU_WAIT_SHARE = 0.25
 FLAGS = ("frontend_stalled", "frontend_cpu_wait")
 #: Per flag, how many of all measured queries had it (``all_<flag>``), and how many there were.
 BASE_RATES = tuple(f"all_{f}" for f in FLAGS) + ("all",)
@@ -170,6 +175,15 @@ class CpuWaits:
         return total
 
 
+def cpu_bound(query, waits):
+    """True if the frontend's threads waited for a CPU for at least ``CPU_WAIT_MS`` and
+    ``CPU_WAIT_SHARE`` of the query's time in the frontend (``waits``: ``CpuWaits``)."""
+    start, end = query.get("received_s"), query.get("answered_s")
+    if start is None or end is None:
+        return False
+    return waits.waited_ms(query) >= max(CPU_WAIT_MS, CPU_WAIT_SHARE * (end - start) * 1e3)
+
+
 def _waited_for_group(query, group, e2e):
     sealed = group.get("sealed_s") if group is not None else None
     return bool(e2e) and sealed is not None and (sealed - query["received_s"]) * 1e3 >= _SHARE * e2e
@@ -238,7 +252,7 @@ def classify_run(records, run_dir, mode, percentile=99.9):
         if q is not None:
             if stalled(q, stalls):
                 flags.append("frontend_stalled")
-            if cpu.waited_ms(q) >= CPU_WAIT_MS:
+            if cpu_bound(q, cpu):
                 flags.append("frontend_cpu_wait")
         counts["all"] += 1
         for f in flags:

@@ -196,10 +196,11 @@ def test_tail_counts_queries_whose_frontend_waited_for_a_cpu_and_the_rate_among_
                                 "received_s": recv, "answered_s": ans}
     cpu = lambda start, ms, span=10.0: {"type": "stall", "kind": "cpu", "start_s": start, "ms": ms,
                                         "span_ms": span, "machine_ms": 9.0}
-    # 100.00-100.03: 3 intervals of 10 ms; "slow" (100.000-100.030) overlaps all three: 2 + 4 + 3 = 9 ms.
-    # "edge" (100.025-100.060) overlaps half of the third (1.5 ms) and all of a 4 ms one at 100.04: 5.5 ms.
-    # "light" (100.0301-100.0399) overlaps nothing (the gap between intervals). "fast" is not in the tail
-    # but waited 9 ms too: it counts among all queries only.
+    # 100.00-100.03: 3 intervals of 10 ms; "slow" (100.000-100.030) overlaps all three: 2 + 4 + 3 = 9 ms,
+    # at least 5 ms and 25% of its 30 ms. "edge" (100.025-100.060) overlaps half of the third (1.5 ms) and
+    # all of a 4 ms one at 100.04: 5.5 ms, but under 25% of its 35 ms. "light" (100.0301-100.0399) overlaps
+    # nothing (the gap between intervals). "fast" is not in the tail but waited 9 ms too: it counts among
+    # all queries only.
     queries = [q("slow", 100.0, 100.03), q("edge", 100.025, 100.06), q("light", 100.0301, 100.0399),
                q("fast", 100.0, 100.03)]
     stalls = [cpu(100.0, 2.0), cpu(100.01, 4.0), cpu(100.02, 3.0), cpu(100.04, 4.0),
@@ -214,11 +215,12 @@ def test_tail_counts_queries_whose_frontend_waited_for_a_cpu_and_the_rate_among_
     records = [rec(r, 32.0) for r in ("slow", "edge", "light")] + [rec("fast", 1.0)] + \
         [rec(f"x{i}", 1.0) for i in range(96)]
     counts = tail.classify_run(records, tmp_path, "equal", percentile=97)
-    assert counts["frontend_cpu_wait"] == 2 and counts["slow_instance"] == 3 and counts["no_frontend_record"] == 0
-    assert counts["all_frontend_cpu_wait"] == 3 and counts["all"] == 100 and counts["frontend_stalled"] == 0
+    assert [tail.cpu_bound(q, waits) for q in queries] == [True, False, False, True]
+    assert counts["frontend_cpu_wait"] == 1 and counts["slow_instance"] == 3 and counts["no_frontend_record"] == 0
+    assert counts["all_frontend_cpu_wait"] == 2 and counts["all"] == 100 and counts["frontend_stalled"] == 0
     table = tail.format_table([("equal", counts)])
     assert table.splitlines()[0].endswith("| of them frontend_cpu_wait (of all queries) |")
-    assert "| equal | 3 | 3 (100%) | 2 (67%) (3%) |" in table
+    assert "| equal | 3 | 3 (100%) | 1 (33%) (2%) |" in table
     # Runs recorded before the cpu lines existed: nothing waited.
     (fe / "stalls.jsonl").unlink()
     assert tail.classify_run(records, tmp_path, "equal", percentile=97)["frontend_cpu_wait"] == 0
