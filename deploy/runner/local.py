@@ -50,6 +50,7 @@ from deploy.runner.deployment import DeploymentError, Placement, ensure_models, 
 from deploy.runner.launcher import LocalLauncher
 from deploy.runner.report import comparison, format_comparison, mode_label, write_report
 from services.common import cli
+from services.common.cpustat import MachineCpu
 
 log = logging.getLogger("deploy.runner.local")
 
@@ -204,6 +205,7 @@ class Sweep:
         queries, groups = stats.load_frontend_records(run_dir / "frontend")
         summary["frontend"] = _frontend_rows(queries, groups)
         summary["background"] = outcome["background"]
+        summary["machine_cpu"] = outcome["machine_cpu"]
         summary["network"] = self.network_description()
         if links_before is not None:
             summary["network"]["links"] = _link_deltas(links_before, self.testbed.link_stats(), self.placement)
@@ -232,11 +234,16 @@ class Sweep:
                     self._bar.update(target - self._bar.n)
 
         self._bar_base = self._bar.n if self._bar is not None else 0
+        # This machine's CPU during the load, where the services run on it (not on --agents hosts).
+        cpu = MachineCpu() if not self.cfg.agents else None
+        if cpu is not None:
+            cpu.start()
         try:
             result = await run_remote_async([c.address for c in clients], spec, on_progress=on_progress)
         finally:
+            machine_cpu = cpu.stop() if cpu is not None else None
             bg_info = await stop_background()
-        return {"records": result.records, "background": bg_info}
+        return {"records": result.records, "background": bg_info, "machine_cpu": machine_cpu}
 
     async def _start_background(self, run, dep, run_dir, namespace, extra):
         """Starts the run's background; returns an async ``stop() -> info dict``."""

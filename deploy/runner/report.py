@@ -75,6 +75,7 @@ def write_report(root, sweep, results, network, twin=None):
     lines += _targets(rows, modes)
     lines += _decode_policies(results)
     lines += _tail_sources(results)
+    lines += _machine_cpu(results)
     if twin is not None:
         lines += _side_by_side(rows, network, twin, modes, root)
     lines += ["## Plots", ""]
@@ -211,6 +212,52 @@ def _tail_sources(results):
             "count, its rate among all measured queries of the same runs: a flag explains the tail only "
             "where the tail's rate is well above it.", "",
             tail.format_table(table), ""]
+
+
+#: Above this share of time with some task waiting for a CPU, the report warns (%).
+CPU_PRESSURE_WARN_PCT = 10.0
+
+
+def _machine_cpu(results):
+    """This machine's CPU during each mode's load, per rate (means over trials): how busy,
+    and how often some task waited for a CPU (``summary["machine_cpu"]``, Linux PSI)."""
+    cells = {}
+    cores = None
+    for res in results:
+        cpu = res["summary"].get("machine_cpu")
+        if not cpu:
+            continue
+        cores = cpu.get("cores") or cores
+        cell = cells.setdefault((res["run"].send_rate, run_label(res["run"])), ([], []))
+        if cpu.get("busy_pct") is not None:
+            cell[0].append(cpu["busy_pct"])
+        if cpu.get("pressure_pct") is not None:
+            cell[1].append(cpu["pressure_pct"])
+    if not cells:
+        return []
+    lines = ["### This machine's CPU during the load", "",
+             f"Means over trials. BUSY: share of all {cores or '?'} cores' time in use; WAITING: share of "
+             "the time during which some task was ready to run but waited for a CPU (Linux PSI `some`, "
+             "`-` without it). Every service of a local run shares these cores, so a query can be "
+             "slow because another process had the CPU; the tail report's `frontend_cpu_wait` counts "
+             "those queries.", "",
+             "| RATE | MODE | BUSY | WAITING |", "|---|---|---|---|"]
+    worst = None
+    for (rate, mode), (busy, waiting) in sorted(cells.items()):
+        b, w = _mean(busy), _mean(waiting)
+        if w is not None and (worst is None or w > worst[0]):
+            worst = (w, rate, mode)
+        lines.append(f"| {rate:g} | {mode} | {_pct(b)} | {_pct(w)} |")
+    lines.append("")
+    if worst is not None and worst[0] > CPU_PRESSURE_WARN_PCT:
+        lines += [f"**The CPU was contended**: some task waited for a CPU {worst[0]:.1f}% of the time "
+                  f"({worst[2]} at {worst[1]:g}/s). Latencies here measure this machine's CPU as well "
+                  "as the system; more cores, or fewer services per core, would change them.", ""]
+    return lines
+
+
+def _pct(value):
+    return f"{value:.1f}%" if value is not None else "-"
 
 
 def _side_by_side(rows, network, twin, modes, root):

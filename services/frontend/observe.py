@@ -29,6 +29,7 @@ import time
 from prometheus_client import CollectorRegistry, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from services.common.cpustat import parse_psi_some
 from services.frontend.engine import NullObserver
 from services.frontend.records import Source, source_name
 
@@ -317,14 +318,7 @@ class CpuWait:
     def _psi_total(self):
         if self._psi_fd is None:
             return None
-        data = self._read(self._psi_fd)
-        if not data:
-            return None
-        first = data.split(b"\n", 1)[0].split()      # some avg10=.. avg60=.. avg300=.. total=N
-        for field in first:
-            if field.startswith(b"total="):
-                return int(field[6:])
-        return None
+        return parse_psi_some(self._read(self._psi_fd))
 
     def _rescan(self):
         try:

@@ -67,6 +67,9 @@ def test_small_sweep_runs_reports_and_cleans_up(tmp_path, tiny_artifacts):
         assert summary["overall"]["num"] == 80, summary["errors"]
         assert summary["background"]["kind"] == "emulated"
         assert summary["background"]["transfers"] >= 1
+        # this machine's CPU during the load: every service ran on it
+        cpu = summary["machine_cpu"]
+        assert cpu["cores"] == os.cpu_count() and 0.0 < cpu["busy_pct"] <= 100.0 and cpu["seconds"] > 0
         rows = (run / "records.csv").read_text().strip().splitlines()
         assert len(rows) == 1 + 90  # header + warm-up + measured
     coded = json.loads((root / [r.name for r in runs if r.name.startswith("mode_coded")][0]
@@ -81,6 +84,7 @@ def test_small_sweep_runs_reports_and_cleans_up(tmp_path, tiny_artifacts):
     assert coded["frontend"]["encoding_us"]["num"] == parities >= 1
     report = (root / "report.md").read_text()
     assert "Comparison" in report and "E2E_LATENCY" in report
+    assert "### This machine's CPU during the load" in report
     for png in (root / "plots").glob("*.png"):
         assert png.stat().st_size > 1000
     assert (root / "plots" / "latency_vs_rate.png").exists()

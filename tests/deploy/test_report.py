@@ -36,6 +36,27 @@ def test_ratios_are_per_trial_with_mean_and_spread():
     assert "0.50 (0.40-0.60)" in table
 
 
+def test_the_machine_cpu_table_averages_trials_and_warns_when_contended():
+    results = fake_results([0.4, 0.5, 0.6])
+    assert report._machine_cpu(results) == []          # runs without the measurement: no section
+    for i, res in enumerate(results):
+        coded = res["run"].redundancy_mode == "coded"
+        res["summary"]["machine_cpu"] = {"cores": 2, "busy_pct": 40.0 + i, "seconds": 12.0,
+                                         "pressure_pct": (20.0 if coded else 4.0) + res["run"].trial}
+    text = "\n".join(report._machine_cpu(results))
+    assert "all 2 cores" in text
+    assert "| 40 | coded | " in text and "| 21.0% |" in text      # coded pressure 20/21/22 -> 21
+    assert "| 40 | equal | " in text and "| 5.0% |" in text       # equal 4/5/6 -> 5
+    assert "**The CPU was contended**: some task waited for a CPU 21.0% of the time (coded at 40/s)" in text
+    for res in results:
+        res["summary"]["machine_cpu"]["pressure_pct"] = 3.0 if res["run"].trial else None
+    text = "\n".join(report._machine_cpu(results))
+    assert "contended" not in text and "| 3.0% |" in text
+    for res in results:
+        res["summary"]["machine_cpu"]["pressure_pct"] = None
+    assert "| - |" in "\n".join(report._machine_cpu(results))
+
+
 def test_the_target_is_met_only_when_every_trial_meets_it():
     modes = ["equal", "coded"]
     missed = "\n".join(report._targets(report.comparison(fake_results([0.4, 0.5, 0.53])), modes))
