@@ -64,7 +64,6 @@ the tail is well above its rate among all queries.
 """
 
 import bisect
-
 import json
 import math
 import pathlib

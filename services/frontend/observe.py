@@ -276,7 +276,8 @@ class CpuWait:
     Cost: one ``pread`` per thread and one for PSI per sample, on kept descriptors; the
     thread list is re-read at most every ``rescan_s`` (a thread started since counts from
     its first sample, one that ended drops out). ``available`` is False (and ``sample``
-    returns zeros) where the files do not exist. ``close`` closes the descriptors.
+    returns ``(0.0, None)``) where the files do not exist, and after ``close``, which
+    closes the descriptors.
     """
 
     def __init__(self, proc="/proc", *, rescan_s=1.0):
@@ -400,15 +401,14 @@ class Stalls:
     both, once each, and closes the meter's files.
     """
 
-    def __init__(self, directory, *, interval_s=0.01, loop_min_ms=5.0, gc_min_ms=1.0, cpu_min_ms=1.0,
-                 cpu_wait=None):
+    def __init__(self, directory, *, interval_s=0.01, loop_min_ms=5.0, gc_min_ms=1.0, cpu_min_ms=1.0):
         self._file = open(pathlib.Path(directory) / "stalls.jsonl", "a", buffering=1 << 16)
         self._dumps = json.JSONEncoder(separators=(",", ":")).encode
         self.interval_s = interval_s
         self.loop_min_ms = loop_min_ms
         self.gc_min_ms = gc_min_ms
         self.cpu_min_ms = cpu_min_ms
-        self._cpu = cpu_wait
+        self._cpu = None
         self._cpu_at = None
         self._pending = []
         self._gc_start = None
@@ -420,8 +420,7 @@ class Stalls:
     def start(self):
         self._loop = asyncio.get_running_loop()
         gc.callbacks.append(self._on_gc)
-        if self._cpu is None:
-            self._cpu = CpuWait()
+        self._cpu = CpuWait()
         if self._cpu.available:
             self._cpu.sample()          # the baseline: waits before start are not counted
             self._cpu_at = time.time()
