@@ -183,20 +183,30 @@ def test_tail_tells_a_held_reconstruction_a_slow_sibling_and_a_slow_parity_apart
                                                       "reconstructed_slow_parity": 2, "all": 104}
 
 
-def test_tail_counts_queries_in_the_frontend_while_its_loop_stalled(tmp_path):
-    fe = tmp_path / "frontend"
+def in_frontend(rid, recv, ans):
+    """A frontend record of an original answered after ``recv`` .. ``ans`` (Unix s) in the frontend."""
+    return {"type": "query", "request_id": rid, "source": "ORIGINAL", "e2e_latency_ms": 30.0, "group_id": None,
+            "batch_wait_ms": 0.0, "queue_latency_ms": 0.0, "received_s": recv, "answered_s": ans}
+
+
+def write_frontend(run_dir, queries, stalls):
+    """``queries.jsonl`` and ``stalls.jsonl`` of a run's frontend records; returns the directory."""
+    fe = run_dir / "frontend"
     fe.mkdir()
-    q = lambda rid, recv, ans: {"type": "query", "request_id": rid, "source": "ORIGINAL", "e2e_latency_ms": 30.0,
-                                "group_id": None, "batch_wait_ms": 0.0, "queue_latency_ms": 0.0,
-                                "received_s": recv, "answered_s": ans}
+    (fe / "queries.jsonl").write_text("\n".join(map(json.dumps, queries)) + "\n")
+    (fe / "stalls.jsonl").write_text("\n".join(map(json.dumps, stalls)) + "\n")
+    return fe
+
+
+def test_tail_counts_queries_in_the_frontend_while_its_loop_stalled(tmp_path):
+    q = in_frontend
     # "during": in the frontend 100.000-100.030, a 12 ms stall at 100.010. "before": answered
     # before the stall began. "short": a 3 ms stall (below STALL_MS) and a gc line do not count.
     queries = [q("during", 100.0, 100.03), q("before", 99.97, 100.0099), q("short", 200.0, 200.03)]
     stalls = [{"type": "stall", "kind": "loop", "start_s": 100.01, "ms": 12.0},
               {"type": "stall", "kind": "loop", "start_s": 200.01, "ms": 3.0},
               {"type": "stall", "kind": "gc", "start_s": 200.01, "ms": 20.0, "generation": 2}]
-    (fe / "queries.jsonl").write_text("\n".join(map(json.dumps, queries)) + "\n")
-    (fe / "stalls.jsonl").write_text("\n".join(map(json.dumps, stalls)) + "\n")
+    fe = write_frontend(tmp_path, queries, stalls)
     records = [rec(r, 32.0) for r in ("during", "before", "short")] + [rec(f"x{i}", 1.0) for i in range(100)]
     counts = tail.classify_run(records, tmp_path, "equal", percentile=98)
     assert counts["frontend_stalled"] == 1 and counts["slow_instance"] == 3
@@ -210,11 +220,7 @@ def test_tail_counts_queries_in_the_frontend_while_its_loop_stalled(tmp_path):
 
 
 def test_tail_counts_queries_whose_frontend_waited_for_a_cpu_and_the_rate_among_all(tmp_path):
-    fe = tmp_path / "frontend"
-    fe.mkdir()
-    q = lambda rid, recv, ans: {"type": "query", "request_id": rid, "source": "ORIGINAL", "e2e_latency_ms": 30.0,
-                                "group_id": None, "batch_wait_ms": 0.0, "queue_latency_ms": 0.0,
-                                "received_s": recv, "answered_s": ans}
+    q = in_frontend
     cpu = lambda start, ms, span=10.0: {"type": "stall", "kind": "cpu", "start_s": start, "ms": ms,
                                         "span_ms": span, "machine_ms": 9.0}
     # 100.00-100.03: 3 intervals of 10 ms; "slow" (100.000-100.030) overlaps all three: 2 + 4 + 3 = 9 ms,
@@ -226,8 +232,7 @@ def test_tail_counts_queries_whose_frontend_waited_for_a_cpu_and_the_rate_among_
                q("fast", 100.0, 100.03)]
     stalls = [cpu(100.0, 2.0), cpu(100.01, 4.0), cpu(100.02, 3.0), cpu(100.04, 4.0),
               {"type": "stall", "kind": "loop", "start_s": 300.0, "ms": 50.0}]
-    (fe / "queries.jsonl").write_text("\n".join(map(json.dumps, queries)) + "\n")
-    (fe / "stalls.jsonl").write_text("\n".join(map(json.dumps, stalls)) + "\n")
+    fe = write_frontend(tmp_path, queries, stalls)
     waits = tail.CpuWaits(tmp_path)
     assert abs(waits.waited_ms(queries[0]) - 9.0) < 1e-6
     assert abs(waits.waited_ms(queries[1]) - 5.5) < 1e-6
