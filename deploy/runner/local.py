@@ -48,7 +48,7 @@ from dataclasses import dataclass
 from deploy.runner import config as config_mod
 from deploy.runner.deployment import DeploymentError, Placement, ensure_models, resolve_models, start_deployment
 from deploy.runner.launcher import LocalLauncher
-from deploy.runner.report import comparison, format_comparison, mode_label, write_report
+from deploy.runner.report import comparison, cpu_contention, format_comparison, mode_label, write_report
 from services.common import cli
 from services.common.cpustat import MachineCpu
 
@@ -512,6 +512,11 @@ def _main(argv):
         print("\nCOMPARISON (latency in ms)\n" + format_comparison(comparison(results), modes))
         if twin is not None:
             print("\nEMULATED NETWORK, SAME SWEEP\n" + format_comparison(comparison(twin[0]), modes))
+        contended = cpu_contention(results)
+        if contended is not None:
+            print(f"\nCPU contended: some task waited for a CPU {contended[0]:.1f}% of the time "
+                  f"({contended[2]} at {contended[1]:g}/s); these latencies measure this machine's CPU too "
+                  "(report.md, \"This machine's CPU during the load\")")
         print(f"\nresults: {runner.root}/  report: {report}")
         return 0
     except KeyboardInterrupt:

@@ -218,9 +218,9 @@ def _tail_sources(results):
 CPU_PRESSURE_WARN_PCT = 10.0
 
 
-def _machine_cpu(results):
-    """This machine's CPU during each mode's load, per rate (means over trials): how busy,
-    and how often some task waited for a CPU (``summary["machine_cpu"]``, Linux PSI)."""
+def _machine_cpu_cells(results):
+    """{(rate, mode): (mean busy %, mean waiting %)} over trials, and the cores, from each
+    run's ``summary["machine_cpu"]`` (runs without it are left out; None where unknown)."""
     cells = {}
     cores = None
     for res in results:
@@ -233,6 +233,21 @@ def _machine_cpu(results):
             cell[0].append(cpu["busy_pct"])
         if cpu.get("pressure_pct") is not None:
             cell[1].append(cpu["pressure_pct"])
+    return {key: (_mean(busy), _mean(waiting)) for key, (busy, waiting) in cells.items()}, cores
+
+
+def cpu_contention(results):
+    """``(waiting %, rate, mode)`` of the rate and mode whose runs most often had some task
+    waiting for a CPU, when that is over ``CPU_PRESSURE_WARN_PCT``; else None."""
+    cells, _ = _machine_cpu_cells(results)
+    worst = max(((w, rate, mode) for (rate, mode), (_, w) in cells.items() if w is not None), default=None)
+    return worst if worst is not None and worst[0] > CPU_PRESSURE_WARN_PCT else None
+
+
+def _machine_cpu(results):
+    """This machine's CPU during each mode's load, per rate (means over trials): how busy,
+    and how often some task waited for a CPU (``summary["machine_cpu"]``, Linux PSI)."""
+    cells, cores = _machine_cpu_cells(results)
     if not cells:
         return []
     lines = ["### This machine's CPU during the load", "",
@@ -242,14 +257,11 @@ def _machine_cpu(results):
              "slow because another process had the CPU; the tail report's `frontend_cpu_wait` counts "
              "those queries.", "",
              "| RATE | MODE | BUSY | WAITING |", "|---|---|---|---|"]
-    worst = None
     for (rate, mode), (busy, waiting) in sorted(cells.items()):
-        b, w = _mean(busy), _mean(waiting)
-        if w is not None and (worst is None or w > worst[0]):
-            worst = (w, rate, mode)
-        lines.append(f"| {rate:g} | {mode} | {_pct(b)} | {_pct(w)} |")
+        lines.append(f"| {rate:g} | {mode} | {_pct(busy)} | {_pct(waiting)} |")
     lines.append("")
-    if worst is not None and worst[0] > CPU_PRESSURE_WARN_PCT:
+    worst = cpu_contention(results)
+    if worst is not None:
         lines += [f"**The CPU was contended**: some task waited for a CPU {worst[0]:.1f}% of the time "
                   f"({worst[2]} at {worst[1]:g}/s). Latencies here measure this machine's CPU as well "
                   "as the system; more cores, or fewer services per core, would change them.", ""]

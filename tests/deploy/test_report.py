@@ -48,10 +48,12 @@ def test_the_machine_cpu_table_averages_trials_and_warns_when_contended():
     assert "| 40 | coded | " in text and "| 21.0% |" in text      # coded pressure 20/21/22 -> 21
     assert "| 40 | equal | " in text and "| 5.0% |" in text       # equal 4/5/6 -> 5
     assert "**The CPU was contended**: some task waited for a CPU 21.0% of the time (coded at 40/s)" in text
+    assert report.cpu_contention(results) == (21.0, 40, "coded")
     for res in results:
         res["summary"]["machine_cpu"]["pressure_pct"] = 3.0 if res["run"].trial else None
     text = "\n".join(report._machine_cpu(results))
     assert "contended" not in text and "| 3.0% |" in text
+    assert report.cpu_contention(results) is None
     for res in results:
         res["summary"]["machine_cpu"]["pressure_pct"] = None
     assert "| - |" in "\n".join(report._machine_cpu(results))
