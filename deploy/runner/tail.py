@@ -121,11 +121,16 @@ def load_frontend(run_dir):
     return queries, groups
 
 
-def load_stalls(run_dir, min_ms=STALL_MS):
+def stall_rows(run_dir):
+    """The lines of ``run_dir/frontend/stalls.jsonl`` (empty for runs recorded before it existed)."""
+    return _jsonl(pathlib.Path(run_dir) / "frontend" / "stalls.jsonl")
+
+
+def load_stalls(run_dir, min_ms=STALL_MS, rows=None):
     """The frontend's event-loop stalls of at least ``min_ms``: sorted [(start_s, end_s)]
-    from ``run_dir/frontend/stalls.jsonl`` (empty for runs recorded before it existed)."""
-    path = pathlib.Path(run_dir) / "frontend" / "stalls.jsonl"
-    return sorted((row["start_s"], row["start_s"] + row["ms"] / 1e3) for row in _jsonl(path)
+    from ``run_dir``'s ``stalls.jsonl`` (or its ``rows``, already read)."""
+    rows = stall_rows(run_dir) if rows is None else rows
+    return sorted((row["start_s"], row["start_s"] + row["ms"] / 1e3) for row in rows
                   if row.get("kind") == "loop" and (row.get("ms") or 0) >= min_ms)
 
 
@@ -138,13 +143,14 @@ def stalled(query, stalls):
 
 
 class CpuWaits:
-    """The frontend's CPU-wait intervals of a run (``cpu`` lines of ``stalls.jsonl``),
-    for summing the wait that overlaps a query (empty for runs recorded before them)."""
+    """The frontend's CPU-wait intervals of a run (``cpu`` lines of ``stalls.jsonl``, or of
+    its ``rows``, already read), for summing the wait that overlaps a query (empty for runs
+    recorded before them)."""
 
-    def __init__(self, run_dir):
-        path = pathlib.Path(run_dir) / "frontend" / "stalls.jsonl"
+    def __init__(self, run_dir, rows=None):
+        rows = stall_rows(run_dir) if rows is None else rows
         rows = sorted((row["start_s"], row["start_s"] + (row.get("span_ms") or 0) / 1e3, row["ms"])
-                      for row in _jsonl(path) if row.get("kind") == "cpu")
+                      for row in rows if row.get("kind") == "cpu")
         self.starts = [r[0] for r in rows]
         self.ends = [r[1] for r in rows]
         self.ms = [r[2] for r in rows]
@@ -242,8 +248,9 @@ def classify_run(records, run_dir, mode, percentile=99.9):
     ok = [r for r in records if r.ok and not r.warmup]
     cut = _percentile([r.latency_ms for r in ok], percentile)
     queries, groups = load_frontend(run_dir)
-    stalls = load_stalls(run_dir)
-    cpu = CpuWaits(run_dir)
+    rows = stall_rows(run_dir)          # read once for both kinds
+    stalls = load_stalls(run_dir, rows=rows)
+    cpu = CpuWaits(run_dir, rows=rows)
     counts = dict.fromkeys(CAUSES + FLAGS + BASE_RATES, 0)
     for r in ok:
         q = queries.get(r.request_id)

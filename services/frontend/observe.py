@@ -282,25 +282,14 @@ class CpuWait:
 
     def __init__(self, proc="/proc", *, rescan_s=1.0):
         self._task_dir = os.path.join(proc, "self", "task")
-        self._psi_path = os.path.join(proc, "pressure", "cpu")
         self.rescan_s = rescan_s
         self._fds = {}               # tid -> fd of its schedstat
         self._last = {}              # tid -> wait ns at the last sample
-        self._next_scan = 0.0
-        self._psi_fd = self._open(self._psi_path)
+        self._psi_fd = self._open(os.path.join(proc, "pressure", "cpu"))
         self._psi_last = self._psi_total()
-        self.available = self._first_schedstat() is not None
-
-    def _first_schedstat(self):
-        try:
-            tids = os.listdir(self._task_dir)
-        except OSError:
-            return None
-        for tid in tids:
-            path = os.path.join(self._task_dir, tid, "schedstat")
-            if os.path.exists(path):
-                return path
-        return None
+        self._rescan()
+        self._next_scan = time.monotonic() + rescan_s
+        self.available = bool(self._fds)
 
     @staticmethod
     def _open(path):
