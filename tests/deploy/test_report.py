@@ -70,6 +70,32 @@ def test_the_target_is_met_only_when_every_trial_meets_it():
     assert "misses" in med
 
 
+def test_every_pairing_of_coded_and_equal_trials_is_counted_beside_the_verdict():
+    p999 = {("equal", 0): 100.0, ("equal", 1): 60.0, ("equal", 2): 50.0,
+            ("coded", 0): 30.0, ("coded", 1): 40.0, ("coded", 2): 28.0}
+    med = {("coded", 1): 11.5}   # trial 1's coded median is 15 % above equal's 10 ms
+    results = [{"run": run, "dir": "/nonexistent",
+                "summary": {"overall": {"num": 100, "med": med.get((run.redundancy_mode, run.trial), 10.0),
+                                        "p99": 50.0, "accuracy": 0.9,
+                                        "p999": p999[run.redundancy_mode, run.trial]},
+                            "by_source": {}}}
+               for run in config.parse(BASE).runs()]
+    (row,) = report.comparison(results)
+    assert row["coded_vs_equal_p999_trials"] == pytest.approx([0.3, 40 / 60, 0.56])
+    # Coded 30 meets against equal 100 and 60; 40 misses on its median everywhere; 28 meets against 100, 60.
+    assert row["coded_vs_equal_pairs"] == [4, 9]
+    text = "\n".join(report._targets([row], ["equal", "coded"]))
+    assert "misses the target in at least one trial" in text
+    assert "4 of all 9 pairings of a coded trial with an equal trial meet it" in text
+    assert "how often one trial meets the target" in text
+    # One trial: the pairing is the trial itself, so nothing more is said.
+    single = report.comparison([r for r in results if r["run"].trial == 0])
+    assert single[0]["coded_vs_equal_pairs"] == [1, 1]
+    assert "pairings" not in "\n".join(report._targets(single, ["equal", "coded"]))
+    assert report.meets_target(0.52, 1.09) and not report.meets_target(0.53, 1.0)
+    assert not report.meets_target(0.5, 0.89) and not report.meets_target(None, 1.0)
+
+
 def test_partial_group_variants_are_labelled_and_compared_side_by_side():
     data = dict(BASE, decode_policy="late", partial_groups=["pad", "uncoded"])
     results = [{"run": run, "dir": "/nonexistent",
