@@ -147,3 +147,27 @@ def test_parity_training_refuses_a_non_base_checkpoint(digits_base, tmp_path):
     train.train_backup(base_path, "tinymlp", tmp_path / "b.pt", Settings(epochs=1, progress=False))
     with pytest.raises(checkpoint.CheckpointError, match="not a base model"):
         train.train_parity(tmp_path / "b.pt", 2, "sum", tmp_path / "p.pt", Settings(epochs=1, progress=False))
+
+
+def test_a_training_step_leaves_nothing_in_the_temporary_directory(tmp_path):
+    """Torch's first optimizer step imports torch._dynamo, which makes its cache directory;
+    importing ``models`` puts it in the checkout's .cache/, not in $TMPDIR."""
+    import os
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
+    env["TMPDIR"] = str(tmp_path)
+    code = ("import os, models, torch\n"
+            "p = torch.nn.Parameter(torch.ones(2))\n"
+            "opt = torch.optim.SGD([p], lr=0.1); p.sum().backward(); opt.step()\n"
+            "import torch._dynamo\n"
+            "print(os.environ['TORCHINDUCTOR_CACHE_DIR'])")
+    out = subprocess.run([sys.executable, "-c", code], cwd=repo, env=env, capture_output=True, text=True,
+                         timeout=120, check=True).stdout.strip()
+    assert out == os.path.join(repo, ".cache", "torchinductor")
+    assert list(tmp_path.iterdir()) == []
+    # Without the import, torch's own default lands in $TMPDIR: the test above can fail.
+    subprocess.run([sys.executable, "-c", "import torch._dynamo"], cwd=repo, env=env, timeout=120, check=True)
+    assert [p.name for p in tmp_path.iterdir()] == [f"torchinductor_{__import__('getpass').getuser()}"]
