@@ -1,6 +1,10 @@
 """Training on real data with tiny settings: it learns, checkpoints round-trip."""
 
 import dataclasses
+import getpass
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -152,10 +156,6 @@ def test_parity_training_refuses_a_non_base_checkpoint(digits_base, tmp_path):
 def test_a_training_step_leaves_nothing_in_the_temporary_directory(tmp_path):
     """Torch's first optimizer step imports torch._dynamo, which makes its cache directory;
     importing ``models`` puts it in the checkout's .cache/, not in $TMPDIR."""
-    import os
-    import subprocess
-    import sys
-
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
     env["TMPDIR"] = str(tmp_path)
@@ -170,4 +170,4 @@ def test_a_training_step_leaves_nothing_in_the_temporary_directory(tmp_path):
     assert list(tmp_path.iterdir()) == []
     # Without the import, torch's own default lands in $TMPDIR: the test above can fail.
     subprocess.run([sys.executable, "-c", "import torch._dynamo"], cwd=repo, env=env, timeout=120, check=True)
-    assert [p.name for p in tmp_path.iterdir()] == [f"torchinductor_{__import__('getpass').getuser()}"]
+    assert [p.name for p in tmp_path.iterdir()] == [f"torchinductor_{getpass.getuser()}"]
