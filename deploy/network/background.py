@@ -155,6 +155,11 @@ class EmulatedBackground:
         if close is not None:
             await close()
 
+    @property
+    def t0(self):
+        """The clock's reading at ``start()``: the timeline's times are seconds after it."""
+        return self._t0
+
     def busy_fraction(self):
         """Fraction of instance-time touched by at least one transfer so far."""
         if not self.timeline or self._t0 is None:

@@ -131,6 +131,11 @@ def distribution_args(prefix, dist, seed=None):
     return args
 
 
+def instance_id(role, index):
+    """The id of a deployment's ``index``-th instance (counted over all roles)."""
+    return f"{role}-{index}"
+
+
 @dataclass
 class Deployment:
     spec: object
@@ -149,6 +154,10 @@ class Deployment:
 
     def instance_addresses(self, roles=("data", "parity", "backup")):
         return [s.address for role, s in self.instances if role in roles]
+
+    def instance_ids(self):
+        """The instances' ids (as the frontend's records name them), in ``instances`` order."""
+        return [instance_id(role, i) for i, (role, _) in enumerate(self.instances)]
 
     def stop(self, grace_s=5.0):
         """Frontend first (it flushes its records), then instances, then the registry."""
@@ -226,7 +235,7 @@ def start_deployment(spec, launcher, placement, models, *, namespace, log_dir, r
             args = [
                 "--model", manifest, "--role", role,
                 "--host", launcher.bind_address(host),
-                "--instance-id", f"{role}-{i}",
+                "--instance-id", instance_id(role, i),
                 "--registry-url", public_url, "--deployment", namespace,
                 *distribution_args("compute", spec.compute, seed=seed * 1000 + i),
                 *server_extra_args, *tls_args,

@@ -46,6 +46,7 @@ import time
 from dataclasses import dataclass
 
 from deploy.runner import config as config_mod
+from deploy.runner import tail
 from deploy.runner.deployment import DeploymentError, Placement, ensure_models, resolve_models, start_deployment
 from deploy.runner.launcher import LocalLauncher
 from deploy.runner.report import comparison, cpu_contention, format_comparison, mode_label, write_report
@@ -267,6 +268,11 @@ class Sweep:
 
             async def stop():
                 await emu.stop()
+                wall = time.time() - time.monotonic()     # its clock is time.monotonic
+                ids = dep.instance_ids()
+                tail.write_shuffles(run_dir / tail.SHUFFLES_FILE, [
+                    ([ids[t.src]], [ids[t.dst]], t.start_s + emu.t0 + wall, t.start_s + t.duration_s + emu.t0 + wall)
+                    for t in emu.timeline])
                 return {"kind": "emulated", "shuffles": bg, "transfers": len(emu.timeline),
                         "busy_fraction": round(emu.busy_fraction(), 4), "errors": emu.errors,
                         "model": run.background_model}
@@ -283,6 +289,11 @@ class Sweep:
 
         async def stop():
             await coordinator.stop()
+            wall = time.time() - time.monotonic()         # the coordinator's clock is time.monotonic
+            ids = dep.instance_ids()
+            on_host = [[ids[i] for i in range(len(ids)) if self.placement.worker(i) == h] for h in hosts]
+            tail.write_shuffles(run_dir / tail.SHUFFLES_FILE, [
+                (on_host[t.src], on_host[t.dst], t.start_s + wall, t.end_s + wall) for t in coordinator.timeline])
             s = coordinator.stats
             return {"kind": "shuffles", "shuffles": bg, "completed": s.completed, "failed": s.failed,
                     "bytes_moved": s.bytes_moved, "size_bytes": list(size)}

@@ -57,7 +57,22 @@ share keeps a query that was slow for another reason, and so long enough to
 collect a few ms of waiting anyway, from being flagged).
 It is the frontend sharing its cores with other busy processes: on the
 one-machine testbed, the model servers, the load generator, the shuffles and
-the kernel's shaping. Because some queries wait for a CPU in any busy run,
+the kernel's shaping.
+
+A third flag, ``behind_shuffles``, counts the tail queries whose own call
+ran on an instance that a background shuffle was moving data to or from
+(``shuffles.jsonl`` of the run: each completed transfer's instances and
+times, written by the runner), and, in coded mode, so did another call the
+query's answer could have come from (a sibling's or the parity's): the
+network slowed two members of the group at once, which a code with one
+parity cannot hide. A call's interval is from its dispatch (the group's
+formation when unknown) to its answer (the query's answer when it had none);
+its instances are the ones its batch was sent to (``data_instances``,
+``parity_instances`` of the group record; for an uncoded query, the instance
+that answered). Transfers still in flight when the load ended are not in the
+file.
+
+Because some queries wait for a CPU, or run beside a shuffle, in any busy run,
 each flag also has its rate among all measured queries of the same runs
 (``all_<flag>`` of ``all``): a flag explains the tail only where its rate in
 the tail is well above its rate among all queries.
@@ -81,7 +96,9 @@ STALL_MS = 5.0
 CPU_WAIT_MS = 5.0
 #: ... and at least this share of the query's time in the frontend.
 CPU_WAIT_SHARE = 0.25
-FLAGS = ("frontend_stalled", "frontend_cpu_wait")
+FLAGS = ("frontend_stalled", "frontend_cpu_wait", "behind_shuffles")
+#: The runner's record of a run's background transfers (see ``write_shuffles``).
+SHUFFLES_FILE = "shuffles.jsonl"
 #: Per flag, how many of all measured queries had it (``all_<flag>``), and how many there were.
 BASE_RATES = tuple(f"all_{f}" for f in FLAGS) + ("all",)
 
@@ -189,6 +206,56 @@ def cpu_bound(query, waits):
     return waits.waited_ms(query) >= max(CPU_WAIT_MS, CPU_WAIT_SHARE * (end - start) * 1e3)
 
 
+def write_shuffles(path, spans):
+    """Writes a run's transfers: ``spans`` of (source instance ids, destination instance ids,
+    start_s, end_s), Unix times, one JSON line each."""
+    with open(path, "w") as f:
+        for src, dst, start, end in spans:
+            f.write(json.dumps({"src": list(src), "dst": list(dst), "start_s": start, "end_s": end}) + "\n")
+
+
+def load_shuffles(run_dir):
+    """{instance id: sorted [(start_s, end_s)]} of the transfers touching it, from
+    ``run_dir/shuffles.jsonl`` (empty for runs recorded before it, or without background)."""
+    out = {}
+    for row in _jsonl(pathlib.Path(run_dir) / SHUFFLES_FILE):
+        for inst in (row.get("src") or []) + (row.get("dst") or []):
+            out.setdefault(inst, []).append((row["start_s"], row["end_s"]))
+    return {inst: sorted(spans) for inst, spans in out.items()}
+
+
+def _shuffled(shuffles, instances, start, end):
+    """True if a transfer touching one of ``instances`` overlaps [start, end]."""
+    if start is None or end is None:
+        return False
+    return any(s0 < end and s1 > start for inst in instances for s0, s1 in shuffles.get(inst, ()))
+
+
+def behind_shuffles(query, group, shuffles):
+    """The ``behind_shuffles`` flag of one query (see the module doc)."""
+    if not shuffles:
+        return False
+    end = query.get("answered_s")
+    ids = (group or {}).get("data_batch_ids") or []
+    members = (group or {}).get("data_instances")
+    if members is None or query.get("batch_id") not in ids:
+        # Uncoded (or a record without instances): the instance that answered.
+        own = [query["instance_id"]] if query.get("instance_id") else []
+        return _shuffled(shuffles, own, query.get("received_s"), end)
+    formed = group.get("formed_s")
+    dispatched = group.get("data_dispatched_s") or [None] * len(ids)
+    answered = group.get("data_answered_s") or [None] * len(ids)
+    calls = [(members[i], dispatched[i] or formed, answered[i] or end) for i in range(len(ids))]
+    own = ids.index(query["batch_id"])
+    if not _shuffled(shuffles, *calls[own]):
+        return False
+    others = [c for i, c in enumerate(calls) if i != own]
+    if group.get("parity_instances"):
+        others.append((group["parity_instances"], group.get("parity_dispatched_s") or formed,
+                       group.get("parity_answered_s") or end))
+    return any(_shuffled(shuffles, *c) for c in others)
+
+
 def _waited_for_group(query, group, e2e):
     sealed = group.get("sealed_s") if group is not None else None
     return bool(e2e) and sealed is not None and (sealed - query["received_s"]) * 1e3 >= _SHARE * e2e
@@ -251,6 +318,7 @@ def classify_run(records, run_dir, mode, percentile=99.9):
     rows = stall_rows(run_dir)          # read once for both kinds
     stalls = load_stalls(run_dir, rows=rows)
     cpu = CpuWaits(run_dir, rows=rows)
+    shuffles = load_shuffles(run_dir)
     counts = dict.fromkeys(CAUSES + FLAGS + BASE_RATES, 0)
     for r in ok:
         q = queries.get(r.request_id)
@@ -260,6 +328,8 @@ def classify_run(records, run_dir, mode, percentile=99.9):
                 flags.append("frontend_stalled")
             if cpu_bound(q, cpu):
                 flags.append("frontend_cpu_wait")
+            if behind_shuffles(q, groups.get(q.get("group_id")), shuffles):
+                flags.append("behind_shuffles")
         counts["all"] += 1
         for f in flags:
             counts[f"all_{f}"] += 1

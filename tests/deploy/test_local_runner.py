@@ -8,6 +8,7 @@ suite-wide child check alone would not see them).
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -72,6 +73,15 @@ def test_small_sweep_runs_reports_and_cleans_up(tmp_path, tiny_artifacts):
         assert cpu["cores"] == os.cpu_count() and 0.0 < cpu["busy_pct"] <= 100.0 and cpu["seconds"] > 0
         rows = (run / "records.csv").read_text().strip().splitlines()
         assert len(rows) == 1 + 90  # header + warm-up + measured
+        # Every emulated transfer, with the instances it touched, in the frontend's time.
+        spans = [json.loads(line) for line in (run / "shuffles.jsonl").read_text().splitlines()]
+        assert len(spans) == summary["background"]["transfers"]
+        received = [json.loads(line)["received_s"] for line in
+                    (run / "frontend" / "queries.jsonl").read_text().splitlines() if '"query"' in line]
+        for span in spans:
+            assert len(span["src"]) == len(span["dst"]) == 1 and span["src"] != span["dst"]
+            assert all(re.fullmatch(r"(data|parity)-\d", i) for i in span["src"] + span["dst"])
+            assert min(received) - 30 < span["start_s"] < span["end_s"] < max(received) + 30
     coded = json.loads((root / [r.name for r in runs if r.name.startswith("mode_coded")][0]
                         / "summary.json").read_text())
     # A parity for every full group and every padded one (a group whose query was answered

@@ -178,7 +178,8 @@ def test_tail_causes_from_the_frontend_records(tmp_path):
                       "reconstructed_slow_parity": 1, "original_group_not_coded": 1,
                       "original_waited_for_group": 1, "double_straggler": 1, "slow_instance": 0,
                       "no_frontend_record": 1, "frontend_stalled": 0, "frontend_cpu_wait": 0,
-                      "all_frontend_stalled": 0, "all_frontend_cpu_wait": 0, "all": 108}
+                      "behind_shuffles": 0, "all_frontend_stalled": 0, "all_frontend_cpu_wait": 0,
+                      "all_behind_shuffles": 0, "all": 108}
     assert tail.classify_run(records, tmp_path, "equal", percentile=93)["slow_instance"] == 3
     table = tail.format_table([("coded", counts)])
     assert "| coded | 8 |" in table and "slow_instance" not in table
@@ -278,6 +279,45 @@ def test_tail_counts_queries_whose_frontend_waited_for_a_cpu_and_the_rate_among_
     # Runs recorded before the cpu lines existed: nothing waited.
     (fe / "stalls.jsonl").unlink()
     assert tail.classify_run(records, tmp_path, "equal", percentile=97)["frontend_cpu_wait"] == 0
+
+
+def test_tail_counts_queries_whose_group_had_two_calls_behind_shuffles(tmp_path):
+    """From the runner's shuffles.jsonl and the group records' instances and call times."""
+    tail.write_shuffles(tmp_path / tail.SHUFFLES_FILE, [
+        (["data-0"], ["data-2"], 99.9, 100.05),        # touches data-0 and data-2 until 100.05
+        (["parity-4"], ["data-3"], 100.06, 100.2)])   # then parity-4 and data-3
+    assert tail.load_shuffles(tmp_path) == {"data-0": [(99.9, 100.05)], "data-2": [(99.9, 100.05)],
+                                            "parity-4": [(100.06, 100.2)], "data-3": [(100.06, 100.2)]}
+    q = lambda rid, bid, gid, inst="": {
+        "type": "query", "request_id": rid, "source": "ORIGINAL", "e2e_latency_ms": 90.0, "group_id": gid,
+        "batch_id": bid, "batch_wait_ms": 0.0, "queue_latency_ms": 0.0, "received_s": 100.0,
+        "answered_s": 100.09, "instance_id": inst}
+    group = lambda gid, ids, insts, answered, parity, parity_answered: {
+        "type": "group", "group_id": gid, "formed_s": 100.0, "sealed_s": 100.001, "coded": True, "full": True,
+        "data_batch_ids": ids, "data_instances": insts, "data_dispatched_s": [100.0, 100.0],
+        "data_answered_s": answered, "parity_instances": parity, "parity_dispatched_s": 100.001,
+        "parity_answered_s": parity_answered}
+    # "both": its call on data-0 ran in the first transfer, its parity (parity-4, 100.001-100.09) into
+    # the second. "sibling": its own call on data-1 touched no transfer. "alone": its call on data-2 did,
+    # but its sibling on data-3 answered (100.01) before the second transfer began and parity-5 none.
+    # "uncoded": no group; the instance that answered, data-0, was in a transfer.
+    queries = [q("both", 10, 1), q("sibling", 11, 1), q("alone", 20, 2), q("uncoded", None, None, "data-0")]
+    groups = [group(1, [10, 11], [["data-0"], ["data-1"]], [100.08, 100.02], ["parity-4"], 100.09),
+              group(2, [20, 21], [["data-2"], ["data-3"]], [None, 100.01], ["parity-5"], None)]
+    fe = write_frontend(tmp_path, queries, [])
+    (fe / "groups.jsonl").write_text("\n".join(map(json.dumps, groups)) + "\n")
+    _, loaded = tail.load_frontend(tmp_path)
+    shuffles = tail.load_shuffles(tmp_path)
+    assert [tail.behind_shuffles(x, loaded.get(x["group_id"]), shuffles) for x in queries] == [
+        True, False, False, True]
+    records = [rec(r, 95.0) for r in ("both", "sibling", "alone", "uncoded")] + \
+        [rec(f"x{i}", 1.0) for i in range(100)]
+    counts = tail.classify_run(records, tmp_path, "coded", percentile=96)
+    assert counts["behind_shuffles"] == 2 and counts["all_behind_shuffles"] == 2 and counts["all"] == 104
+    assert "of them behind_shuffles (of all queries)" in tail.format_table([("coded", counts)])
+    # A run without the file (or without background): nothing flagged.
+    (tmp_path / tail.SHUFFLES_FILE).unlink()
+    assert tail.classify_run(records, tmp_path, "coded", percentile=96)["behind_shuffles"] == 0
 
 
 def test_tail_estimates_when_an_old_group_record_was_sealed(tmp_path):

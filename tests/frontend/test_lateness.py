@@ -262,3 +262,8 @@ async def test_threshold_and_waits_in_status_metrics_and_records(models, tmp_pat
     assert g["decoded_s"] == pytest.approx(max(g["parity_answered_s"], g["data_answered_s"][1]), abs=0.005)
     assert g["decoded_s"] < queries["r0"]["answered_s"] - 0.1
     assert 0.9 < g["data_answered_s"][0] - g["formed_s"] < 1.5
+    # Where each call went and when (the tail report's behind_shuffles reads these).
+    assert g["data_instances"][1] == [queries["r1"]["instance_id"]] and len(g["data_instances"][0]) == 1
+    assert len(g["parity_instances"]) == 1 and g["parity_instances"] != g["data_instances"][0]
+    assert g["formed_s"] <= g["data_dispatched_s"][0] < g["data_answered_s"][0]
+    assert g["data_dispatched_s"][1] < g["data_answered_s"][1]

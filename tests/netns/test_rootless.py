@@ -228,6 +228,13 @@ def test_rootless_testbed_run_answers_over_shaped_links_and_leaves_nothing(unpri
     # The shuffle's megabytes crossed the workers' links (3.125-6.25 MB each way per shuffle).
     assert summary["background"]["completed"] >= 1
     assert sum(r["up_bytes"] for r in links.values() if r["role"] == "worker") >= 3_000_000
+    # Each completed shuffle, between the hosts of two of the run's instances (one per host here).
+    spans = [json.loads(line) for line in (run / "shuffles.jsonl").read_text().splitlines()]
+    assert len(spans) == summary["background"]["completed"]
+    for span in spans:
+        assert len(span["src"]) == len(span["dst"]) == 1 and span["src"] != span["dst"]
+        assert set(span["src"] + span["dst"]) <= {"data-0", "data-1", "parity-2"}
+        assert 0.05 < span["end_s"] - span["start_s"] < 60
 
 
 @pytest.mark.slow
