@@ -268,10 +268,10 @@ class Sweep:
 
             async def stop():
                 await emu.stop()
-                wall = time.time() - time.monotonic()     # its clock is time.monotonic
+                origin = emu.t0 + time.time() - time.monotonic()   # Unix time of its start (clock: monotonic)
                 ids = dep.instance_ids()
                 tail.write_shuffles(run_dir / tail.SHUFFLES_FILE, [
-                    ([ids[t.src]], [ids[t.dst]], t.start_s + emu.t0 + wall, t.start_s + t.duration_s + emu.t0 + wall)
+                    ([ids[t.src]], [ids[t.dst]], origin + t.start_s, origin + t.start_s + t.duration_s)
                     for t in emu.timeline])
                 return {"kind": "emulated", "shuffles": bg, "transfers": len(emu.timeline),
                         "busy_fraction": round(emu.busy_fraction(), 4), "errors": emu.errors,
